@@ -1,0 +1,157 @@
+"""Configuration dataclasses: the one place where defaults live.
+
+``GlowConfig`` describes the architecture (everything needed to rebuild a model
+from a checkpoint). ``TrainConfig`` holds the seed script's run flags plus the
+ones glowflow adds. The command line builds its flags from these fields, so a
+default changed here changes everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from glowflow.errors import GlowflowError
+
+FLOW_PERMUTATIONS = ("invconv", "shuffle", "reverse")
+FLOW_COUPLINGS = ("additive", "affine")
+
+
+@dataclass
+class GlowConfig:
+    """Architecture of a Glow model (Kingma & Dhariwal, 2018).
+
+    image_shape: (C, H, W) of the model-space input; H and W divisible by 2**L.
+    hidden_channels: width of each coupling network.
+    K: steps of flow per level; L: number of levels (squeeze + K steps [+ split]).
+    actnorm_scale: ActNorm's data-dependent init makes outputs have this std.
+    flow_permutation: 'invconv' (1x1 convolution), 'shuffle' or 'reverse'.
+    flow_coupling: 'additive' or 'affine'.
+    LU_decomposed: parametrise the 1x1 convolution as P L (U + diag(s)).
+    learn_top: learn the mean/log-scale of the top prior (else standard normal).
+    y_condition: class-conditional top prior plus a classifier head on the top latent.
+    num_classes: classes for y_condition.
+    y_multilabel: labels are multi-hot (e.g. ChestMNIST): the classifier uses binary cross-entropy.
+    """
+
+    image_shape: Tuple[int, int, int] = (1, 32, 32)
+    hidden_channels: int = 64
+    K: int = 8
+    L: int = 3
+    actnorm_scale: float = 1.0
+    flow_permutation: str = "invconv"
+    flow_coupling: str = "affine"
+    LU_decomposed: bool = False
+    learn_top: bool = False
+    y_condition: bool = False
+    num_classes: int = 10
+    y_multilabel: bool = False
+
+    def __post_init__(self):
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise GlowflowError with a one-line reason if the architecture is impossible."""
+        if len(self.image_shape) != 3:
+            raise GlowflowError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        c, h, w = self.image_shape
+        if c < 1 or h < 1 or w < 1:
+            raise GlowflowError(f"image_shape must be positive, got {self.image_shape}")
+        if self.K < 1:
+            raise GlowflowError(f"K (steps of flow per level) must be at least 1, got {self.K}")
+        if self.L < 1:
+            raise GlowflowError(f"L (number of levels) must be at least 1, got {self.L}")
+        if self.hidden_channels < 1:
+            raise GlowflowError(f"hidden_channels must be at least 1, got {self.hidden_channels}")
+        if self.actnorm_scale <= 0:
+            raise GlowflowError(f"actnorm_scale must be positive, got {self.actnorm_scale}")
+        factor = 2 ** self.L
+        if h % factor or w % factor:
+            raise GlowflowError(
+                f"image size {h}x{w} is not divisible by 2**L = {factor} (L={self.L}); "
+                f"choose an image size that is a multiple of {factor} or a smaller L"
+            )
+        if self.flow_permutation not in FLOW_PERMUTATIONS:
+            raise GlowflowError(
+                f"flow_permutation must be one of {', '.join(FLOW_PERMUTATIONS)}, got {self.flow_permutation!r}"
+            )
+        if self.flow_coupling not in FLOW_COUPLINGS:
+            raise GlowflowError(
+                f"flow_coupling must be one of {', '.join(FLOW_COUPLINGS)}, got {self.flow_coupling!r}"
+            )
+        if self.y_condition and self.num_classes < 1:
+            raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GlowConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise GlowflowError(f"unknown model configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """Run flags: the seed script's (same names, same defaults) and glowflow's own.
+
+    dataset: in-distribution dataset name or path; out_dataset: outlier dataset(s).
+    batch_size, n_epochs, lr, warmup (epochs of linear LR warm-up), decay (Adamax weight decay).
+    y_weight: weight of the classification loss when y_condition.
+    n_bits: pixel bit depth the model sees (1..8).
+    max_grad_clip / max_grad_norm: gradient value clip / norm clip, 0 = off.
+    sample_and_save_freq: epochs between sample grids.
+    """
+
+    dataset: str = "mnist"
+    out_dataset: Tuple[str, ...] = ("fashionmnist",)
+    no_wandb: bool = False
+    batch_size: int = 128
+    n_epochs: int = 100
+    lr: float = 0.0002
+    y_weight: float = 0.01
+    sample_and_save_freq: int = 5
+    checkpoint: Optional[str] = None
+    n_bits: int = 8
+    max_grad_clip: float = 0.0
+    max_grad_norm: float = 0.0
+    num_workers: int = 0
+    warmup: int = 10
+    decay: float = 0.0
+    # glowflow's own
+    data_root: str = "./data"
+    output_dir: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    max_steps: Optional[int] = None
+    resume: Optional[str] = None
+    image_size: Optional[int] = None
+
+    def validate(self) -> None:
+        if not 1 <= self.n_bits <= 8:
+            raise GlowflowError(f"n_bits must be between 1 and 8, got {self.n_bits}")
+        if self.batch_size < 1:
+            raise GlowflowError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.n_epochs < 0:
+            raise GlowflowError(f"n_epochs must be non-negative, got {self.n_epochs}")
+        if self.lr <= 0:
+            raise GlowflowError(f"lr must be positive, got {self.lr}")
+        if self.warmup < 0:
+            raise GlowflowError(f"warmup must be non-negative, got {self.warmup}")
+        if self.num_workers < 0:
+            raise GlowflowError(f"num_workers must be non-negative, got {self.num_workers}")
+
+    def resolved_output_dir(self) -> str:
+        import os
+
+        if self.output_dir:
+            return self.output_dir
+        name = os.path.basename(os.path.normpath(str(self.dataset))) or "custom"
+        name = os.path.splitext(name)[0]
+        return os.path.join("outputs", f"Glow_{name}")
