@@ -1,0 +1,317 @@
+"""Glow: a multi-scale flow of ActNorm, invertible 1x1 convolutions and couplings.
+
+The math contract (shared/DESIGN.md):
+
+* pixels are uint8 in [0, 255]; with ``n_bits`` < 8 they become ``floor(p / 2**(8 - n_bits))``;
+  model space is ``p / n_bins - 0.5`` in [-0.5, 0.5), ``n_bins = 2**n_bits``;
+* training adds uniform noise U(0, 1/n_bins) per dimension (:func:`dequantize`);
+* ``log_prob(x)`` is the continuous log-density in model space, nats per image: prior
+  log-density of every latent (split priors included) plus log|det dz/dx|;
+* bits/dim = ``-(log_prob(x) - D log n_bins) / (D ln 2)`` with D = C*H*W (:func:`bits_per_dim`).
+
+Architecture for ``L`` levels: each level squeezes (C, H, W) -> (4C, H/2, W/2), applies ``K``
+flow steps, and (all but the last) splits off half the channels as a latent with a learned
+Gaussian prior conditioned on the other half. The last level's output is the top latent, with a
+standard normal prior, a learned one (``learn_top``), and/or a class-conditional one
+(``y_condition``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glowflow.config import GlowConfig
+from glowflow.layers import (
+    ActNorm,
+    FlowStep,
+    SplitPrior,
+    ZeroConv2d,
+    ZeroLinear,
+    gaussian_log_density,
+    squeeze2x,
+    sum_except_batch,
+    unsqueeze2x,
+)
+
+_DEFAULTS = GlowConfig()
+
+
+# ----------------------------------------------------------------------------- pixels <-> model space
+
+
+def preprocess(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+    """Images in [0, 1] (uint8 / 255, as torchvision's ToTensor) -> model space [-0.5, 0.5), no noise."""
+    pixels = torch.round(images * 255.0)
+    if n_bits < 8:
+        pixels = torch.floor(pixels / 2 ** (8 - n_bits))
+    return pixels / 2**n_bits - 0.5
+
+
+def dequantize(x: torch.Tensor, n_bits: int = 8, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Add uniform dequantisation noise U(0, 1/n_bins) to every dimension of model-space ``x``."""
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device if generator is None else generator.device)
+    return x + noise.to(x.device) / 2**n_bits
+
+
+def postprocess(x: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+    """Model space -> images in [0, 1] on the n_bits grid (for saving pictures)."""
+    n_bins = 2**n_bits
+    pixels = torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1)
+    return pixels * (2 ** (8 - n_bits)) / 255.0
+
+
+def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int = 8) -> torch.Tensor:
+    """Discrete NLL in bits per dimension: ``-(log_prob - D log n_bins) / (D ln 2)``."""
+    return -(log_prob - num_dims * n_bits * math.log(2.0)) / (num_dims * math.log(2.0))
+
+
+def classification_loss(y_logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Mean classification loss of the head on the top latent.
+
+    Single-label (``y`` integer classes (N,) or one-hot (N, K)): softmax cross-entropy.
+    Multi-label (``y`` multi-hot (N, K)): binary cross-entropy on the logits.
+    """
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(y_logits, y.to(y_logits.dtype))
+    if y.dim() == 2:
+        y = y.argmax(dim=1)
+    return F.cross_entropy(y_logits, y.long())
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class FlowTerms:
+    """Everything one pass x -> latents computes, per sample (all (N,) unless stated).
+
+    latents: the split-off latents of levels 1..L-1, then the top latent (tensors).
+    level_logdets: log|det| of each level's flow steps (squeeze and split contribute 0).
+    level_log_priors: log-density of each level's latent under its prior (last = top prior).
+    y_logits: (N, num_classes) classifier logits when ``y_condition``, else None.
+    """
+
+    latents: List[torch.Tensor]
+    level_logdets: List[torch.Tensor]
+    level_log_priors: List[torch.Tensor]
+    y_logits: Optional[torch.Tensor]
+
+    @property
+    def logdet(self) -> torch.Tensor:
+        return torch.stack(self.level_logdets).sum(0)
+
+    @property
+    def log_prob(self) -> torch.Tensor:
+        return torch.stack(self.level_log_priors).sum(0) + self.logdet
+
+
+class Glow(nn.Module):
+    """Glow (Kingma & Dhariwal, 2018). Keyword arguments as the command-line flags.
+
+    Input: model-space images (N, C, H, W) (see :func:`preprocess`); H, W divisible by 2**L.
+    Latents: for level i < L, (N, C * 2**(i+1), H / 2**i, W / 2**i) (1-based i); top latent
+    (N, C * 2**(L+1), H / 2**L, W / 2**L). Their sizes add up to C*H*W.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int] = _DEFAULTS.image_shape,
+        hidden_channels: int = _DEFAULTS.hidden_channels,
+        K: int = _DEFAULTS.K,
+        L: int = _DEFAULTS.L,
+        actnorm_scale: float = _DEFAULTS.actnorm_scale,
+        flow_permutation: str = _DEFAULTS.flow_permutation,
+        flow_coupling: str = _DEFAULTS.flow_coupling,
+        LU_decomposed: bool = _DEFAULTS.LU_decomposed,
+        learn_top: bool = _DEFAULTS.learn_top,
+        y_condition: bool = _DEFAULTS.y_condition,
+        num_classes: int = _DEFAULTS.num_classes,
+        y_multilabel: bool = _DEFAULTS.y_multilabel,
+    ):
+        super().__init__()
+        self.config = GlowConfig(
+            image_shape=tuple(image_shape), hidden_channels=hidden_channels, K=K, L=L,
+            actnorm_scale=actnorm_scale, flow_permutation=flow_permutation, flow_coupling=flow_coupling,
+            LU_decomposed=LU_decomposed, learn_top=learn_top, y_condition=y_condition,
+            num_classes=num_classes, y_multilabel=y_multilabel,
+        )
+        c, h, w = self.config.image_shape
+        self.levels = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes: List[Tuple[int, int, int]] = []
+        for level in range(L):
+            c, h, w = c * 4, h // 2, w // 2
+            self.levels.append(nn.ModuleList(
+                FlowStep(c, hidden_channels, actnorm_scale, flow_permutation, flow_coupling, LU_decomposed)
+                for _ in range(K)
+            ))
+            if level < L - 1:
+                split = SplitPrior(c)
+                self.splits.append(split)
+                self.latent_shapes.append((c - split.keep, h, w))
+                c = split.keep
+        self.latent_shapes.append((c, h, w))
+        self.top_shape = (c, h, w)
+        self.top_learned = ZeroConv2d(2 * c, 2 * c) if learn_top else None
+        if y_condition:
+            self.y_prior = ZeroLinear(num_classes, 2 * c)
+            self.classifier = ZeroLinear(c, num_classes)
+        else:
+            self.y_prior = self.classifier = None
+
+    @classmethod
+    def from_config(cls, config: GlowConfig) -> "Glow":
+        return cls(**{k: v for k, v in config.__dict__.items()})
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.config.image_shape
+        return c * h * w
+
+    # ------------------------------------------------------------------ priors
+
+    def _condition(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Class labels (N,) integer, or one-/multi-hot (N, num_classes) -> float (N, num_classes)."""
+        if y.dim() == 1 and not y.is_floating_point():
+            return F.one_hot(y.long(), self.config.num_classes).to(dtype)
+        return y.to(dtype)
+
+    def top_prior(self, n: int, y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of the top prior, each (n, *top_shape). ``y`` as in :meth:`log_prob`."""
+        param = next(self.parameters())
+        c, h, w = self.top_shape
+        params = torch.zeros(n, 2 * c, h, w, dtype=param.dtype, device=param.device)
+        if self.top_learned is not None:
+            params = self.top_learned(params)
+        if self.y_prior is not None and y is not None:
+            params = params + self.y_prior(self._condition(y, param.dtype))[:, :, None, None]
+        return params[:, :c], params[:, c:]
+
+    def _top_log_prior(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        n = z.shape[0]
+        if self.y_prior is None or y is not None:
+            mean, log_std = self.top_prior(n, y)
+            return sum_except_batch(gaussian_log_density(z, mean, log_std))
+        if self.config.y_multilabel:
+            # No labels given for a multi-label model: the prior with no label present.
+            mean, log_std = self.top_prior(n, torch.zeros(n, self.config.num_classes, device=z.device))
+            return sum_except_batch(gaussian_log_density(z, mean, log_std))
+        # No label given: the marginal over classes with a uniform class prior, a normalised density.
+        k = self.config.num_classes
+        per_class = []
+        for cls in range(k):
+            mean, log_std = self.top_prior(n, torch.full((n,), cls, dtype=torch.long, device=z.device))
+            per_class.append(sum_except_batch(gaussian_log_density(z, mean, log_std)))
+        return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(k)
+
+    # ------------------------------------------------------------------ x -> latents
+
+    def forward_terms(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> FlowTerms:
+        """One pass from model-space ``x`` (N, C, H, W) to every latent and log-density term.
+
+        With ``y_condition`` and ``y`` None, the top prior is the uniform mixture over classes
+        (single-label) or the no-label prior (multi-label).
+        """
+        latents, logdets, log_priors = [], [], []
+        for index, steps in enumerate(self.levels):
+            x = squeeze2x(x)
+            logdet = x.new_zeros(x.shape[0])
+            for step in steps:
+                x, ld = step(x)
+                logdet = logdet + ld
+            logdets.append(logdet)
+            if index < len(self.splits):
+                x, z, log_prior = self.splits[index](x)
+                latents.append(z)
+                log_priors.append(log_prior)
+        latents.append(x)
+        log_priors.append(self._top_log_prior(x, y))
+        y_logits = self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else None
+        return FlowTerms(latents, logdets, log_priors, y_logits)
+
+    def encode(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """x (N, C, H, W) -> (latents, log|det d latents / dx| of shape (N,)); no prior terms."""
+        latents, logdets = [], []
+        for index, steps in enumerate(self.levels):
+            x = squeeze2x(x)
+            for step in steps:
+                x, ld = step(x)
+                logdets.append(ld)
+            if index < len(self.splits):
+                keep = self.splits[index].keep
+                latents.append(x[:, keep:])
+                x = x[:, :keep]
+        latents.append(x)
+        return latents, torch.stack(logdets).sum(0)
+
+    def log_prob(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Continuous log-density of model-space ``x`` (N, C, H, W), nats per image, shape (N,)."""
+        return self.forward_terms(x, y).log_prob
+
+    def bits_per_dim(self, x: torch.Tensor, n_bits: int = 8, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bits/dim of (dequantised) model-space ``x``, shape (N,)."""
+        return bits_per_dim(self.log_prob(x, y), self.num_dims, n_bits)
+
+    # ------------------------------------------------------------------ latents -> x
+
+    def decode(self, latents: Sequence[Optional[torch.Tensor]], y: Optional[torch.Tensor] = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """The exact inverse of :meth:`encode`. A latent given as None is drawn from its prior
+        (conditioned on everything above it) with std scaled by ``temperature``; the top latent
+        is drawn too when None, its batch size taken from another latent or from ``y``."""
+        latents = list(latents)
+        if len(latents) != len(self.levels):
+            raise ValueError(f"expected {len(self.levels)} latents, got {len(latents)}")
+        x = latents[-1]
+        if x is None:
+            n = next((z.shape[0] for z in latents if z is not None), None)
+            if n is None and y is None:
+                raise ValueError("decode needs the top latent, another latent or y to know the batch size")
+            x = self._sample_top(n if n is not None else y.shape[0], y, temperature)
+        for index in reversed(range(len(self.levels))):
+            if index < len(self.splits):
+                x = self.splits[index].reverse(x, latents[index], temperature)
+            for step in reversed(self.levels[index]):
+                x = step.reverse(x)
+            x = unsqueeze2x(x)
+        return x
+
+    def _sample_top(self, n: int, y: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+        if self.y_prior is not None and y is None:
+            param = next(self.parameters())
+            if self.config.y_multilabel:
+                y = torch.zeros(n, self.config.num_classes, device=param.device)
+            else:
+                y = torch.randint(self.config.num_classes, (n,), device=param.device)
+        mean, log_std = self.top_prior(n, y)
+        return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``n`` model-space samples (n, C, H, W). ``y``: classes (n,) or (n, K) for a conditional
+        model; without it classes are drawn uniformly (single-label) or left empty (multi-label).
+        Temperature 0 decodes the prior means."""
+        if y is not None and y.shape[0] != n:
+            raise ValueError(f"y has {y.shape[0]} rows for {n} samples")
+        top = self._sample_top(n, y, temperature)
+        return self.decode([None] * (len(self.levels) - 1) + [top], y=y, temperature=temperature)
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        """Data-dependent ActNorm initialisation from the model-space batch ``x`` (once)."""
+        was_training = self.training
+        self.train()
+        self.forward_terms(x, y)
+        self.train(was_training)
+
+    @property
+    def initialized(self) -> bool:
+        """True once every ActNorm has been initialised from data."""
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))

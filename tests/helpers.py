@@ -1,0 +1,45 @@
+"""Shared test utilities: every architecture combination, and randomised float64 models."""
+import itertools
+
+import torch
+
+from glowflow import Glow
+from glowflow.layers import ActNorm
+
+
+def architecture_combinations():
+    """Every flag combination the tests must cover: permutation x coupling x LU (invconv only)
+    x learn_top x y_condition."""
+    for perm, coupling, learn_top, y_condition in itertools.product(
+        ("invconv", "shuffle", "reverse"), ("additive", "affine"), (False, True), (False, True)
+    ):
+        for lu in ((False, True) if perm == "invconv" else (False,)):
+            yield dict(flow_permutation=perm, flow_coupling=coupling, LU_decomposed=lu,
+                       learn_top=learn_top, y_condition=y_condition)
+
+
+def combo_id(combo):
+    return "-".join(f"{k}={v}" for k, v in combo.items())
+
+
+def randomised_model(image_shape, L, combo, K=2, hidden=8, dtype=torch.float64, seed=0, scale=0.1):
+    """A small model with every parameter moved away from its (often identity or zero) initial
+    value, so that no layer is trivially exact: weights are perturbed, ActNorm is initialised from a
+    random batch through the perturbed network (keeping activations of order one), then ActNorm's
+    own parameters are perturbed too."""
+    torch.manual_seed(seed)
+    model = Glow(image_shape=image_shape, hidden_channels=hidden, K=K, L=L, num_classes=3, **combo).to(dtype)
+    actnorm_params = {id(p) for m in model.modules() if isinstance(m, ActNorm) for p in m.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in actnorm_params:
+                p.add_(scale * torch.randn_like(p))
+        model.initialize(torch.rand(16, *image_shape, dtype=dtype) - 0.5)
+        for p in model.parameters():
+            if id(p) in actnorm_params:
+                p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def labels_for(model, n):
+    return torch.arange(n) % model.config.num_classes if model.config.y_condition else None
