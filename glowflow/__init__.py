@@ -1,9 +1,9 @@
 """glowflow: Glow (Kingma & Dhariwal, 2018) for PyTorch."""
-from glowflow.config import GlowConfig, TrainConfig
+from glowflow.config import GlowConfig, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow, bits_per_dim, dequantize, postprocess, preprocess
 
-__all__ = ["Glow", "GlowConfig", "TrainConfig", "GlowflowError", "bits_per_dim", "dequantize",
+__all__ = ["Glow", "GlowConfig", "RunConfig", "GlowflowError", "bits_per_dim", "dequantize",
            "postprocess", "preprocess", "load_checkpoint"]
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Configuration dataclasses: the one place where defaults live.
 
 ``GlowConfig`` describes the architecture (everything needed to rebuild a model
-from a checkpoint). ``TrainConfig`` holds the seed script's run flags plus the
+from a checkpoint). ``RunConfig`` holds the seed script's run flags plus the
 ones glowflow adds. The command line builds its flags from these fields, so a
 default changed here changes everywhere.
 """
@@ -98,7 +98,7 @@ class GlowConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
     """Run flags: the seed script's (same names, same defaults) and glowflow's own.
 
     dataset: in-distribution dataset name or path; out_dataset: outlier dataset(s).
@@ -129,9 +129,26 @@ class TrainConfig:
     output_dir: Optional[str] = None
     seed: int = 0
     device: str = "auto"
+    num_classes: Optional[int] = None  # None: the dataset's own number of classes
     max_steps: Optional[int] = None
     resume: Optional[str] = None
     image_size: Optional[int] = None
+    tensorboard: bool = False
+    perturb: float = 0.0
+    actnorm_init_images: int = 512
+    max_nonfinite_steps: int = 5
+    eval_seed: int = 0
+    # sampling and manipulation
+    n_samples: int = 64
+    temperature: Tuple[float, ...] = (0.7,)
+    sample_class: Optional[int] = None
+    reconstruct: bool = False
+    interpolate: bool = False
+    manipulate: Optional[Tuple[int, int]] = None
+    n_interpolation_steps: int = 8
+    # outlier detection
+    background_checkpoint: Optional[str] = None
+    max_eval_images: Optional[int] = None
 
     def validate(self) -> None:
         if not 1 <= self.n_bits <= 8:
@@ -146,6 +163,17 @@ class TrainConfig:
             raise GlowflowError(f"warmup must be non-negative, got {self.warmup}")
         if self.num_workers < 0:
             raise GlowflowError(f"num_workers must be non-negative, got {self.num_workers}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GlowflowError(f"max_steps must be at least 1, got {self.max_steps}")
+        if not 0.0 <= self.perturb < 1.0:
+            raise GlowflowError(f"perturb must be in [0, 1), got {self.perturb}")
+        if self.n_samples < 1:
+            raise GlowflowError(f"n_samples must be at least 1, got {self.n_samples}")
+        if any(t < 0 for t in self.temperature):
+            raise GlowflowError(f"temperatures must be non-negative, got {list(self.temperature)}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def resolved_output_dir(self) -> str:
         import os

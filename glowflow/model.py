@@ -234,6 +234,12 @@ class Glow(nn.Module):
         y_logits = self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else None
         return FlowTerms(latents, logdets, log_priors, y_logits)
 
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(log_prob (N,), y_logits (N, num_classes) or None): what training needs, as a module call
+        (so DistributedDataParallel and torch.compile see it)."""
+        terms = self.forward_terms(x, y)
+        return terms.log_prob, terms.y_logits
+
     def encode(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """x (N, C, H, W) -> (latents, log|det d latents / dx| of shape (N,)); no prior terms."""
         latents, logdets = [], []

@@ -1,0 +1,101 @@
+"""Experiment tracking: metrics.csv always, wandb unless --no_wandb, TensorBoard with --tensorboard.
+
+wandb never crashes or hangs a run: where it is not installed the run goes on without it; where no
+API key is configured (not logged in) it runs in offline mode; where an online start fails
+(no network) it falls back to offline mode. Each fallback prints one line.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from typing import Any, Dict, Optional
+
+METRIC_COLUMNS = ("epoch", "step", "train_bpd", "test_bpd", "lr", "images_per_s", "seconds")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc) as handle:
+            return "api.wandb.ai" in handle.read()
+    except OSError:
+        return False
+
+
+def start_wandb(project: str, run_name: str, config: Dict[str, Any], folder: str):
+    """A wandb run (online if possible, else offline), or None if wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        _note("wandb is not installed (pip install wandb); logging to metrics.csv only")
+        return None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not _wandb_logged_in():
+        _note("wandb is not logged in; logging offline (sync later with `wandb sync`)")
+        mode = "offline"
+    os.makedirs(folder, exist_ok=True)
+    kwargs = dict(project=project, name=run_name, config=config, dir=folder)
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+    except Exception as err:  # network down, service unreachable, bad key: fall back, never crash
+        if mode == "offline":
+            _note(f"wandb could not start ({type(err).__name__}); logging to metrics.csv only")
+            return None
+        _note(f"wandb could not reach its server ({type(err).__name__}); logging offline")
+        try:
+            return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        except Exception as err2:
+            _note(f"wandb offline mode failed too ({type(err2).__name__}); logging to metrics.csv only")
+            return None
+
+
+class Tracker:
+    """Writes one metrics.csv row per epoch and forwards scalars to wandb / TensorBoard."""
+
+    def __init__(self, output_dir: str, use_wandb: bool, use_tensorboard: bool, run_name: str,
+                 config: Dict[str, Any], resume: bool = False):
+        self.csv_path = os.path.join(output_dir, "metrics.csv")
+        if not (resume and os.path.exists(self.csv_path)):
+            with open(self.csv_path, "w", newline="") as handle:
+                csv.writer(handle).writerow(METRIC_COLUMNS)
+        self.wandb_run = start_wandb("glowflow", run_name, config, output_dir) if use_wandb else None
+        self.tensorboard = None
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _note("tensorboard is not installed (pip install tensorboard); --tensorboard ignored")
+            else:
+                self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def log_epoch(self, row: Dict[str, Any]) -> None:
+        with open(self.csv_path, "a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
+        self.log(int(row["step"]), {f"epoch/{k}": v for k, v in row.items()
+                                    if k not in ("epoch", "step") and isinstance(v, (int, float))})
+
+    def log_image(self, step: int, key: str, path: str) -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,457 @@
+"""The training loop: one process or many (torchrun + DistributedDataParallel), CPU or GPU.
+
+Reproducibility is built in rather than bolted on: the data order of epoch ``e`` is a permutation
+seeded by ``(seed, e)``, the dequantisation noise of optimizer step ``s`` is drawn from a generator
+seeded by ``(seed, s)`` for the whole global batch, and ActNorm is initialised from a fixed subset
+of the training set. A run stopped anywhere (``--max_steps``, Ctrl-C) and resumed from ``last.pt``
+therefore ends with the same weights as an uninterrupted run, and N processes with per-process
+batch B/N reproduce one process with batch B.
+
+Per epoch: a progress bar, the test split's bits/dim (fixed noise seed), a metrics.csv row,
+``last.pt``, ``Glow_<dataset>.pt`` when the test bits/dim improves, and a sample grid every
+``sample_and_save_freq`` epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler, Subset
+from tqdm import tqdm
+
+from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
+from glowflow.config import GlowConfig, RunConfig
+from glowflow.errors import GlowflowError
+from glowflow.model import Glow, bits_per_dim, classification_loss, dequantize, preprocess
+
+_SEED_STRIDE = 1_000_003
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; otherwise the named device (checked)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GlowflowError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GlowflowError("--device cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class EpochSampler(Sampler):
+    """Indices of one epoch for one process.
+
+    The epoch's order is ``randperm(n)`` seeded by ``(seed, epoch)``; it is cut into global batches
+    of ``global_batch`` (an incomplete last batch is dropped when n >= global_batch); process ``rank``
+    of ``world_size`` takes positions ``rank::world_size`` of each global batch. ``start_batch``
+    skips the batches already done in this epoch (resume).
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.global_batch = min(global_batch, n)
+        self.batches_per_epoch = max(1, n // self.global_batch)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + self.epoch)
+        order = torch.randperm(self.n, generator=generator)
+        for b in range(self.start_batch, self.batches_per_epoch):
+            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
+            yield from batch[self.rank::self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
+
+
+def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
+    """Dequantisation noise U(0, 1/n_bins) of this process's share of global step ``step``."""
+    global_shape = (shape[0] * world_size, *shape[1:])
+    generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
+    noise = torch.rand(global_shape, generator=generator)[rank::world_size]
+    return (noise / 2**n_bits).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_bpd(model: Glow, loader: DataLoader, n_bits: int, device: torch.device, seed: int = 0,
+                 use_labels: bool = False, dist_ctx: Optional[Distributed] = None,
+                 max_images: Optional[int] = None, desc: str = "eval") -> float:
+    """Mean bits/dim of ``loader``'s images, dequantised with noise from a generator seeded ``seed``."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    seen = 0
+    show = dist_ctx is None or dist_ctx.is_main
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not show, mininterval=1.0):
+        if max_images is not None and seen >= max_images:
+            break
+        x = preprocess(images, n_bits)
+        x = (x + torch.rand(x.shape, generator=generator) / 2**n_bits).to(device, non_blocking=True)
+        y = labels.to(device) if use_labels else None
+        bpd = bits_per_dim(model.log_prob(x, y), model.num_dims, n_bits)
+        total[0] += bpd.double().sum()
+        total[1] += bpd.shape[0]
+        seen += bpd.shape[0]
+    if dist_ctx is not None:
+        dist_ctx.all_sum(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+@torch.no_grad()
+def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.device, dist_ctx: Distributed) -> None:
+    """Data-dependent ActNorm init from a fixed subset of >= actnorm_init_images training images.
+
+    The subset is chosen by ``seed``; under torchrun each process takes its share and the
+    statistics are averaged across processes (ActNorm.initialize), so every rank starts identical.
+    """
+    n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
+    generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE - 1)
+    indices = torch.randperm(len(dataset), generator=generator)[:n]
+    indices = indices[dist_ctx.rank::dist_ctx.world_size].tolist()
+    images, labels = zip(*(dataset[i] for i in indices))
+    x = preprocess(torch.stack(images), run.n_bits)
+    x = x + torch.rand(x.shape, generator=generator) / 2**run.n_bits
+    y = _stack_labels(labels).to(device) if model.config.y_condition else None
+    model.initialize(x.to(device), y)
+
+
+def _stack_labels(labels) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(label) for label in labels])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class NonFiniteLoss(GlowflowError):
+    pass
+
+
+class Trainer:
+    """Holds the model, optimizer, data and bookkeeping of one training run."""
+
+    def __init__(self, run: RunConfig, model_config: Optional[GlowConfig] = None):
+        from glowflow import data as data_module
+
+        run.validate()
+        self.run = run
+        self.device = resolve_device(run.device)
+        self.dist = Distributed(self.device)
+        resume_payload = None
+        if run.resume:
+            resume_payload = read_checkpoint(run.resume)
+            if "optimizer" not in resume_payload or "run_config" not in resume_payload:
+                raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
+            run = self.run = resumed_config(resume_payload["run_config"], run)
+        self.output_dir = run.resolved_output_dir()
+        self.dataset_name = os.path.splitext(os.path.basename(os.path.normpath(str(run.dataset))))[0]
+        if self.dist.is_main:
+            _check_writable(self.output_dir)
+
+        if resume_payload is not None:
+            model_config = GlowConfig.from_dict(resume_payload["model_config"])
+        if model_config is None:
+            raise GlowflowError("no model configuration given")
+        divisor = 2 ** model_config.L
+        self.train_set = data_module.load_dataset(run.dataset, "train", data_root=run.data_root,
+                                                  image_size=run.image_size, divisor=divisor)
+        self.test_set = data_module.load_dataset(run.dataset, "test", data_root=run.data_root,
+                                                 image_size=run.image_size, divisor=divisor)
+        data_shape = tuple(self.train_set.info.image_shape)
+        if tuple(model_config.image_shape) != data_shape:
+            raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
+
+        torch.manual_seed(run.seed)
+        self.model = Glow.from_config(model_config) if resume_payload is None else model_from_payload(resume_payload, run.resume)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=run.lr, weight_decay=run.decay)
+        self.sampler = EpochSampler(len(self.train_set), run.batch_size, run.seed, self.dist.rank, self.dist.world_size)
+        if self.sampler.global_batch % self.dist.world_size:
+            raise GlowflowError(f"batch size {self.sampler.global_batch} is not divisible by the "
+                                f"{self.dist.world_size} processes")
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        warmup_steps = run.warmup * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+        self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
+        if resume_payload is not None:
+            self.optimizer.load_state_dict(resume_payload["optimizer"])
+            self.scheduler.load_state_dict(resume_payload["scheduler"])
+            self.epoch = int(resume_payload["epoch"])
+            self.step = int(resume_payload["step"])
+            self.best_test_bpd = float(resume_payload.get("best_test_bpd", math.inf))
+            self.nonfinite_total = int(resume_payload.get("nonfinite_steps", 0))
+        elif not self.model.initialized:
+            initialize_actnorm(self.model, self.train_set, run, self.device, self.dist)
+
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_loader = data_module.make_loader(
+            self.train_set, batch_size=self.sampler.global_batch // self.dist.world_size, shuffle=False,
+            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=self.sampler)
+        test_sampler = None
+        if self.dist.enabled:
+            test_sampler = list(range(len(self.test_set)))[self.dist.rank::self.dist.world_size]
+        self.test_loader = data_module.make_loader(
+            self.test_set, batch_size=max(run.batch_size, 256), shuffle=False,
+            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=test_sampler)
+        self.tracker = None
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _checkpoint_fields(self) -> Dict:
+        return dict(
+            run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
+            best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
+            dataset_info={"name": self.dataset_name, "image_shape": list(self.train_set.info.image_shape),
+                          "num_classes": self.train_set.info.num_classes,
+                          "multilabel": self.train_set.info.multilabel},
+        )
+
+    def save(self, name: str) -> Optional[str]:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **self._checkpoint_fields())
+
+    @property
+    def best_name(self) -> str:
+        return f"Glow_{self.dataset_name}.pt"
+
+    # -------------------------------------------------------------- one step
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        run = self.run
+        if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
+            from glowflow.ood import perturb
+
+            generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE + self.step + 7)
+            images = perturb(images, run.perturb, generator)
+        x = preprocess(images.to(self.device, non_blocking=True), run.n_bits)
+        x = x + step_noise(x.shape, run.n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
+        y = labels.to(self.device, non_blocking=True) if self.model.config.y_condition else None
+        log_prob, y_logits = self.train_model(x, y)
+        bpd = bits_per_dim(log_prob, self.model.num_dims, run.n_bits).mean()
+        loss = bpd
+        if y_logits is not None:
+            loss = loss + run.y_weight * classification_loss(y_logits, y, self.model.config.y_multilabel)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss).item():
+            return None
+        loss.backward()
+        if run.max_grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), run.max_grad_clip)
+        if run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), run.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return bpd.detach()
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self) -> Dict:
+        run = self.run
+        if self.dist.is_main:
+            self.tracker = _make_tracker(self, resume=bool(run.resume))
+            c, h, w = self.model.config.image_shape
+            n_params = sum(p.numel() for p in self.model.parameters())
+            print(f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
+                  f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
+                  f"{self.dist.world_size} process(es), output {self.output_dir}")
+        stopped_early = False
+        try:
+            while self.epoch < run.n_epochs and not stopped_early:
+                stopped_early = self._run_epoch()
+        except KeyboardInterrupt:
+            path = self.save("last.pt")
+            if path:
+                print(f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr)
+            raise
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+        summary = {"epoch": self.epoch, "step": self.step, "best_test_bpd": self.best_test_bpd,
+                   "nonfinite_steps": self.nonfinite_total, "output_dir": self.output_dir}
+        self.dist.barrier()
+        return summary
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch; True if --max_steps stopped it early."""
+        run = self.run
+        start_batch = self.step - self.epoch * self.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, start_batch)
+        self.model.train()
+        started = time.perf_counter()
+        bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps_done, images_done, consecutive_bad = 0, 0, 0
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{run.n_epochs}", total=len(self.train_loader),
+                   disable=not self.dist.is_main, mininterval=1.0, dynamic_ncols=True)
+        stopped_early = False
+        for images, labels in bar:
+            bpd = self.train_step(images, labels)
+            if bpd is None:
+                consecutive_bad += 1
+                self.nonfinite_total += 1
+                if consecutive_bad >= run.max_nonfinite_steps:
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"{consecutive_bad} non-finite losses in a row at step {self.step}: training diverged; "
+                        f"the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
+                        f"--max_grad_norm or --additive coupling)")
+                continue
+            consecutive_bad = 0
+            self.step += 1
+            steps_done += 1
+            images_done += images.shape[0] * self.dist.world_size
+            bpd_sum += bpd.double()
+            if self.step % 10 == 0 or steps_done == 1:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(bpd=f"{(bpd_sum / steps_done).item():.3f}", img_s=f"{images_done / elapsed:.0f}")
+            if run.max_steps is not None and self.step >= run.max_steps:
+                stopped_early = True
+                break
+        bar.close()
+        seconds = time.perf_counter() - started
+        epoch_complete = self.step >= (self.epoch + 1) * self.steps_per_epoch
+        if epoch_complete:
+            self.epoch += 1
+        train_bpd = self.dist.all_sum(bpd_sum.clone()).item() / max(1, steps_done * self.dist.world_size)
+        test_bpd = evaluate_bpd(self.model, self.test_loader, run.n_bits, self.device, run.eval_seed,
+                                use_labels=self.model.config.y_condition, dist_ctx=self.dist,
+                                max_images=run.max_eval_images, desc="test bits/dim")
+        improved = test_bpd < self.best_test_bpd
+        if improved:
+            self.best_test_bpd = test_bpd
+        row = {"epoch": self.epoch, "step": self.step, "train_bpd": round(train_bpd, 6), "test_bpd": round(test_bpd, 6),
+               "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": round(images_done / max(seconds, 1e-9), 2),
+               "seconds": round(seconds, 3)}
+        if self.dist.is_main:
+            self.save("last.pt")
+            if improved:
+                self.save(self.best_name)
+            self.tracker.log_epoch(row)
+            if self.nonfinite_total:
+                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss", file=sys.stderr)
+            print(f"epoch {self.epoch}/{run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
+                  f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
+                  f"{row['images_per_s']:.0f} img/s  {seconds:.1f} s")
+            if epoch_complete and run.sample_and_save_freq > 0 and self.epoch % run.sample_and_save_freq == 0:
+                path = self.save_samples()
+                self.tracker.log_image(self.step, "samples", path)
+        return stopped_early
+
+    def save_samples(self) -> str:
+        from glowflow.sample import save_grid
+
+        torch.manual_seed(run_seed_for_samples(self.run.seed, self.epoch))
+        y = None
+        if self.model.config.y_condition and not self.model.config.y_multilabel:
+            y = torch.arange(64, device=self.device) % self.model.config.num_classes
+        self.model.eval()
+        x = self.model.sample(64, temperature=0.7, y=y)
+        self.model.train()
+        path = os.path.join(self.output_dir, f"samples_epoch{self.epoch:03d}.png")
+        save_grid(x, self.run.n_bits, path, nrow=8)
+        print(f"saved {path}")
+        return path
+
+
+# What a resumed run may change; everything else (data, seed, optimisation, n_bits) is the stored run's.
+RESUME_OVERRIDES = ("n_epochs", "max_steps", "output_dir", "device", "num_workers", "no_wandb", "tensorboard",
+                    "resume", "data_root", "sample_and_save_freq", "max_eval_images")
+
+
+def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
+    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
+    values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
+    if current.output_dir is None:
+        values["output_dir"] = stored.get("output_dir") or os.path.dirname(os.path.abspath(current.resume))
+    return RunConfig(**values)
+
+
+def run_seed_for_samples(seed: int, epoch: int) -> int:
+    return seed * _SEED_STRIDE + 10_000 + epoch
+
+
+def _make_tracker(trainer: Trainer, resume: bool):
+    from glowflow.tracking import Tracker
+
+    config = {**trainer.run.to_dict(), **{f"model/{k}": v for k, v in trainer.model.config.to_dict().items()}}
+    return Tracker(trainer.output_dir, use_wandb=not trainer.run.no_wandb, use_tensorboard=trainer.run.tensorboard,
+                   run_name=f"Glow_{trainer.dataset_name}", config=config, resume=resume)
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise GlowflowError(f"cannot write to output directory {folder}: {err.strerror or err}") from None
+
+
+def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
+    """Train (or resume) as ``run`` says; returns a summary dict."""
+    trainer = Trainer(run, model_config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
