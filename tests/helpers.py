@@ -43,3 +43,32 @@ def randomised_model(image_shape, L, combo, K=2, hidden=8, dtype=torch.float64, 
 
 def labels_for(model, n):
     return torch.arange(n) % model.config.num_classes if model.config.y_condition else None
+
+
+def write_smooth_npz(path, n=96, size=16, channels=1, seed=0, num_classes=3):
+    """A small .npz dataset (the user-data format: uint8 `images`, int `labels`) of smooth
+    sinusoidal gradients: easy for a tiny Glow to model, unlike noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    images = []
+    for _ in range(n):
+        planes = []
+        for _ in range(channels):
+            a, b = rng.uniform(-1, 1, 2)
+            planes.append(0.5 + 0.4 * np.sin(3 * (a * xx + b * yy) + rng.uniform(0, 6)))
+        image = np.stack(planes, -1) if channels > 1 else planes[0]
+        images.append((image * 255).astype(np.uint8))
+    np.savez(path, images=np.stack(images), labels=rng.integers(0, num_classes, n))
+    return str(path)
+
+
+def write_noise_npz(path, n=64, size=16, channels=1, seed=1):
+    """Uniform-noise images in the .npz user-data format (an easy outlier set)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size, channels) if channels > 1 else (n, size, size)
+    np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8))
+    return str(path)

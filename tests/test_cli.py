@@ -1,0 +1,162 @@
+"""The command line end to end on a tiny dataset, through the real entry point."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from glowflow.cli import main
+from tests.helpers import write_noise_npz, write_smooth_npz
+
+TINY = ["--n_epochs", "2", "--batch_size", "16", "--hidden_channels", "8", "--K", "2", "--L", "2",
+        "--no_wandb", "--sample_and_save_freq", "1", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return {"in": write_smooth_npz(folder / "smooth.npz"), "noise": write_noise_npz(folder / "noise.npz"),
+            "big": write_smooth_npz(folder / "big.npz", n=8, size=32)}
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(full), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "test" in out
+    for name in ("last.pt", "Glow_smooth.pt", "metrics.csv", "samples_epoch001.png", "samples_epoch002.png"):
+        assert (full / name).exists(), name
+    rows = (full / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0] == "epoch,step,train_bpd,test_bpd,lr,images_per_s,seconds" and len(rows) == 3
+    payload = torch.load(full / "last.pt", weights_only=True)
+    assert payload["step"] == 12 and payload["epoch"] == 2 and payload["model_config"]["K"] == 2
+
+    # stopped mid-epoch by --max_steps, then resumed: the same weights, bit for bit
+    part = tmp_path / "part"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(part), "--max_steps", "4", *TINY]) == 0
+    assert torch.load(part / "last.pt", weights_only=True)["step"] == 4
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(part), "--resume", *TINY]) == 0
+    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # sampling needs only the checkpoint: no architecture flag repeated
+    samples = tmp_path / "samples"
+    assert main(["--sample", "--checkpoint", str(full / "Glow_smooth.pt"), "--output_dir", str(samples),
+                 "--temperature", "0", "0.7", "1.0", "--n_samples", "9", "--reconstruct", "--interpolate"]) == 0
+    out = capsys.readouterr().out
+    for name in ("samples_T0.png", "samples_T0.7.png", "samples_T1.png", "samples_temperatures.png",
+                 "reconstructions.png", "interpolations.png"):
+        assert (samples / name).exists(), name
+        assert f"saved {samples / name}" in out
+    error = float(out.split("max |x - decode(encode(x))| = ")[1].split()[0])
+    assert error < 1e-4
+
+
+def test_class_conditional_sampling_and_manipulation(tiny, tmp_path, capsys):
+    run = tmp_path / "cond"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--y_condition", "--y_weight", "0.5",
+                 "--n_epochs", "1", *TINY[2:]]) == 0
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["model_config"]["y_condition"] and payload["model_config"]["num_classes"] == 3
+    assert main(["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"),
+                 "--n_samples", "4", "--manipulate", "0", "1"]) == 0
+    assert (run / "s" / "samples_by_class_T0.7.png").exists()
+    assert (run / "s" / "manipulation_0_to_1.png").exists()
+    assert main(["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"),
+                 "--n_samples", "4", "--class", "2"]) == 0
+    assert (run / "s" / "samples_T0.7_class2.png").exists()
+
+
+def _error_of(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "no_such_dataset"], "unknown dataset"),
+    (["--L", "5"], "not divisible by 2**L"),
+    (["--image_size", "18"], "not divisible"),
+    (["--K", "0"], "K (steps of flow per level) must be at least 1"),
+    (["--L", "0"], "L (number of levels) must be at least 1"),
+    (["--n_bits", "0"], "n_bits must be between 1 and 8"),
+    (["--n_bits", "9"], "n_bits must be between 1 and 8"),
+    (["--batch_size", "0"], "batch_size must be at least 1"),
+])
+def test_bad_training_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY]
+    for i in range(0, len(flags), 2):  # the bad flag given last wins
+        argv += flags[i:i + 2]
+    code, err = _error_of(argv, capsys)
+    assert code == 2
+    assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_unwritable_output_dir(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = _error_of(["--train", "--dataset", tiny["in"], "--output_dir", str(blocker / "sub"), *TINY], capsys)
+    assert code == 2 and "cannot write to output directory" in err and len(err.splitlines()) == 1
+
+
+def test_bad_checkpoints(tiny, tmp_path, capsys):
+    code, err = _error_of(["--sample", "--checkpoint", str(tmp_path / "missing.pt")], capsys)
+    assert code == 2 and "checkpoint not found" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x04garbage")
+    code, err = _error_of(["--sample", "--checkpoint", str(corrupt)], capsys)
+    assert code == 2 and "not a readable glowflow checkpoint" in err and len(err.splitlines()) == 1
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    code, err = _error_of(["--sample", "--checkpoint", str(foreign)], capsys)
+    assert code == 2 and "not a glowflow checkpoint" in err
+    code, err = _error_of(["--sample"], capsys)
+    assert code == 2 and "--checkpoint" in err
+
+
+def test_checkpoint_for_another_image_shape(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--max_steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    code, err = _error_of(["--outlier_detection", "--checkpoint", str(run / "last.pt"), "--dataset", tiny["big"],
+                           "--out_dataset", tiny["noise"], "--output_dir", str(run)], capsys)
+    assert code == 2 and "1x16x16" in err and "1x32x32" in err, err
+
+
+def test_wandb_falls_back_to_offline_without_network_or_login(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc: not logged in
+    run = tmp_path / "wb"
+    argv = [a for a in TINY if a != "--no_wandb"]
+    proc = subprocess.run([sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir",
+                           str(run), "--max_steps", "2", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wandb is not logged in; logging offline" in proc.stderr
+    assert (run / "last.pt").exists()
+    assert any(p.name.startswith("offline-run") for p in (run / "wandb").iterdir())
+
+
+def test_ctrl_c_saves_last_checkpoint(tiny, tmp_path):
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir",
+                             str(run), "--n_epochs", "1000", *TINY[2:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "--resume" in err
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["step"] >= 6
