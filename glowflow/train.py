@@ -156,12 +156,13 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     statistics are averaged across processes (ActNorm.initialize), so every rank starts identical.
     """
     n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
+    n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
     generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE - 1)
     indices = torch.randperm(len(dataset), generator=generator)[:n]
-    indices = indices[dist_ctx.rank::dist_ctx.world_size].tolist()
-    images, labels = zip(*(dataset[i] for i in indices))
-    x = preprocess(torch.stack(images), run.n_bits)
-    x = x + torch.rand(x.shape, generator=generator) / 2**run.n_bits
+    noise = torch.rand((n, *model.config.image_shape), generator=generator) / 2**run.n_bits
+    share = slice(dist_ctx.rank, None, dist_ctx.world_size)
+    images, labels = zip(*(dataset[i] for i in indices[share].tolist()))
+    x = preprocess(torch.stack(images), run.n_bits) + noise[share]
     y = _stack_labels(labels).to(device) if model.config.y_condition else None
     model.initialize(x.to(device), y)
 
