@@ -7,7 +7,7 @@ pixels back exactly), ``label`` an int64 scalar (a float32 multi-hot vector for 
 Preprocessing (the seed's): the 28-pixel grey sets (MNIST, Fashion-MNIST, the MedMNIST sets at
 their 28-pixel variant) are resized to 32x32x1; CIFAR-10/100 and SVHN are 32x32x3; Tiny-ImageNet
 64x64x3; Places365 (small images), DTD and ImageNet 128x128x3 after a centre square crop.
-``image_size`` overrides the side. Resizing is torchvision's bilinear ``Resize`` on the PIL image;
+``image_size`` overrides the side. Resizing is torchvision's bilinear ``Resize`` of the PIL image;
 for the in-memory sets it runs once, when the dataset is loaded, not at every item read.
 
 Where the files come from, in order: ``data_root`` in torchvision's and medmnist's own layouts
@@ -111,21 +111,27 @@ class ImageFileDataset(Dataset):
 
 
 class _Preprocess:
-    """PIL image -> mode -> centre square crop -> Resize((size, size)) -> ToTensor."""
+    """PIL image -> mode ('L' or 'RGB') -> centre square crop -> resize -> ToTensor."""
 
     def __init__(self, size: int, mode: str):
         self.size, self.mode = size, mode
 
     def __call__(self, image):
-        from torchvision.transforms import functional as F
+        from torchvision.transforms.functional import to_tensor
 
-        image = image.convert(self.mode)
-        side = min(image.size)
-        if image.size != (side, side):
-            image = F.center_crop(image, [side, side])
-        if side != self.size:
-            image = F.resize(image, [self.size, self.size], antialias=True)
-        return F.to_tensor(image)
+        return to_tensor(_square(image.convert(self.mode), self.size))
+
+
+def _square(image, size: int):
+    """PIL image -> its centre square (torchvision's CenterCrop to the shorter side) -> bilinear
+    resize to (size, size): what torchvision's Resize does to a PIL image."""
+    from PIL import Image
+    from torchvision.transforms.functional import center_crop
+
+    side = min(image.size)
+    if image.size != (side, side):
+        image = center_crop(image, [side, side])
+    return image if side == size else image.resize((size, size), Image.BILINEAR)
 
 
 class _ImageList(Dataset):
@@ -488,6 +494,8 @@ def match_shape(dataset: Dataset, image_shape: Sequence[int]) -> Dataset:
     source = tuple(info.image_shape) if info is not None else tuple(dataset[0][0].shape)
     if source == target:
         return dataset
+    if target[1] != target[2]:
+        raise GlowflowError(f"image_shape must be square (C, S, S), got {target}")
     if source[0] != target[0] and {source[0], target[0]} != {1, 3}:
         raise GlowflowError(f"cannot convert {source[0]}-channel images to {target[0]} channels")
     name = info.name if info is not None else "outlier dataset"
@@ -527,7 +535,6 @@ def make_loader(
         generator=generator,
         pin_memory=torch.device(device).type == "cuda",
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
     )
 
 
@@ -609,36 +616,26 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def _square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> centre square crop -> (N, C, size, size), as torchvision's
-    CenterCrop and Resize give on each PIL image (the resize is PIL's, once per image here, not
-    per item read: torch's own bilinear kernel differs from PIL's by one level on some pixels)."""
-    from torchvision.transforms import functional as F
+    """uint8 (N, C, H, W), C 1 or 3 -> uint8 (N, C, size, size), each image through _square.
 
-    side = min(images.shape[-2:])
-    if tuple(images.shape[-2:]) != (side, side):
-        images = F.center_crop(images, [side, side])
-    return _resize(images, (size, size))
-
-
-def _resize(images: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
-    """uint8 (N, C, H, W) with C 1 or 3 -> uint8 (N, C, *shape): each image through PIL's bilinear
-    resize, which is what torchvision's Resize does to a PIL image."""
+    Done once when an in-memory dataset is loaded (PIL's resize, not torch's bilinear kernel,
+    which differs from it by one level on some pixels)."""
     from PIL import Image
 
-    n, c = images.shape[:2]
-    if tuple(images.shape[2:]) == tuple(shape):
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
         return images.contiguous()
     hwc = images.permute(0, 2, 3, 1).numpy()
-    out = np.empty((n, *shape, c), dtype=np.uint8)
+    out = np.empty((n, size, size, c), dtype=np.uint8)
     for i in range(n):
-        pil = Image.fromarray(np.ascontiguousarray(hwc[i] if c == 3 else hwc[i, :, :, 0]))
-        out[i] = np.asarray(pil.resize(shape[::-1], Image.BILINEAR)).reshape(*shape, c)
+        image = Image.fromarray(np.ascontiguousarray(hwc[i] if c == 3 else hwc[i, :, :, 0]))
+        out[i] = np.asarray(_square(image, size)).reshape(size, size, c)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 class _Reshaped(Dataset):
-    """Wraps a dataset to yield images of another (C, H, W): channels converted on the uint8
-    pixels, then torchvision's bilinear Resize."""
+    """Wraps a dataset to yield images of another (C, size, size): channels converted on the
+    uint8 pixels, then resized as every dataset here is."""
 
     def __init__(self, base: Dataset, image_shape: Tuple[int, int, int], info: DatasetInfo):
         self.base, self.image_shape, self.info = base, image_shape, info
@@ -649,13 +646,12 @@ class _Reshaped(Dataset):
     def __getitem__(self, i):
         image, label = self.base[i]
         pixels = image.mul(255).round_().to(torch.uint8)
-        channels, height, width = self.image_shape
+        channels, size = self.image_shape[:2]
         if pixels.shape[0] == 1 and channels == 3:
             pixels = pixels.expand(3, -1, -1)
         elif pixels.shape[0] == 3 and channels == 1:
             pixels = _luminance(pixels)
-        pixels = _resize(pixels.unsqueeze(0), (height, width))[0]
-        return pixels.float().div_(255), label
+        return _square_resize(pixels.unsqueeze(0), size)[0].float().div_(255), label
 
 
 def _luminance(rgb: torch.Tensor) -> torch.Tensor:
