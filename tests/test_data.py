@@ -540,6 +540,11 @@ def test_custom_npz(tmp_path):
     assert torch.equal(images, torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255)
     assert labels.tolist() == [0] * 4 and ds.info.num_classes == 1
 
+    wide = rng.integers(0, 256, (2, 20, 24), dtype=np.uint8)  # not square: the centre 20x20 is kept
+    np.savez(tmp_path / "wide.npz", images=wide)
+    assert torch.equal(all_items(load_dataset(str(tmp_path / "wide.npz"), "train"))[0][:, 0],
+                       torch.from_numpy(wide[:, :, 2:22]).float() / 255)
+
     hot = rng.integers(0, 2, (4, 5))
     np.savez(tmp_path / "multi.npz", images=rgb, labels=hot)
     ds = load_dataset(str(tmp_path / "multi.npz"), "train")
@@ -566,6 +571,15 @@ def test_errors_are_clear(tmp_path):
         with pytest.raises(GlowflowError) as err:
             load_dataset(path, "train", data_root=str(tmp_path / "data"))
         assert expected in str(err.value) and "\n" not in str(err.value), (path, str(err.value))
+
+    # a corrupt image met while reading, after a good first one
+    (tmp_path / "later").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "later" / "a.png")
+    (tmp_path / "later" / "b.png").write_bytes(b"not an image")
+    later = load_dataset(str(tmp_path / "later"), "train")
+    assert later[0][0].shape == (1, 8, 8)
+    with pytest.raises(GlowflowError, match=r"cannot read image .*b\.png"):
+        later[1]
 
     # a corrupt file where a dataset's layout expects it: named, not downloaded over
     raw = tmp_path / "data" / "MNIST" / "raw"
@@ -609,6 +623,8 @@ def test_match_shape_rgb_to_grey_and_back(capsys):
     cifar = tensor_dataset(rgb, "cifar10")
     assert match_shape(cifar, (3, 32, 32)) is cifar
     assert capsys.readouterr().out == ""
+    with pytest.raises(GlowflowError, match="square"):
+        match_shape(cifar, (3, 32, 16))
 
     grey = match_shape(cifar, (1, 32, 32))
     out = capsys.readouterr().out
