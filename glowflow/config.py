@@ -8,6 +8,8 @@ default changed here changes everywhere.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -176,10 +178,14 @@ class RunConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def resolved_output_dir(self) -> str:
-        import os
+        """--output_dir, or outputs/Glow_<dataset>."""
+        return self.output_dir or os.path.join("outputs", f"Glow_{dataset_slug(self.dataset)}")
 
-        if self.output_dir:
-            return self.output_dir
-        name = os.path.basename(os.path.normpath(str(self.dataset))) or "custom"
-        name = os.path.splitext(name)[0]
-        return os.path.join("outputs", f"Glow_{name}")
+
+def dataset_slug(dataset: str) -> str:
+    """A file-name-safe short name of a dataset name or path: 'fashionmnist:classes=0,1' ->
+    'fashionmnist_classes_0_1', '/data/my_set.npz' -> 'my_set'."""
+    name = str(dataset)
+    if os.sep in name or name.endswith(".npz"):
+        name = os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or "custom"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "custom"

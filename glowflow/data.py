@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from glowflow import devsets
 from glowflow.errors import GlowflowError
 
 DATASET_NAMES = (
@@ -547,6 +548,11 @@ def _resolve(name_or_path: str, split: str, image_size: Optional[int]):
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise GlowflowError(f"image_size must be a positive integer, got {image_size!r}")
     spec = _SPECS.get(name_or_path)
+    if spec is None and devsets.is_derived(name_or_path):
+        return devsets.resolve(
+            name_or_path, split, image_size,
+            load_base=lambda name, split, root, size, download: load_dataset(name, split, root, size, download),
+            info_base=lambda name, size: dataset_info(name, size))
     if spec is None:
         return _custom(name_or_path, split, image_size)
     size = image_size or spec.size

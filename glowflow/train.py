@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
-from glowflow.config import GlowConfig, RunConfig
+from glowflow.config import GlowConfig, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow, bits_per_dim, classification_loss, dequantize, preprocess
 
@@ -195,7 +195,7 @@ class Trainer:
                 raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
             run = self.run = resumed_config(resume_payload["run_config"], run)
         self.output_dir = run.resolved_output_dir()
-        self.dataset_name = os.path.splitext(os.path.basename(os.path.normpath(str(run.dataset))))[0]
+        self.dataset_name = dataset_slug(run.dataset)
         if self.dist.is_main:
             _check_writable(self.output_dir)
 

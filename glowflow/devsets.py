@@ -1,0 +1,127 @@
+"""Derived and synthetic datasets, for developing and checking outlier detection offline.
+
+Names (usable wherever a dataset name is, e.g. ``--out_dataset digits noise vflip:fashionmnist``):
+
+* ``NAME:classes=A,B,...`` -- the images of NAME whose label is one of the listed classes
+  (labels keep their original values). Train on some classes and use the others as outliers:
+  ``--dataset fashionmnist:classes=0,1,2,3,4,5,6,7 --out_dataset fashionmnist:classes=8,9``.
+* ``vflip:NAME`` / ``hflip:NAME`` -- NAME flipped upside down / left to right.
+* ``digits`` -- scikit-learn's bundled handwritten digits (1797 images, 8x8, 17 grey levels,
+  Alpaydin & Kaynak 1998), scaled to 0..255 and resized to 32x32 (PIL bilinear): an offline
+  stand-in for MNIST. Both splits are the whole set.
+* ``noise`` -- 2000 images of independent uniform pixels (seeded).
+* ``constant`` -- 2000 images of one uniform grey level each (seeded).
+
+Synthetic sets are grey, 32x32 unless ``image_size`` says otherwise; outlier detection converts
+them to the in-distribution shape like any outlier set.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from glowflow.errors import GlowflowError
+
+SYNTHETIC = ("digits", "noise", "constant")
+SYNTHETIC_SIZE = 32
+SYNTHETIC_COUNT = 2000
+_CLASSES = re.compile(r"^(?P<base>.+):classes=(?P<classes>\d+(,\d+)*)$")
+_FLIP = re.compile(r"^(?P<how>vflip|hflip):(?P<base>.+)$")
+
+
+def is_derived(name: str) -> bool:
+    name = str(name)
+    return name in SYNTHETIC or bool(_CLASSES.match(name) or _FLIP.match(name))
+
+
+class _Mapped(Dataset):
+    """``base`` seen through ``indices`` (a subset) and ``transform`` (of the image)."""
+
+    def __init__(self, base: Dataset, info, indices=None, transform: Optional[Callable] = None):
+        self.base, self.info, self.transform = base, info, transform
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.base[self.indices[i]]
+        return (self.transform(image) if self.transform else image), label
+
+
+def _label_array(dataset: Dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return np.asarray(torch.as_tensor(labels))
+    return np.asarray([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
+
+
+def resolve(name: str, split: str, image_size: Optional[int], load_base: Callable, info_base: Callable):
+    """(DatasetInfo, build(data_root, download) -> Dataset) for a derived or synthetic name.
+
+    ``load_base(name, split, data_root, image_size, download)`` and ``info_base(name, image_size)``
+    are data.py's loaders for the underlying named dataset.
+    """
+    from glowflow.data import DatasetInfo, ImageTensorDataset
+
+    match = _CLASSES.match(name)
+    if match:
+        classes = sorted({int(c) for c in match["classes"].split(",")})
+        base_info = info_base(match["base"], image_size)
+        if base_info.multilabel:
+            raise GlowflowError(f"{name}: class subsets need single-label data; {match['base']} is multi-label")
+        bad = [c for c in classes if not 0 <= c < base_info.num_classes]
+        if bad:
+            raise GlowflowError(f"{name}: class {bad[0]} is outside 0..{base_info.num_classes - 1}")
+        info = DatasetInfo(name, base_info.image_shape, base_info.num_classes, False)
+
+        def build_subset(data_root, download):
+            base = load_base(match["base"], split, data_root, image_size, download)
+            keep = np.flatnonzero(np.isin(_label_array(base), classes))
+            if len(keep) == 0:
+                raise GlowflowError(f"{name}: the {split} split has no images of classes {classes}")
+            return _Mapped(base, info, keep)
+
+        return info, build_subset
+    match = _FLIP.match(name)
+    if match:
+        base_info = info_base(match["base"], image_size)
+        info = DatasetInfo(name, base_info.image_shape, base_info.num_classes, base_info.multilabel)
+        dim = -2 if match["how"] == "vflip" else -1
+
+        def build_flip(data_root, download):
+            base = load_base(match["base"], split, data_root, image_size, download)
+            return _Mapped(base, info, transform=lambda image: torch.flip(image, dims=(dim,)))
+
+        return info, build_flip
+    size = image_size or SYNTHETIC_SIZE
+    info = DatasetInfo(name, (1, size, size), 10 if name == "digits" else 1, False)
+
+    def build_synthetic(data_root, download):
+        pixels, labels = _synthetic_pixels(name, size, split)
+        return ImageTensorDataset(pixels, labels, info)
+
+    return info, build_synthetic
+
+
+def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 1, size, size) images and int64 labels of a synthetic set."""
+    if name == "digits":
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        resized = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels])
+        return torch.from_numpy(resized)[:, None], torch.from_numpy(digits.target.astype(np.int64))
+    rng = np.random.default_rng(2020 if split == "test" else 2021)
+    if name == "noise":
+        pixels = rng.integers(0, 256, (SYNTHETIC_COUNT, 1, size, size), dtype=np.uint8)
+    else:
+        levels = rng.integers(0, 256, (SYNTHETIC_COUNT, 1, 1, 1), dtype=np.uint8)
+        pixels = np.broadcast_to(levels, (SYNTHETIC_COUNT, 1, size, size)).copy()
+    return torch.from_numpy(pixels), torch.zeros(SYNTHETIC_COUNT, dtype=torch.int64)
