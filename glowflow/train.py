@@ -232,6 +232,11 @@ class Trainer:
             self.step = int(resume_payload["step"])
             self.best_test_bpd = float(resume_payload.get("best_test_bpd", math.inf))
             self.nonfinite_total = int(resume_payload.get("nonfinite_steps", 0))
+            rng = resume_payload.get("rng", {})
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         elif not self.model.initialized:
             initialize_actnorm(self.model, self.train_set, run, self.device, self.dist)
 
@@ -255,7 +260,10 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def _checkpoint_fields(self) -> Dict:
-        return dict(
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return dict(rng=rng,
             run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
             best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
@@ -291,7 +299,10 @@ class Trainer:
         if y_logits is not None:
             loss = loss + run.y_weight * classification_loss(y_logits, y, self.model.config.y_multilabel)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss).item():
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.dist.enabled:  # every process skips together, or none does
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
             return None
         loss.backward()
         if run.max_grad_clip > 0:
@@ -344,6 +355,7 @@ class Trainer:
         stopped_early = False
         for images, labels in bar:
             bpd = self.train_step(images, labels)
+            self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
             if bpd is None:
                 consecutive_bad += 1
                 self.nonfinite_total += 1
@@ -352,10 +364,9 @@ class Trainer:
                     raise NonFiniteLoss(
                         f"{consecutive_bad} non-finite losses in a row at step {self.step}: training diverged; "
                         f"the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
-                        f"--max_grad_norm or --additive coupling)")
+                        f"--max_grad_norm or --flow_coupling additive)")
                 continue
             consecutive_bad = 0
-            self.step += 1
             steps_done += 1
             images_done += images.shape[0] * self.dist.world_size
             bpd_sum += bpd.double()

@@ -160,3 +160,37 @@ def test_ctrl_c_saves_last_checkpoint(tiny, tmp_path):
     assert "interrupted at step" in err and "--resume" in err
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["step"] >= 6
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, capsys, monkeypatch):
+    from glowflow.model import Glow
+
+    run = tmp_path / "nan"
+    real_forward = Glow.forward
+    calls = {"n": 0}
+
+    def once_nan(self, x, y=None):
+        calls["n"] += 1
+        log_prob, logits = real_forward(self, x, y)
+        return (log_prob * float("nan") if calls["n"] == 2 else log_prob), logits
+
+    monkeypatch.setattr(Glow, "forward", once_nan)
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1"]) == 0
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["nonfinite_steps"] == 1 and payload["step"] == 6 and payload["epoch"] == 1
+    assert "1 step(s) skipped" in capsys.readouterr().err
+
+    monkeypatch.setattr(Glow, "forward", lambda self, x, y=None: (real_forward(self, x, y)[0] * float("nan"), None))
+    before = (run / "last.pt").read_bytes()
+    code = main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "2",
+                 "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "5 non-finite losses in a row" in err and "last good checkpoint" in err
+    assert (run / "last.pt").read_bytes() == before  # the last good checkpoint is kept
+
+
+def test_tensorboard_logs(tiny, tmp_path):
+    run = tmp_path / "tb"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
+                 "--tensorboard", "--sample_and_save_freq", "0"]) == 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
