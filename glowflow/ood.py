@@ -55,15 +55,21 @@ with the printed table, the JSON reports and the PNG figures).
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
+import os
+import re
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from glowflow.errors import GlowflowError
+from glowflow.model import dequantize, preprocess
 
 REFERENCE_FORMAT = "glowflow-ood-reference-v1"
 CODECS = ("png", "webp")
@@ -270,3 +276,369 @@ def codec_bits_per_dim(images01: torch.Tensor, n_bits: int = 8, codec: str = "pn
             nbytes = _webp_payload_bytes(buffer.getvalue())
         out[i] = 8.0 * nbytes / dims
     return out
+
+
+# ----------------------------------------------------------------------------- per-image statistics
+
+
+def _images_of(batch):
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("image", batch.get("images"))
+    return batch
+
+
+@torch.inference_mode()
+def compute_statistics(
+    model,
+    loader: Iterable,
+    n_bits: int,
+    device=None,
+    seed: int = 0,
+    max_images: Optional[int] = None,
+    codec: Optional[str] = "png",
+    desc: str = "statistics",
+    progress: bool = True,
+) -> Dict[str, np.ndarray]:
+    """One pass over ``loader`` computing every per-image statistic the scores need.
+
+    ``loader`` yields ``(images, labels)`` (or bare images) with images (N, C, H, W) in [0, 1]
+    on the 8-bit grid; they are moved to ``device`` (default: where the model's parameters are);
+    the model is not moved. The model runs in eval mode under ``torch.inference_mode`` (its
+    training flag is restored afterwards); labels are ignored, so a class-conditional model is scored
+    with its class-marginal prior. Dequantisation noise U(0, 1/n_bins) is drawn from a CPU
+    generator seeded with ``seed`` in loader order, so two passes over the same loader (same
+    order, same batch size) give the same numbers on any device. Stops after ``max_images``.
+
+    Returns float64 arrays, N = images seen, L = levels, D = C*H*W:
+
+    * ``bpd`` (N,): bits/dim ``-(log p(x) - D log n_bins) / (D ln 2)``.
+    * ``level_bpd`` (N, L): what level ``i`` (column ``i - 1``; level 1 = first split, the finest
+      scale; level L = top) contributes: ``(-(log_prior_i + logdet_i) + D_i n_bits ln 2) /
+      (D ln 2)``, where ``log_prior_i`` is the log-density of that level's latent under its prior
+      (split prior conditioned on the kept half, or the top prior), ``logdet_i`` the log|det| of
+      that level's K flow steps (all channels they act on, including those passed upwards), and
+      ``D_i`` the latent's size, so the level takes the share ``D_i / D`` of the discretisation
+      constant. The columns sum to ``bpd`` exactly (up to rounding).
+    * ``logdet`` (N,): log|det dz/dx| of the whole flow, nats per image.
+    * ``latent_rms`` (N, L): root-mean-square of each level's latent, ``||z_i||_2 / sqrt(D_i)``.
+    * ``codec_bpd`` (N,): :func:`codec_bits_per_dim` with ``codec`` (absent when ``codec`` is None).
+    """
+    from tqdm.auto import tqdm
+
+    if codec is not None and codec not in CODECS:
+        raise GlowflowError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    if not model.initialized:
+        raise GlowflowError("the model was never initialised from data (ActNorm); "
+                            "outlier detection needs a trained checkpoint")
+    image_shape = tuple(model.config.image_shape)
+    dims = int(np.prod(image_shape))
+    latent_dims = [int(np.prod(s)) for s in model.latent_shapes]
+    param = next(model.parameters())
+    dtype = param.dtype
+    device = param.device if device is None else torch.device(device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    ln2 = math.log(2.0)
+    columns: Dict[str, List[np.ndarray]] = {k: [] for k in ("bpd", "level_bpd", "logdet", "latent_rms", "codec_bpd")}
+    seen = 0
+    try:
+        total = len(loader.dataset)
+    except (AttributeError, TypeError):
+        total = None
+    if max_images is not None:
+        total = max_images if total is None else min(total, max_images)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        for batch in loader:
+            if max_images is not None and seen >= max_images:
+                break
+            images = _images_of(batch)
+            if not torch.is_tensor(images):
+                raise GlowflowError(f"the {desc} loader must yield image tensors, got {type(images).__name__}")
+            if max_images is not None:
+                images = images[: max_images - seen]
+            if tuple(images.shape[1:]) != image_shape:
+                raise GlowflowError(f"the {desc} images have shape {tuple(images.shape[1:])} but the model "
+                                    f"expects {image_shape}")
+            images = images.to(torch.float32)
+            if images.numel() and (images.min().item() < 0.0 or images.max().item() > 1.0):
+                raise GlowflowError(f"the {desc} images must lie in [0, 1] (uint8 / 255), got values in "
+                                    f"[{images.min().item():.3g}, {images.max().item():.3g}]")
+            x = preprocess(images, n_bits)
+            x = dequantize(x, n_bits, generator).to(device=device, dtype=dtype)
+            terms = model.forward_terms(x)
+            # per-level terms, then float64 on the CPU (some accelerators have no float64)
+            log_priors = torch.stack(terms.level_log_priors, 1).cpu().double()
+            logdets = torch.stack(terms.level_logdets, 1).cpu().double()
+            shares = torch.tensor(latent_dims, dtype=torch.float64) * n_bits * ln2
+            level_bpd = (-(log_priors + logdets) + shares) / (dims * ln2)
+            log_prob = log_priors.sum(1) + logdets.sum(1)
+            bpd = -(log_prob - dims * n_bits * ln2) / (dims * ln2)
+            rms = torch.stack([z.flatten(1).pow(2).mean(1).sqrt() for z in terms.latents], 1).cpu().double()
+            columns["bpd"].append(bpd.numpy())
+            columns["level_bpd"].append(level_bpd.numpy())
+            columns["logdet"].append(logdets.sum(1).numpy())
+            columns["latent_rms"].append(rms.numpy())
+            if codec is not None:
+                columns["codec_bpd"].append(codec_bits_per_dim(images, n_bits, codec))
+            seen += images.shape[0]
+            bar.update(images.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+    if seen == 0:
+        raise GlowflowError(f"the {desc} loader yielded no images")
+    levels = len(latent_dims)
+    stats = {
+        "bpd": np.concatenate(columns["bpd"]),
+        "level_bpd": np.concatenate(columns["level_bpd"]).reshape(-1, levels),
+        "logdet": np.concatenate(columns["logdet"]),
+        "latent_rms": np.concatenate(columns["latent_rms"]).reshape(-1, levels),
+    }
+    if codec is not None:
+        stats["codec_bpd"] = np.concatenate(columns["codec_bpd"])
+    return stats
+
+
+# ----------------------------------------------------------------------------- training reference
+
+
+def dos_features(stats: Mapping[str, np.ndarray]) -> Tuple[List[str], np.ndarray]:
+    """The statistics the density of states is fitted on: names and an (N, 2 + 2L) matrix.
+
+    Columns: ``bpd``, ``level_<i>_bpd`` for i = 1..L, ``logdet`` (nats per image), and
+    ``latent_rms_<i>`` for i = 1..L.
+    """
+    level_bpd = np.asarray(stats["level_bpd"], dtype=np.float64)
+    rms = np.asarray(stats["latent_rms"], dtype=np.float64)
+    levels = level_bpd.shape[1]
+    names = (["bpd"] + [f"level_{i + 1}_bpd" for i in range(levels)] + ["logdet"]
+             + [f"latent_rms_{i + 1}" for i in range(levels)])
+    matrix = np.column_stack([np.asarray(stats["bpd"], dtype=np.float64), level_bpd,
+                              np.asarray(stats["logdet"], dtype=np.float64), rms])
+    return names, matrix
+
+
+@dataclass
+class Reference:
+    """What the scores need from the training set, fitted by :func:`fit_reference`.
+
+    key: the cache key the training statistics were computed under ('' when not cached).
+    num_levels, n_train: levels of the model; training images used.
+    bpd_mean, bpd_std: mean and standard deviation of the training bits/dim (typicality).
+    dos_features: names of the density-of-states statistics (see :func:`dos_features`).
+    dos_mean, dos_std (d,): their training mean and standard deviation (standardisation).
+    dos_points (n, d): the standardised training statistics the kernel density is built on.
+    dos_bandwidth (d,): the kernel bandwidth per statistic, in standardised units.
+    """
+
+    key: str
+    num_levels: int
+    n_train: int
+    bpd_mean: float
+    bpd_std: float
+    dos_features: Tuple[str, ...]
+    dos_mean: np.ndarray
+    dos_std: np.ndarray
+    dos_points: np.ndarray
+    dos_bandwidth: np.ndarray
+
+
+def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_points: int = 10_000,
+                  seed: int = 0) -> Reference:
+    """Fit the training-set reference from :func:`compute_statistics` of the training images.
+
+    Typicality: the mean (and std) of the training bits/dim.
+
+    Density of states: each statistic of :func:`dos_features` is standardised with its training
+    mean and std (a constant statistic keeps std 1), and given a 1-D Gaussian kernel density
+    estimate with Silverman's bandwidth ``0.9 min(1, IQR / 1.34) n^(-1/5)`` on up to
+    ``max_dos_points`` training images (a fixed random subset beyond that). The density of a
+    test image is the *product* of these marginals: the statistics are treated as independent,
+    which also keeps the density proper although the level contributions sum to ``bpd``.
+    """
+    bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
+    names, matrix = dos_features(train_stats)
+    finite = np.isfinite(matrix).all(1)
+    if finite.sum() < 2:
+        raise GlowflowError("fitting the outlier reference needs at least 2 training images with finite statistics")
+    if not finite.all():
+        warnings.warn(f"{int((~finite).sum())} training image(s) with non-finite statistics left out of "
+                      f"the outlier reference", RuntimeWarning, stacklevel=2)
+    matrix, bpd_f = matrix[finite], bpd[finite]
+    mean = matrix.mean(0)
+    std = matrix.std(0)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    points = (matrix - mean) / std
+    if points.shape[0] > max_dos_points:
+        keep = np.random.default_rng(seed).choice(points.shape[0], max_dos_points, replace=False)
+        points = points[np.sort(keep)]
+    n = points.shape[0]
+    q75, q25 = np.percentile(points, [75, 25], axis=0)
+    spread = np.minimum(1.0, (q75 - q25) / 1.34)
+    spread = np.where(spread > 0, spread, 1.0)
+    bandwidth = 0.9 * spread * n ** (-0.2)
+    return Reference(
+        key=key, num_levels=int(np.asarray(train_stats["level_bpd"]).shape[1]), n_train=int(bpd_f.size),
+        bpd_mean=float(bpd_f.mean()), bpd_std=float(bpd_f.std()), dos_features=tuple(names),
+        dos_mean=mean, dos_std=std, dos_points=points, dos_bandwidth=bandwidth,
+    )
+
+
+def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray], chunk: int = 512) -> np.ndarray:
+    """Log-density (N,) of each image's statistics under the reference's product of 1-D KDEs."""
+    from scipy.special import logsumexp
+
+    names, matrix = dos_features(stats)
+    if tuple(names) != tuple(reference.dos_features):
+        raise GlowflowError(f"statistics {names} do not match the reference's {list(reference.dos_features)} "
+                            f"(a model with another number of levels?)")
+    z = (matrix - reference.dos_mean) / reference.dos_std
+    points, h = reference.dos_points, reference.dos_bandwidth
+    n = points.shape[0]
+    total = np.zeros(z.shape[0], dtype=np.float64)
+    for j in range(z.shape[1]):
+        norm = -math.log(n) - math.log(h[j] * math.sqrt(2.0 * math.pi))
+        for start in range(0, z.shape[0], chunk):
+            diff = (z[start:start + chunk, j, None] - points[None, :, j]) / h[j]
+            total[start:start + chunk] += logsumexp(-0.5 * diff * diff, axis=1) + norm
+    return total
+
+
+def save_reference(path: str, reference: Reference) -> None:
+    """Write ``reference`` to ``path`` as a .npz of plain arrays (no pickle), atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    arrays = dict(
+        format=np.array(REFERENCE_FORMAT), key=np.array(reference.key),
+        num_levels=np.array(reference.num_levels, dtype=np.int64), n_train=np.array(reference.n_train, dtype=np.int64),
+        bpd_mean=np.array(reference.bpd_mean), bpd_std=np.array(reference.bpd_std),
+        dos_features=np.array(list(reference.dos_features), dtype=str),
+        dos_mean=reference.dos_mean, dos_std=reference.dos_std,
+        dos_points=reference.dos_points, dos_bandwidth=reference.dos_bandwidth,
+    )
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_reference(path: str) -> Reference:
+    """Read a reference written by :func:`save_reference` (``np.load(allow_pickle=False)``).
+
+    Raises :class:`GlowflowError` when the file is missing, unreadable or of another format.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["format"]) != REFERENCE_FORMAT:
+                raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
+            return Reference(
+                key=str(data["key"]), num_levels=int(data["num_levels"]), n_train=int(data["n_train"]),
+                bpd_mean=float(data["bpd_mean"]), bpd_std=float(data["bpd_std"]),
+                dos_features=tuple(str(s) for s in data["dos_features"]),
+                dos_mean=np.array(data["dos_mean"]), dos_std=np.array(data["dos_std"]),
+                dos_points=np.array(data["dos_points"]), dos_bandwidth=np.array(data["dos_bandwidth"]),
+            )
+    except GlowflowError:
+        raise
+    except FileNotFoundError:
+        raise GlowflowError(f"no outlier reference at {path}") from None
+    except Exception as exc:  # zipfile / KeyError / ValueError from a damaged file
+        raise GlowflowError(f"cannot read the outlier reference {path}: {exc}") from None
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the model's configuration and every tensor of its state dict (names, dtypes,
+    shapes, bytes): changes whenever the checkpoint's weights or architecture do."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_key(model, n_bits: int, dataset: str, seed: int = 0, max_images: Optional[int] = None) -> str:
+    """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
+    dataset's name, the noise seed and the image cap. A cached reference is reused only when its
+    key is identical, so a changed checkpoint (weights or architecture), bit depth, dataset, seed
+    or cap recomputes it. (Changed *contents* under the same dataset name are not detected.)"""
+    return json.dumps({"format": REFERENCE_FORMAT, "model_sha256": model_fingerprint(model), "n_bits": int(n_bits),
+                       "dataset": str(dataset), "seed": int(seed), "max_images": max_images}, sort_keys=True)
+
+
+def _safe_name(name: str) -> str:
+    """A dataset name or path as a file-name part: its base name without extension, [A-Za-z0-9_.-]."""
+    base = os.path.splitext(os.path.basename(os.path.normpath(str(name))))[0]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "custom"
+
+
+def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
+    """Where the command line caches a checkpoint's training reference: beside the checkpoint,
+    ``<checkpoint stem>.ood_reference_<dataset>_<n_bits>bit.npz``."""
+    stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
+    return f"{stem}.ood_reference_{_safe_name(dataset)}_{int(n_bits)}bit.npz"
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def outlier_scores(stats: Mapping[str, np.ndarray], reference: Reference,
+                   background_stats: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Every outlier score (N,) from :func:`compute_statistics` output; higher = more outlying.
+
+    * ``nll``: ``bpd``.
+    * ``complexity``: ``bpd - codec_bpd`` (Serra et al., 2020; their S(x) with the sign making
+      outliers high). Present when ``stats`` has ``codec_bpd``.
+    * ``typicality``: ``|bpd - reference.bpd_mean|`` (Nalisnick et al., 2019b, per sample).
+    * ``level_<i>_bpd`` for i = 1..L: the level contributions of :func:`compute_statistics`.
+    * ``hierarchy_ratio`` (L >= 2): ``bpd - level_1_bpd = sum_{i >= 2} level_<i>_bpd``, i.e.
+      ``-log2(p(x) / p_1(x)) / D`` with ``p_1`` the level-1 factor of the likelihood (prior of the
+      first split latent times the first level's Jacobian). Schirrmeister et al. (2020) show that
+      the likelihood of natural images is dominated by local, low-level features that any
+      natural-image dataset shares and that Glow captures mainly at its early scales; they
+      score with the final scale's contribution alone (``level_<L>_bpd`` here) or with a
+      likelihood ratio to a model of a more general distribution. This score applies the ratio
+      idea inside one model: the level-1 factor stands in for the general (local) model, so
+      only the finest scale is subtracted and every coarser level is kept; for L = 2 it
+      coincides with the final-scale score.
+    * ``dos``: ``-log`` density of the statistics under the reference (Morningstar et al., 2021).
+    * ``likelihood_ratio`` (when ``background_stats`` is given): ``bpd - background bpd``
+      = ``-(log p_model(x) - log p_background(x)) / (D ln 2)`` (Ren et al., 2019); both models
+      must see the same n_bits and image size, so the discretisation constants cancel.
+    """
+    bpd = np.asarray(stats["bpd"], dtype=np.float64)
+    level_bpd = np.asarray(stats["level_bpd"], dtype=np.float64)
+    if level_bpd.shape[1] != reference.num_levels:
+        raise GlowflowError(f"statistics have {level_bpd.shape[1]} levels, the reference {reference.num_levels}")
+    scores: Dict[str, np.ndarray] = {"nll": bpd}
+    if "codec_bpd" in stats:
+        scores["complexity"] = bpd - np.asarray(stats["codec_bpd"], dtype=np.float64)
+    scores["typicality"] = np.abs(bpd - reference.bpd_mean)
+    for i in range(level_bpd.shape[1]):
+        scores[f"level_{i + 1}_bpd"] = level_bpd[:, i]
+    if level_bpd.shape[1] >= 2:
+        scores["hierarchy_ratio"] = bpd - level_bpd[:, 0]
+    scores["dos"] = -dos_log_density(reference, stats)
+    if background_stats is not None:
+        bg = np.asarray(background_stats["bpd"], dtype=np.float64)
+        if bg.shape != bpd.shape:
+            raise GlowflowError(f"background statistics cover {bg.size} images, the model's {bpd.size}")
+        scores["likelihood_ratio"] = bpd - bg
+    return scores
+
+
+def score_definition(name: str) -> str:
+    """One-line definition of a score name from :func:`outlier_scores`."""
+    match = re.fullmatch(r"level_(\d+)_bpd", name)
+    if match:
+        return f"bits/dim contributed by level {match.group(1)}'s latents (Schirrmeister et al., 2020)"
+    return SCORE_DEFINITIONS[name]

@@ -1,14 +1,19 @@
 """Outlier detection: metrics against hand-computed values, the scores' definitions and
 orientation, the training-reference cache, and an end-to-end run on a briefly trained Glow."""
+import copy
 import io
+import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
-from glowflow import GlowflowError
+from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, preprocess
 from glowflow import ood
+from tests.helpers import randomised_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -156,3 +161,142 @@ def test_codec_sees_the_models_bit_depth_and_webp_works():
     assert webp[0] < webp[1] and "WebP lossless" in ood.codec_description("webp")
     with pytest.raises(GlowflowError):
         ood.codec_bits_per_dim(images, 8, "jpeg")
+
+
+# ----------------------------------------------------------------------------- statistics of a model
+
+
+COMBO = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=True,
+             y_condition=False)
+
+
+def _loader(images, batch_size=4):
+    return DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=batch_size, shuffle=False)
+
+
+def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
+    shape = (1, 8, 8)
+    model = randomised_model(shape, 3, COMBO, K=2, hidden=8)          # float64
+    images = torch.randint(0, 256, (10, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
+    model.train()
+    stats = ood.compute_statistics(model, _loader(images), n_bits=5, seed=3, codec=None, progress=False)
+    assert model.training                                             # the training flag is restored
+    assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms"}
+    assert stats["level_bpd"].shape == (10, 3) and stats["latent_rms"].shape == (10, 3)
+    np.testing.assert_allclose(stats["level_bpd"].sum(1), stats["bpd"], rtol=0, atol=1e-10)
+    # the same numbers the model gives with the same noise (drawn batch by batch from the seed)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([dequantize(preprocess(b, 5), 5, g) for b in images.split(4)]).double()
+    model.eval()
+    with torch.no_grad():
+        expected = bits_per_dim(model.log_prob(x), 64, 5)
+        latents, logdet = model.encode(x)
+    np.testing.assert_allclose(stats["bpd"], expected.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(stats["logdet"], logdet.numpy(), rtol=0, atol=1e-9)
+    rms = np.stack([z.flatten(1).pow(2).mean(1).sqrt().numpy() for z in latents], 1)
+    np.testing.assert_allclose(stats["latent_rms"], rms, rtol=1e-12)
+    # level i: -(log prior_i + logdet_i) plus its share of the discretisation constant
+    terms = model.forward_terms(x)
+    for i, d_i in enumerate(int(np.prod(s)) for s in model.latent_shapes):
+        level = (-(terms.level_log_priors[i] + terms.level_logdets[i]) + d_i * 5 * math.log(2)) / (64 * math.log(2))
+        np.testing.assert_allclose(stats["level_bpd"][:, i], level.detach().numpy(), rtol=0, atol=1e-10)
+    # deterministic; max_images; bare-tensor batches
+    again = ood.compute_statistics(model, _loader(images), 5, seed=3, codec=None, progress=False)
+    assert np.array_equal(again["bpd"], stats["bpd"])
+    capped = ood.compute_statistics(model, [images[:4], images[4:8], images[8:]], 5, seed=3, max_images=6,
+                                    codec="png", progress=False)
+    assert capped["bpd"].shape == (6,) and capped["codec_bpd"].shape == (6,)
+    np.testing.assert_allclose(capped["bpd"], stats["bpd"][:6], rtol=0, atol=1e-10)
+    # a class-conditional model is scored with its class-marginal prior (labels are ignored)
+    conditional = randomised_model(shape, 2, dict(COMBO, y_condition=True), K=1, hidden=4)
+    cstats = ood.compute_statistics(conditional, _loader(images), 8, codec=None, progress=False)
+    g8 = torch.Generator().manual_seed(0)                               # compute_statistics' default seed
+    x8 = torch.cat([dequantize(preprocess(b, 8), 8, g8) for b in images.split(4)]).double()
+    with torch.no_grad():
+        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8, 8).numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(cstats["level_bpd"].sum(1), cstats["bpd"], rtol=0, atol=1e-10)
+
+
+def test_statistics_reject_bad_inputs():
+    model = randomised_model((1, 8, 8), 2, COMBO)
+    with pytest.raises(GlowflowError, match="shape"):
+        ood.compute_statistics(model, _loader(torch.rand(4, 3, 8, 8)), 8, progress=False)
+    with pytest.raises(GlowflowError, match=r"\[0, 1\]"):
+        ood.compute_statistics(model, _loader(torch.rand(4, 1, 8, 8) * 255), 8, progress=False)
+    with pytest.raises(GlowflowError, match="no images"):
+        ood.compute_statistics(model, [], 8, progress=False)
+    fresh = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=2)
+    with pytest.raises(GlowflowError, match="initialised"):
+        ood.compute_statistics(fresh, _loader(torch.rand(4, 1, 8, 8)), 8, progress=False)
+
+
+def test_scores_definitions_on_given_statistics():
+    stats = {"bpd": np.array([3.0, 5.0]), "level_bpd": np.array([[1.0, 1.5, 0.5], [2.0, 2.0, 1.0]]),
+             "logdet": np.array([10.0, 12.0]), "latent_rms": np.ones((2, 3)), "codec_bpd": np.array([4.0, 4.5])}
+    train = {"bpd": np.array([3.5, 4.5, 4.0]), "level_bpd": np.array([[1, 2, 0.5], [2, 2, 0.5], [1.5, 2, 0.5]]),
+             "logdet": np.array([10.0, 11.0, 12.0]), "latent_rms": np.array([[1, 1, 1], [1.1, 1, 1], [0.9, 1, 1]])}
+    ref = ood.fit_reference(train)
+    assert ref.bpd_mean == 4.0
+    s = ood.outlier_scores(stats, ref, background_stats={"bpd": np.array([2.5, 6.0])})
+    assert list(s) == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "level_3_bpd",
+                       "hierarchy_ratio", "dos", "likelihood_ratio"]
+    np.testing.assert_array_equal(s["nll"], [3.0, 5.0])
+    np.testing.assert_array_equal(s["complexity"], [-1.0, 0.5])
+    np.testing.assert_array_equal(s["typicality"], [1.0, 1.0])
+    np.testing.assert_array_equal(s["level_2_bpd"], [1.5, 2.0])
+    np.testing.assert_array_equal(s["hierarchy_ratio"], [2.0, 3.0])           # levels 2 + 3
+    np.testing.assert_array_equal(s["likelihood_ratio"], [0.5, -1.0])
+    # dos: minus the sum over statistics of the log of a 1-D Gaussian KDE on the standardised
+    # training values (constant statistics keep std 1; Silverman bandwidth 0.9 min(1, IQR/1.34) n^-1/5)
+    _, train_m = ood.dos_features(train)
+    _, test_m = ood.dos_features(stats)
+    mean, std = train_m.mean(0), train_m.std(0)
+    std[std == 0] = 1
+    pts, z = (train_m - mean) / std, (test_m - mean) / std
+    iqr = np.percentile(pts, 75, 0) - np.percentile(pts, 25, 0)
+    h = 0.9 * np.where(iqr > 0, np.minimum(1, iqr / 1.34), 1.0) * 3 ** -0.2
+    dens = np.exp(-0.5 * ((z[:, None, :] - pts[None]) / h) ** 2).sum(1) / (3 * h * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(s["dos"], -np.log(dens).sum(1), rtol=1e-10)
+    # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
+    one = {k: (v[:, :1] if v.ndim == 2 else v) for k, v in stats.items() if k != "codec_bpd"}
+    one_train = {k: (v[:, :1] if np.ndim(v) == 2 else v) for k, v in train.items()}
+    assert list(ood.outlier_scores(one, ood.fit_reference(one_train))) == ["nll", "typicality", "level_1_bpd", "dos"]
+    with pytest.raises(GlowflowError, match="levels"):
+        ood.outlier_scores(one, ref)
+
+
+def test_reference_round_trip_without_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    train = {"bpd": rng.normal(3, 0.2, 50), "level_bpd": rng.normal(1, 0.1, (50, 2)),
+             "logdet": rng.normal(0, 1, 50), "latent_rms": rng.normal(1, 0.1, (50, 2))}
+    ref = ood.fit_reference(train, key="k1", max_dos_points=20)
+    assert ref.dos_points.shape == (20, 6) and ref.n_train == 50
+    path = tmp_path / "ref.npz"
+    ood.save_reference(str(path), ref)
+    assert os.listdir(tmp_path) == ["ref.npz"]                         # no temporary left behind
+    with np.load(path, allow_pickle=False) as data:                     # plain arrays only
+        assert str(data["key"]) == "k1"
+    back = ood.load_reference(str(path))
+    for field in ("key", "num_levels", "n_train", "bpd_mean", "bpd_std", "dos_features"):
+        assert getattr(back, field) == getattr(ref, field)
+    for field in ("dos_mean", "dos_std", "dos_points", "dos_bandwidth"):
+        assert np.array_equal(getattr(back, field), getattr(ref, field))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(GlowflowError, match="cannot read"):
+        ood.load_reference(str(tmp_path / "bad.npz"))
+    with pytest.raises(GlowflowError, match="no outlier reference"):
+        ood.load_reference(str(tmp_path / "missing.npz"))
+
+
+def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
+    model = randomised_model((1, 8, 8), 2, COMBO)
+    key = ood.reference_key(model, 8, "mnist")
+    assert key == ood.reference_key(copy.deepcopy(model), 8, "mnist")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-6
+    assert ood.reference_key(changed, 8, "mnist") != key
+    assert ood.reference_key(model, 5, "mnist") != key
+    assert ood.reference_key(model, 8, "fashionmnist") != key
+    assert ood.reference_key(model, 8, "mnist", max_images=100) != key
+    assert ood.reference_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_reference_mnist_8bit.npz"
