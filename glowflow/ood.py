@@ -642,3 +642,246 @@ def score_definition(name: str) -> str:
     if match:
         return f"bits/dim contributed by level {match.group(1)}'s latents (Schirrmeister et al., 2020)"
     return SCORE_DEFINITIONS[name]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def format_table(report: Mapping) -> str:
+    """The printed table of one report: score | AUROC | AUPR-in | AUPR-out | FPR95."""
+    bpd = report["bits_per_dim"]
+    lines = [
+        f"Outlier detection: {report['in_dataset']} (in, n={report['n_in']}, {bpd['in']:.4f} bits/dim) vs "
+        f"{report['out_dataset']} (out, n={report['n_out']}, {bpd['out']:.4f} bits/dim)",
+        f"{'score':<18} {'AUROC':>7} {'AUPR-in':>8} {'AUPR-out':>9} {'FPR95':>7}",
+    ]
+    for name, m in report["scores"].items():
+        lines.append(f"{name:<18} {m['auroc']:>7.4f} {m['aupr_in']:>8.4f} {m['aupr_out']:>9.4f} {m['fpr95']:>7.4f}")
+    return "\n".join(lines)
+
+
+def _figure(n_panels: int, cols: int = 4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = max(1, math.ceil(n_panels / cols))
+    cols = min(cols, max(1, n_panels))
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _iqr(v: np.ndarray) -> float:
+    q75, q25 = np.percentile(v, [75, 25])
+    return float(q75 - q25)
+
+
+def save_histograms(path: str, scores_in: Mapping[str, np.ndarray], scores_out: Mapping[str, np.ndarray],
+                    in_name: str, out_name: str, metrics: Optional[Mapping] = None) -> None:
+    """One panel per score: histograms of the in-distribution and outlier scores (Agg, PNG).
+
+    Bars are the fraction of each set per bin. The bins span the 0.5-99.5 percentiles of both
+    sets together; values beyond are counted in the edge bins, so one far-off outlier cannot
+    squash the rest. When the two sets live on very different scales (the range exceeds 200
+    times the smaller interquartile range), the x axis is symmetric-log (linear within that
+    interquartile range of zero) with bins evenly spaced on it."""
+    names = list(scores_in)
+    fig, axes = _figure(len(names))
+    for ax, name in zip(axes, names):
+        a, b = _clean_pair(scores_in[name], scores_out[name])
+        lo, hi = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
+        if not hi > lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        scale = min(_iqr(a), _iqr(b))
+        if scale <= 0:
+            scale = (hi - lo) / 1000.0
+        if hi - lo > 200 * scale:
+            # bins even in t(v) = sign(v) log1p(|v| / scale), close to matplotlib's symlog
+            t = lambda v: np.sign(v) * np.log1p(np.abs(v) / scale)
+            u = np.linspace(t(lo), t(hi), 41)
+            bins = np.sign(u) * np.expm1(np.abs(u)) * scale
+            ax.set_xscale("symlog", linthresh=scale)
+        else:
+            bins = np.linspace(lo, hi, 41)
+        ax.hist(np.clip(a, lo, hi), bins=bins, weights=np.full(a.size, 1.0 / a.size), alpha=0.55,
+                label=f"{in_name} (in)")
+        ax.hist(np.clip(b, lo, hi), bins=bins, weights=np.full(b.size, 1.0 / b.size), alpha=0.55,
+                label=f"{out_name} (out)")
+        title = name if metrics is None else f"{name}  AUROC {metrics[name]['auroc']:.3f}"
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    if axes:
+        axes[0].legend(fontsize=7)
+        axes[0].set_ylabel("fraction of images", fontsize=8)
+    fig.suptitle(f"Outlier scores (higher = more outlying): {in_name} vs {out_name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def save_roc_curves(path: str, scores_in: Mapping[str, np.ndarray], scores_out: Mapping[str, np.ndarray],
+                    in_name: str, out_name: str) -> None:
+    """The ROC curves of every score on one axis (outliers positive), AUROC in the legend (Agg, PNG)."""
+    from sklearn.metrics import roc_curve, roc_auc_score
+
+    fig, (ax,) = _figure(1, cols=1)
+    fig.set_size_inches(6.5, 6.0)
+    for name in scores_in:
+        a, b = _clean_pair(scores_in[name], scores_out[name])
+        y = np.concatenate([np.zeros(a.size), np.ones(b.size)])
+        s = np.concatenate([a, b])
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})", linewidth=1.2)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+    ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
+    ax.set_xlabel("false-positive rate (in-distribution flagged)")
+    ax.set_ylabel("true-positive rate (outliers flagged)")
+    ax.set_title(f"ROC: {in_name} (in) vs {out_name} (out)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _json_float(v: float) -> Optional[float]:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _mean(a: np.ndarray) -> Optional[float]:
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return _json_float(a.mean()) if a.size else None
+
+
+def _reference(model, n_bits, train_loader, in_name, reference_cache_path, device, seed, max_images,
+               progress) -> Tuple[Reference, bool]:
+    key = reference_key(model, n_bits, in_name, seed, max_images)
+    if reference_cache_path is not None and os.path.exists(reference_cache_path):
+        try:
+            cached = load_reference(reference_cache_path)
+        except GlowflowError as exc:
+            print(f"ignoring the outlier reference cache: {exc}")
+        else:
+            if cached.key == key:
+                print(f"reusing the training statistics cached in {reference_cache_path}")
+                return cached, True
+            print(f"the cached training statistics in {reference_cache_path} are for another "
+                  f"checkpoint or settings; recomputing")
+    if train_loader is None:
+        raise GlowflowError("outlier detection needs the training images (no valid cached reference)")
+    train_stats = compute_statistics(model, train_loader, n_bits, device, seed, max_images, codec=None,
+                                     desc=f"{in_name} train", progress=progress)
+    reference = fit_reference(train_stats, key=key, seed=seed)
+    if reference_cache_path is not None:
+        save_reference(reference_cache_path, reference)
+        print(f"wrote {reference_cache_path}")
+    return reference, False
+
+
+def run_outlier_detection(
+    model,
+    n_bits: int,
+    in_test_loader: Iterable,
+    train_loader: Optional[Iterable],
+    out_loaders: Mapping[str, Iterable],
+    output_dir: str,
+    in_name: str,
+    reference_cache_path: Optional[str] = None,
+    background_model=None,
+    device=None,
+    max_images: Optional[int] = None,
+    codec: str = "png",
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, dict]:
+    """Every score, metric, table, JSON report and figure for one model and several outlier sets.
+
+    ``model`` (and ``background_model``) are trained :class:`glowflow.Glow` models already on
+    ``device`` (default: wherever each model's parameters are); the background model must have
+    been trained at the same ``n_bits``. Loaders yield ``(images in [0, 1], labels)``.
+    ``train_loader`` (the in-distribution training set, read in a fixed order) provides the
+    typicality and density-of-states reference; with ``reference_cache_path`` that reference is
+    loaded from there when its key (:func:`reference_key`) matches, and otherwise computed and
+    written there (``train_loader`` may then be None once a valid cache exists). If the model
+    fits its training images visibly better than its test images, pass a held-out
+    in-distribution split (not the one in ``in_test_loader``) as ``train_loader`` instead, so
+    that typicality and the density of states see the bits/dim of unseen images.
+    ``max_images`` caps every loader.
+
+    For each ``out_name, loader`` in ``out_loaders`` this prints a table
+    (:func:`format_table`) and writes, in ``output_dir`` (file names use the datasets' base names):
+
+    * ``ood_<in>_vs_<out>.json``: ``{"scores": {name: {"auroc", "aupr_in", "aupr_out", "fpr95"}},
+      "in_dataset", "out_dataset", "n_in", "n_out", "n_bits", "codec", "bits_per_dim": {"in", "out"},
+      ["background_bits_per_dim": {"in", "out"}], "reference": {...}, "score_definitions": {...},
+      "files": {...}}``;
+    * ``ood_<in>_vs_<out>_histograms.png``: one panel per score, in vs out;
+    * ``ood_<in>_vs_<out>_roc.png``: the ROC curves of all scores.
+
+    Returns ``{out_name: report}`` (each report as written to its JSON).
+    """
+    if background_model is not None:
+        if tuple(background_model.config.image_shape) != tuple(model.config.image_shape):
+            raise GlowflowError(f"the background model is for images of shape {background_model.config.image_shape}, "
+                                f"the model for {model.config.image_shape}")
+    if not out_loaders:
+        raise GlowflowError("outlier detection needs at least one outlier dataset (--out_dataset)")
+    os.makedirs(output_dir, exist_ok=True)
+    description = codec_description(codec)
+    reference, reused = _reference(model, n_bits, train_loader, in_name, reference_cache_path, device, seed,
+                                   max_images, progress)
+
+    def stats_of(loader, name):
+        s = compute_statistics(model, loader, n_bits, device, seed, max_images, codec=codec, desc=name,
+                               progress=progress)
+        bg = None
+        if background_model is not None:
+            bg = compute_statistics(background_model, loader, n_bits, device, seed, max_images, codec=None,
+                                    desc=f"{name} (background)", progress=progress)
+            if bg["bpd"].shape != s["bpd"].shape:
+                raise GlowflowError(f"the {name} loader gave {s['bpd'].size} images to the model and "
+                                    f"{bg['bpd'].size} to the background model; it must be deterministic")
+        return s, bg
+
+    in_stats, in_bg = stats_of(in_test_loader, f"{in_name} test")
+    in_scores = outlier_scores(in_stats, reference, in_bg)
+    reports: Dict[str, dict] = {}
+    for out_name, loader in out_loaders.items():
+        out_stats, out_bg = stats_of(loader, out_name)
+        out_scores = outlier_scores(out_stats, reference, out_bg)
+        metrics = {name: outlier_metrics(in_scores[name], out_scores[name]) for name in in_scores}
+        stem = f"ood_{_safe_name(in_name)}_vs_{_safe_name(out_name)}"
+        files = {
+            "json": os.path.join(output_dir, f"{stem}.json"),
+            "histograms": os.path.join(output_dir, f"{stem}_histograms.png"),
+            "roc": os.path.join(output_dir, f"{stem}_roc.png"),
+        }
+        report = {
+            "in_dataset": in_name,
+            "out_dataset": out_name,
+            "n_in": int(in_stats["bpd"].size),
+            "n_out": int(out_stats["bpd"].size),
+            "n_bits": int(n_bits),
+            "codec": description,
+            "bits_per_dim": {"in": _mean(in_stats["bpd"]), "out": _mean(out_stats["bpd"])},
+            "scores": {name: {k: _json_float(v) for k, v in m.items()} for name, m in metrics.items()},
+            "score_definitions": {name: score_definition(name) for name in metrics},
+            "reference": {"n_train": reference.n_train, "train_bits_per_dim_mean": reference.bpd_mean,
+                          "train_bits_per_dim_std": reference.bpd_std, "cache": reference_cache_path,
+                          "reused_cache": reused},
+            "files": files,
+        }
+        if in_bg is not None:
+            report["background_bits_per_dim"] = {"in": _mean(in_bg["bpd"]), "out": _mean(out_bg["bpd"])}
+        print(format_table(report))
+        tmp = files["json"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, files["json"])
+        save_histograms(files["histograms"], in_scores, out_scores, in_name, out_name, metrics)
+        save_roc_curves(files["roc"], in_scores, out_scores, in_name, out_name)
+        for path in files.values():
+            print(f"wrote {path}")
+        reports[out_name] = report
+    return reports

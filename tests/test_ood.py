@@ -2,6 +2,7 @@
 orientation, the training-reference cache, and an end-to-end run on a briefly trained Glow."""
 import copy
 import io
+import json
 import math
 import os
 
@@ -300,3 +301,129 @@ def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
     assert ood.reference_key(model, 8, "fashionmnist") != key
     assert ood.reference_key(model, 8, "mnist", max_images=100) != key
     assert ood.reference_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_reference_mnist_8bit.npz"
+
+
+# ----------------------------------------------------------------------------- end to end on a trained Glow
+
+SHAPE = (1, 8, 8)
+
+
+def smooth_images(n, g):
+    """Smooth 8x8 images: a random linear gradient plus a Gaussian bump, on the 8-bit grid."""
+    u = torch.linspace(-1, 1, SHAPE[1])
+    yy, xx = torch.meshgrid(u, u, indexing="ij")
+    angle = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    slope = 0.1 + 0.25 * torch.rand(n, 1, 1, generator=g)
+    img = 0.5 + slope * (torch.cos(angle) * xx + torch.sin(angle) * yy)
+    cx, cy = torch.rand(2, n, 1, 1, generator=g) * 1.6 - 0.8
+    width = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    height = (torch.rand(n, 1, 1, generator=g) - 0.5) * 0.6
+    img = img + height * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width ** 2))
+    return (torch.round(img.clamp(0, 1) * 255) / 255).unsqueeze(1)
+
+
+def noise_images(n, g):
+    return torch.randint(0, 256, (n, *SHAPE), generator=g).float() / 255
+
+
+def train_glow(data, steps=100, perturb_rate=None, seed=0):
+    """The little training loop: Adamax 1e-3, batches of 64, dequantised bits/dim."""
+    torch.manual_seed(seed)
+    model = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2)
+    g = torch.Generator().manual_seed(seed + 1)
+    model.initialize(dequantize(preprocess(data[:256], 8), 8, g))
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = data[torch.randint(0, len(data), (64,), generator=g)]
+        if perturb_rate:
+            x = ood.perturb(x, perturb_rate, g)
+        loss = bits_per_dim(model.log_prob(dequantize(preprocess(x, 8), 8, g)), 64, 8).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    g = torch.Generator().manual_seed(0)
+    data = dict(train=smooth_images(1024, g), test=smooth_images(200, g), noise=noise_images(200, g),
+                noise2=noise_images(100, g))
+    model = train_glow(data["train"])
+    background = train_glow(data["train"], perturb_rate=0.3, seed=5)   # Ren et al.'s recipe
+    return model, background, data
+
+
+def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(trained):
+    model, background, data = trained
+    ref = ood.fit_reference(ood.compute_statistics(model, _loader(data["train"], 256), 8, codec=None, progress=False))
+    sets = {}
+    for name in ("test", "noise"):
+        stats = ood.compute_statistics(model, _loader(data[name], 64), 8, progress=False)
+        bg = ood.compute_statistics(background, _loader(data[name], 64), 8, codec=None, progress=False)
+        sets[name] = ood.outlier_scores(stats, ref, bg)
+    names = list(sets["test"])
+    assert names == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio",
+                     "dos", "likelihood_ratio"]
+    for name in names:
+        m = ood.outlier_metrics(sets["test"][name], sets["noise"][name])
+        assert m["auroc"] > 0.9, (name, m)
+        assert m["aupr_in"] > 0.9 and m["aupr_out"] > 0.9 and m["fpr95"] < 0.5, (name, m)
+        # higher = more outlying: the outliers' median score is above the inliers'
+        assert np.median(sets["noise"][name]) > np.median(sets["test"][name]), name
+
+
+def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(trained, tmp_path, capsys):
+    model, background, data = trained
+    cache = str(tmp_path / "ckpt" / "glow.ood_reference_smooth_8bit.npz")
+    out_dir = str(tmp_path / "out")
+    outs = {"noise": _loader(data["noise"], 64), "more/noise2": _loader(data["noise2"], 64)}
+    kwargs = dict(model=model, n_bits=8, in_test_loader=_loader(data["test"], 64), out_loaders=outs,
+                  output_dir=out_dir, in_name="smooth", reference_cache_path=cache, background_model=background,
+                  progress=False)
+    reports = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
+    printed = capsys.readouterr().out
+    assert set(reports) == {"noise", "more/noise2"}
+    every = {"nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio", "dos",
+             "likelihood_ratio"}
+    for out_name, stem in (("noise", "ood_smooth_vs_noise"), ("more/noise2", "ood_smooth_vs_noise2")):
+        path = os.path.join(out_dir, stem + ".json")
+        with open(path) as f:
+            report = json.load(f)
+        assert report == reports[out_name]
+        assert set(report["scores"]) == every
+        for m in report["scores"].values():
+            assert set(m) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
+            assert all(0.0 <= v <= 1.0 for v in m.values()) and m["auroc"] > 0.9
+        assert report["in_dataset"] == "smooth" and report["out_dataset"] == out_name
+        assert report["n_in"] == 200 and report["n_out"] == len(data[out_name.split("/")[-1]])
+        assert report["bits_per_dim"]["out"] > report["bits_per_dim"]["in"]
+        assert "PNG" in report["codec"] and set(report["background_bits_per_dim"]) == {"in", "out"}
+        assert report["reference"]["n_train"] == 1024 and report["reference"]["reused_cache"] is False
+        for kind in ("histograms", "roc"):
+            png = os.path.join(out_dir, f"{stem}_{kind}.png")
+            assert report["files"][kind] == png and png in printed
+            with Image.open(png) as im:
+                assert im.format == "PNG" and im.size[0] > 300
+        assert path in printed
+    assert "AUROC" in printed and "likelihood_ratio" in printed and f"wrote {cache}" in printed
+    assert os.path.exists(cache)
+
+    # reused: no training images needed, identical numbers
+    mtime = os.stat(cache).st_mtime_ns
+    again = ood.run_outlier_detection(train_loader=None, **kwargs)
+    assert "reusing" in capsys.readouterr().out and os.stat(cache).st_mtime_ns == mtime
+    assert again["noise"]["reference"]["reused_cache"] is True
+    assert again["noise"]["scores"] == reports["noise"]["scores"]
+
+    # invalidated by a changed checkpoint: without the training images it refuses, with them it recomputes
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    kwargs.update(model=changed, out_loaders={"noise": outs["noise"]})
+    with pytest.raises(GlowflowError, match="training images"):
+        ood.run_outlier_detection(train_loader=None, **kwargs)
+    third = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
+    assert "another checkpoint" in capsys.readouterr().out
+    assert third["noise"]["reference"]["reused_cache"] is False
+    assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth")
