@@ -1,0 +1,429 @@
+"""Outlier detection: metrics against hand-computed values, the scores' definitions and
+orientation, the training-reference cache, and an end-to-end run on a briefly trained Glow."""
+import copy
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, preprocess
+from glowflow import ood
+from tests.helpers import randomised_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+
+def test_metrics_perfect_separation_and_inversion():
+    m = ood.outlier_metrics([0, 1, 2], [3, 4])
+    assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0}
+    # Inverted: the outliers score lowest. Ranked high to low: 4 in, 3 in, 2 out, 1 out, 0 out.
+    m = ood.outlier_metrics([3, 4], [0, 1, 2])
+    assert m["auroc"] == 0.0
+    # AUPR-out steps (recall 1/3 each) at precision 1/3, 2/4, 3/5
+    assert m["aupr_out"] == pytest.approx((1 / 3) * (1 / 3 + 2 / 4 + 3 / 5), abs=1e-12)
+    # AUPR-in, score negated: ranked 0 out, -1 out, -2 out, -3 in, -4 in -> recall 1/2 at P 1/4, 2/5
+    assert m["aupr_in"] == pytest.approx(0.5 * 1 / 4 + 0.5 * 2 / 5, abs=1e-12)
+    # all three outliers are caught only at threshold 0, where both in-distribution samples are flagged
+    assert m["fpr95"] == 1.0
+
+
+def test_metrics_with_ties_by_hand():
+    s_in = [0.1, 0.4, 0.4, 0.7]
+    s_out = [0.4, 0.7, 0.9]
+    m = ood.outlier_metrics(s_in, s_out)
+    # AUROC over 12 (out, in) pairs, a tie counting 1/2: 0.4 -> 1 + 2*0.5; 0.7 -> 3 + 0.5; 0.9 -> 4
+    assert m["auroc"] == pytest.approx(9.5 / 12, abs=1e-12)
+    # AUPR-out, thresholds 0.9 / 0.7 / 0.4: (P, R) = (1, 1/3), (2/3, 2/3), (3/6, 1)
+    assert m["aupr_out"] == pytest.approx(1 / 3 * 1 + 1 / 3 * 2 / 3 + 1 / 3 * 1 / 2, abs=1e-12)
+    # AUPR-in on -score, thresholds -0.1 / -0.4 / -0.7: (P, R) = (1, 1/4), (3/4, 3/4), (4/6, 1)
+    assert m["aupr_in"] == pytest.approx(1 / 4 * 1 + 1 / 2 * 3 / 4 + 1 / 4 * 4 / 6, abs=1e-12)
+    # 95% of 3 outliers = all 3 -> threshold 0.4; the in-distribution 0.4, 0.4, 0.7 are flagged (ties count)
+    assert m["fpr95"] == 0.75
+
+
+def test_fpr95_tie_rule_by_hand():
+    # 20 outliers 1..20: 95% = 19 of them, so the threshold is the 19th largest, 2.
+    out = np.arange(1, 21, dtype=float)
+    assert ood.fpr_at_tpr([0, 1, 2, 2, 3, 25], out) == pytest.approx(4 / 6)    # 2, 2, 3, 25 flagged
+    assert ood.fpr_at_tpr([0, 1, 1.999], out) == 0.0
+    # Outliers tied at the threshold are all caught: 18 fives and two ones -> the 19th largest is 1,
+    # the achieved TPR is 1, and every in-distribution score >= 1 is a false positive.
+    out = np.array([5.0] * 18 + [1.0] * 2)
+    assert ood.fpr_at_tpr([0, 1, 1, 4], out) == 0.75
+    # 10 outliers: ceil(9.5) = 10, the threshold is the smallest outlier score
+    assert ood.fpr_at_tpr([0.5, 1.0, 2.0], np.arange(1, 11, dtype=float)) == pytest.approx(2 / 3)
+    # 40 outliers: exactly 38 (no float rounding up to 39)
+    assert ood.fpr_at_tpr([2.5, 3.0], np.arange(1, 41, dtype=float)) == 0.5   # threshold 3
+
+
+def test_metrics_agree_with_a_roc_curve_on_tied_random_scores():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s_in = np.round(rng.normal(0, 1, 57), 1)
+        s_out = np.round(rng.normal(1, 1, 43), 1)
+        y = np.r_[np.zeros(57), np.ones(43)]
+        fpr, tpr, _ = roc_curve(y, np.r_[s_in, s_out], drop_intermediate=False)
+        expected = fpr[np.argmax(tpr >= 0.95)]
+        m = ood.outlier_metrics(s_in, s_out)
+        assert m["fpr95"] == pytest.approx(expected, abs=1e-12)
+        # orientation: swapping the roles mirrors the AUROC
+        assert m["auroc"] + ood.outlier_metrics(s_out, s_in)["auroc"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_metrics_rank_non_finite_scores_as_outlying():
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        m = ood.outlier_metrics([0.0, 1.0, -np.inf], [np.nan, np.inf, 2.0])
+    assert m["auroc"] == 1.0
+    with pytest.warns(RuntimeWarning):     # a NaN in-distribution score outranks every finite outlier
+        assert ood.outlier_metrics([np.nan, 0.0], [5.0])["auroc"] == 0.5
+    with pytest.raises(GlowflowError):
+        ood.outlier_metrics([], [1.0])
+
+
+# ----------------------------------------------------------------------------- perturbation (Ren et al.)
+
+
+def test_perturb_replaces_values_with_other_values_at_the_rate():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), generator=g).float() / 255
+    assert torch.equal(ood.perturb(images, 0.0, g), images)
+    every = ood.perturb(images, 1.0, g)
+    assert (torch.round(every * 255) != torch.round(images * 255)).all()   # always a different value
+    p = ood.perturb(images, 0.25, torch.Generator().manual_seed(1))
+    changed = torch.round(p * 255) != torch.round(images * 255)
+    assert abs(changed.float().mean().item() - 0.25) < 0.01
+    assert torch.equal(p * 255, torch.round(p * 255))                      # stays on the 8-bit grid
+    assert p.min() >= 0 and p.max() <= 1 and p.dtype == images.dtype and p.shape == images.shape
+    # the substitutes are uniform over the other 255 values: the offsets cover 1..255 evenly
+    offsets = ((torch.round(every * 255) - torch.round(images * 255)) % 256).long().flatten()
+    counts = torch.bincount(offsets, minlength=256)
+    assert counts[0] == 0 and (counts[1:] > 0).all()
+    assert counts[1:].float().std() / counts[1:].float().mean() < 0.15
+    # reproducible from the generator
+    assert torch.equal(p, ood.perturb(images, 0.25, torch.Generator().manual_seed(1)))
+    with pytest.raises(GlowflowError):
+        ood.perturb(images, 1.5)
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+def test_png_codec_counts_the_image_data_of_a_real_png():
+    g = torch.Generator().manual_seed(0)
+    constant = torch.full((1, 1, 16, 16), 0.5)
+    ramp = (torch.arange(16.0).repeat(16, 1) * 16 / 255).view(1, 1, 16, 16)
+    noise = torch.randint(0, 256, (1, 1, 16, 16), generator=g).float() / 255
+    bpd = ood.codec_bits_per_dim(torch.cat([constant, ramp, noise]), 8, "png")
+    assert bpd[0] < bpd[1] < bpd[2] and bpd[2] > 7.5
+    # the count is the IDAT payload: the whole file minus signature and chunk framing (57 bytes)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(noise[0, 0].numpy() * 255).astype(np.uint8)).save(
+        buffer, format="PNG", optimize=True, compress_level=9)
+    assert bpd[2] == 8 * (len(buffer.getvalue()) - 57) / 256
+    # lossless, with the layouts for C = 1, 3 and other C
+    for c in (1, 2, 3):
+        img = (torch.randint(0, 256, (c, 8, 8), generator=g)).to(torch.uint8).numpy()
+        decoded = np.asarray(Image.open(io.BytesIO(_encode(ood._to_pil(img)))))
+        expected = img[0] if c == 1 else img.transpose(1, 2, 0) if c == 3 else img.reshape(-1, 8)
+        assert np.array_equal(decoded, expected)
+    assert "PNG" in ood.codec_description("png") and "compress_level=9" in ood.codec_description("png")
+
+
+def _encode(pil):
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_codec_sees_the_models_bit_depth_and_webp_works():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 8, 8), generator=g).float() / 255
+    five_bit = torch.floor(torch.round(images * 255) / 8) / 255      # the 5-bit integers as 8-bit samples
+    assert np.array_equal(ood.codec_bits_per_dim(images, 5, "png"), ood.codec_bits_per_dim(five_bit, 8, "png"))
+    webp = ood.codec_bits_per_dim(torch.cat([torch.full((1, 3, 8, 8), 0.2), images]), 8, "webp")
+    assert webp[0] < webp[1] and "WebP lossless" in ood.codec_description("webp")
+    with pytest.raises(GlowflowError):
+        ood.codec_bits_per_dim(images, 8, "jpeg")
+
+
+# ----------------------------------------------------------------------------- statistics of a model
+
+
+COMBO = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=True,
+             y_condition=False)
+
+
+def _loader(images, batch_size=4):
+    return DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=batch_size, shuffle=False)
+
+
+def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
+    shape = (1, 8, 8)
+    model = randomised_model(shape, 3, COMBO, K=2, hidden=8)          # float64
+    images = torch.randint(0, 256, (10, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
+    model.train()
+    stats = ood.compute_statistics(model, _loader(images), n_bits=5, seed=3, codec=None, progress=False)
+    assert model.training                                             # the training flag is restored
+    assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms"}
+    assert stats["level_bpd"].shape == (10, 3) and stats["latent_rms"].shape == (10, 3)
+    np.testing.assert_allclose(stats["level_bpd"].sum(1), stats["bpd"], rtol=0, atol=1e-10)
+    # the same numbers the model gives with the same noise (drawn batch by batch from the seed)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([dequantize(preprocess(b, 5), 5, g) for b in images.split(4)]).double()
+    model.eval()
+    with torch.no_grad():
+        expected = bits_per_dim(model.log_prob(x), 64, 5)
+        latents, logdet = model.encode(x)
+    np.testing.assert_allclose(stats["bpd"], expected.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(stats["logdet"], logdet.numpy(), rtol=0, atol=1e-9)
+    rms = np.stack([z.flatten(1).pow(2).mean(1).sqrt().numpy() for z in latents], 1)
+    np.testing.assert_allclose(stats["latent_rms"], rms, rtol=1e-12)
+    # level i: -(log prior_i + logdet_i) plus its share of the discretisation constant
+    terms = model.forward_terms(x)
+    for i, d_i in enumerate(int(np.prod(s)) for s in model.latent_shapes):
+        level = (-(terms.level_log_priors[i] + terms.level_logdets[i]) + d_i * 5 * math.log(2)) / (64 * math.log(2))
+        np.testing.assert_allclose(stats["level_bpd"][:, i], level.detach().numpy(), rtol=0, atol=1e-10)
+    # deterministic; max_images; bare-tensor batches
+    again = ood.compute_statistics(model, _loader(images), 5, seed=3, codec=None, progress=False)
+    assert np.array_equal(again["bpd"], stats["bpd"])
+    capped = ood.compute_statistics(model, [images[:4], images[4:8], images[8:]], 5, seed=3, max_images=6,
+                                    codec="png", progress=False)
+    assert capped["bpd"].shape == (6,) and capped["codec_bpd"].shape == (6,)
+    np.testing.assert_allclose(capped["bpd"], stats["bpd"][:6], rtol=0, atol=1e-10)
+    # a class-conditional model is scored with its class-marginal prior (labels are ignored)
+    conditional = randomised_model(shape, 2, dict(COMBO, y_condition=True), K=1, hidden=4)
+    cstats = ood.compute_statistics(conditional, _loader(images), 8, codec=None, progress=False)
+    g8 = torch.Generator().manual_seed(0)                               # compute_statistics' default seed
+    x8 = torch.cat([dequantize(preprocess(b, 8), 8, g8) for b in images.split(4)]).double()
+    with torch.no_grad():
+        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8, 8).numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(cstats["level_bpd"].sum(1), cstats["bpd"], rtol=0, atol=1e-10)
+
+
+def test_statistics_reject_bad_inputs():
+    model = randomised_model((1, 8, 8), 2, COMBO)
+    with pytest.raises(GlowflowError, match="shape"):
+        ood.compute_statistics(model, _loader(torch.rand(4, 3, 8, 8)), 8, progress=False)
+    with pytest.raises(GlowflowError, match=r"\[0, 1\]"):
+        ood.compute_statistics(model, _loader(torch.rand(4, 1, 8, 8) * 255), 8, progress=False)
+    with pytest.raises(GlowflowError, match="no images"):
+        ood.compute_statistics(model, [], 8, progress=False)
+    fresh = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=2)
+    with pytest.raises(GlowflowError, match="initialised"):
+        ood.compute_statistics(fresh, _loader(torch.rand(4, 1, 8, 8)), 8, progress=False)
+
+
+def test_scores_definitions_on_given_statistics():
+    stats = {"bpd": np.array([3.0, 5.0]), "level_bpd": np.array([[1.0, 1.5, 0.5], [2.0, 2.0, 1.0]]),
+             "logdet": np.array([10.0, 12.0]), "latent_rms": np.ones((2, 3)), "codec_bpd": np.array([4.0, 4.5])}
+    train = {"bpd": np.array([3.5, 4.5, 4.0]), "level_bpd": np.array([[1, 2, 0.5], [2, 2, 0.5], [1.5, 2, 0.5]]),
+             "logdet": np.array([10.0, 11.0, 12.0]), "latent_rms": np.array([[1, 1, 1], [1.1, 1, 1], [0.9, 1, 1]])}
+    ref = ood.fit_reference(train)
+    assert ref.bpd_mean == 4.0
+    s = ood.outlier_scores(stats, ref, background_stats={"bpd": np.array([2.5, 6.0])})
+    assert list(s) == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "level_3_bpd",
+                       "hierarchy_ratio", "dos", "likelihood_ratio"]
+    np.testing.assert_array_equal(s["nll"], [3.0, 5.0])
+    np.testing.assert_array_equal(s["complexity"], [-1.0, 0.5])
+    np.testing.assert_array_equal(s["typicality"], [1.0, 1.0])
+    np.testing.assert_array_equal(s["level_2_bpd"], [1.5, 2.0])
+    np.testing.assert_array_equal(s["hierarchy_ratio"], [2.0, 3.0])           # levels 2 + 3
+    np.testing.assert_array_equal(s["likelihood_ratio"], [0.5, -1.0])
+    # dos: minus the sum over statistics of the log of a 1-D Gaussian KDE on the standardised
+    # training values (constant statistics keep std 1; Silverman bandwidth 0.9 min(1, IQR/1.34) n^-1/5)
+    _, train_m = ood.dos_features(train)
+    _, test_m = ood.dos_features(stats)
+    mean, std = train_m.mean(0), train_m.std(0)
+    std[std == 0] = 1
+    pts, z = (train_m - mean) / std, (test_m - mean) / std
+    iqr = np.percentile(pts, 75, 0) - np.percentile(pts, 25, 0)
+    h = 0.9 * np.where(iqr > 0, np.minimum(1, iqr / 1.34), 1.0) * 3 ** -0.2
+    dens = np.exp(-0.5 * ((z[:, None, :] - pts[None]) / h) ** 2).sum(1) / (3 * h * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(s["dos"], -np.log(dens).sum(1), rtol=1e-10)
+    # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
+    one = {k: (v[:, :1] if v.ndim == 2 else v) for k, v in stats.items() if k != "codec_bpd"}
+    one_train = {k: (v[:, :1] if np.ndim(v) == 2 else v) for k, v in train.items()}
+    assert list(ood.outlier_scores(one, ood.fit_reference(one_train))) == ["nll", "typicality", "level_1_bpd", "dos"]
+    with pytest.raises(GlowflowError, match="levels"):
+        ood.outlier_scores(one, ref)
+
+
+def test_reference_round_trip_without_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    train = {"bpd": rng.normal(3, 0.2, 50), "level_bpd": rng.normal(1, 0.1, (50, 2)),
+             "logdet": rng.normal(0, 1, 50), "latent_rms": rng.normal(1, 0.1, (50, 2))}
+    ref = ood.fit_reference(train, key="k1", max_dos_points=20)
+    assert ref.dos_points.shape == (20, 6) and ref.n_train == 50
+    path = tmp_path / "ref.npz"
+    ood.save_reference(str(path), ref)
+    assert os.listdir(tmp_path) == ["ref.npz"]                         # no temporary left behind
+    with np.load(path, allow_pickle=False) as data:                     # plain arrays only
+        assert str(data["key"]) == "k1"
+    back = ood.load_reference(str(path))
+    for field in ("key", "num_levels", "n_train", "bpd_mean", "bpd_std", "dos_features"):
+        assert getattr(back, field) == getattr(ref, field)
+    for field in ("dos_mean", "dos_std", "dos_points", "dos_bandwidth"):
+        assert np.array_equal(getattr(back, field), getattr(ref, field))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(GlowflowError, match="cannot read"):
+        ood.load_reference(str(tmp_path / "bad.npz"))
+    with pytest.raises(GlowflowError, match="no outlier reference"):
+        ood.load_reference(str(tmp_path / "missing.npz"))
+
+
+def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
+    model = randomised_model((1, 8, 8), 2, COMBO)
+    key = ood.reference_key(model, 8, "mnist")
+    assert key == ood.reference_key(copy.deepcopy(model), 8, "mnist")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-6
+    assert ood.reference_key(changed, 8, "mnist") != key
+    assert ood.reference_key(model, 5, "mnist") != key
+    assert ood.reference_key(model, 8, "fashionmnist") != key
+    assert ood.reference_key(model, 8, "mnist", max_images=100) != key
+    assert ood.reference_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_reference_mnist_8bit.npz"
+
+
+# ----------------------------------------------------------------------------- end to end on a trained Glow
+
+SHAPE = (1, 8, 8)
+
+
+def smooth_images(n, g):
+    """Smooth 8x8 images: a random linear gradient plus a Gaussian bump, on the 8-bit grid."""
+    u = torch.linspace(-1, 1, SHAPE[1])
+    yy, xx = torch.meshgrid(u, u, indexing="ij")
+    angle = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    slope = 0.1 + 0.25 * torch.rand(n, 1, 1, generator=g)
+    img = 0.5 + slope * (torch.cos(angle) * xx + torch.sin(angle) * yy)
+    cx, cy = torch.rand(2, n, 1, 1, generator=g) * 1.6 - 0.8
+    width = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    height = (torch.rand(n, 1, 1, generator=g) - 0.5) * 0.6
+    img = img + height * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width ** 2))
+    return (torch.round(img.clamp(0, 1) * 255) / 255).unsqueeze(1)
+
+
+def noise_images(n, g):
+    return torch.randint(0, 256, (n, *SHAPE), generator=g).float() / 255
+
+
+def train_glow(data, steps=100, perturb_rate=None, seed=0):
+    """The little training loop: Adamax 1e-3, batches of 64, dequantised bits/dim."""
+    torch.manual_seed(seed)
+    model = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2)
+    g = torch.Generator().manual_seed(seed + 1)
+    model.initialize(dequantize(preprocess(data[:256], 8), 8, g))
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = data[torch.randint(0, len(data), (64,), generator=g)]
+        if perturb_rate:
+            x = ood.perturb(x, perturb_rate, g)
+        loss = bits_per_dim(model.log_prob(dequantize(preprocess(x, 8), 8, g)), 64, 8).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    g = torch.Generator().manual_seed(0)
+    data = dict(train=smooth_images(1024, g), test=smooth_images(200, g), noise=noise_images(200, g),
+                noise2=noise_images(100, g))
+    model = train_glow(data["train"])
+    background = train_glow(data["train"], perturb_rate=0.3, seed=5)   # Ren et al.'s recipe
+    return model, background, data
+
+
+def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(trained):
+    model, background, data = trained
+    ref = ood.fit_reference(ood.compute_statistics(model, _loader(data["train"], 256), 8, codec=None, progress=False))
+    sets = {}
+    for name in ("test", "noise"):
+        stats = ood.compute_statistics(model, _loader(data[name], 64), 8, progress=False)
+        bg = ood.compute_statistics(background, _loader(data[name], 64), 8, codec=None, progress=False)
+        sets[name] = ood.outlier_scores(stats, ref, bg)
+    names = list(sets["test"])
+    assert names == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio",
+                     "dos", "likelihood_ratio"]
+    for name in names:
+        m = ood.outlier_metrics(sets["test"][name], sets["noise"][name])
+        assert m["auroc"] > 0.9, (name, m)
+        assert m["aupr_in"] > 0.9 and m["aupr_out"] > 0.9 and m["fpr95"] < 0.5, (name, m)
+        # higher = more outlying: the outliers' median score is above the inliers'
+        assert np.median(sets["noise"][name]) > np.median(sets["test"][name]), name
+
+
+def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(trained, tmp_path, capsys):
+    model, background, data = trained
+    cache = str(tmp_path / "ckpt" / "glow.ood_reference_smooth_8bit.npz")
+    out_dir = str(tmp_path / "out")
+    outs = {"noise": _loader(data["noise"], 64), "more/noise2": _loader(data["noise2"], 64)}
+    kwargs = dict(model=model, n_bits=8, in_test_loader=_loader(data["test"], 64), out_loaders=outs,
+                  output_dir=out_dir, in_name="smooth", reference_cache_path=cache, background_model=background,
+                  progress=False)
+    reports = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
+    printed = capsys.readouterr().out
+    assert set(reports) == {"noise", "more/noise2"}
+    every = {"nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio", "dos",
+             "likelihood_ratio"}
+    for out_name, stem in (("noise", "ood_smooth_vs_noise"), ("more/noise2", "ood_smooth_vs_noise2")):
+        path = os.path.join(out_dir, stem + ".json")
+        with open(path) as f:
+            report = json.load(f)
+        assert report == reports[out_name]
+        assert set(report["scores"]) == every
+        for m in report["scores"].values():
+            assert set(m) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
+            assert all(0.0 <= v <= 1.0 for v in m.values()) and m["auroc"] > 0.9
+        assert report["in_dataset"] == "smooth" and report["out_dataset"] == out_name
+        assert report["n_in"] == 200 and report["n_out"] == len(data[out_name.split("/")[-1]])
+        assert report["bits_per_dim"]["out"] > report["bits_per_dim"]["in"]
+        assert "PNG" in report["codec"] and set(report["background_bits_per_dim"]) == {"in", "out"}
+        assert report["reference"]["n_train"] == 1024 and report["reference"]["reused_cache"] is False
+        for kind in ("histograms", "roc"):
+            png = os.path.join(out_dir, f"{stem}_{kind}.png")
+            assert report["files"][kind] == png and png in printed
+            with Image.open(png) as im:
+                assert im.format == "PNG" and im.size[0] > 300
+        assert path in printed
+    assert "AUROC" in printed and "likelihood_ratio" in printed and f"wrote {cache}" in printed
+    assert os.path.exists(cache)
+
+    # reused: no training images needed, identical numbers
+    mtime = os.stat(cache).st_mtime_ns
+    again = ood.run_outlier_detection(train_loader=None, **kwargs)
+    assert "reusing" in capsys.readouterr().out and os.stat(cache).st_mtime_ns == mtime
+    assert again["noise"]["reference"]["reused_cache"] is True
+    assert again["noise"]["scores"] == reports["noise"]["scores"]
+
+    # invalidated by a changed checkpoint: without the training images it refuses, with them it recomputes
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    kwargs.update(model=changed, out_loaders={"noise": outs["noise"]})
+    with pytest.raises(GlowflowError, match="training images"):
+        ood.run_outlier_detection(train_loader=None, **kwargs)
+    third = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
+    assert "another checkpoint" in capsys.readouterr().out
+    assert third["noise"]["reference"]["reused_cache"] is False
+    assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth")
