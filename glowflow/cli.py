@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--outlier_detection", action="store_true", help="Outlier detection (needs --checkpoint)")
 
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=_RUN.dataset, help=f"Dataset name: {DATASET_HELP}")
+    data.add_argument("--dataset", default=None,
+                      help=f"Dataset name: {DATASET_HELP} (default: {_RUN.dataset} for --train, the "
+                           f"checkpoint's own dataset for --sample and --outlier_detection)")
     data.add_argument("--out_dataset", nargs="+", default=list(_RUN.out_dataset),
                       help="Outlier dataset name(s) or path(s)")
     data.add_argument("--data_root", default=_RUN.data_root, help="Where datasets are read from / downloaded to")
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     fields = {f for f in RunConfig.__dataclass_fields__}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = {k: v for k, v in vars(args).items() if k in fields and not (k == "dataset" and v is None)}
     values["out_dataset"] = tuple(values["out_dataset"])
     values["temperature"] = tuple(values["temperature"])
     if values.get("manipulate") is not None:
@@ -149,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             raise GlowflowError("--outlier_detection needs --checkpoint PATH (a .pt file written by glowflow --train)")
         from glowflow.ood import run_outlier_detection_command
 
-        run_outlier_detection_command(run)
+        run_outlier_detection_command(run, dataset=args.dataset)
     return 0
 
 

@@ -68,6 +68,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from glowflow.config import RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.model import dequantize, preprocess
 
@@ -575,17 +576,11 @@ def reference_key(model, n_bits: int, dataset: str, seed: int = 0, max_images: O
                        "dataset": str(dataset), "seed": int(seed), "max_images": max_images}, sort_keys=True)
 
 
-def _safe_name(name: str) -> str:
-    """A dataset name or path as a file-name part: its base name without extension, [A-Za-z0-9_.-]."""
-    base = os.path.splitext(os.path.basename(os.path.normpath(str(name))))[0]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "custom"
-
-
 def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
     """Where the command line caches a checkpoint's training reference: beside the checkpoint,
     ``<checkpoint stem>.ood_reference_<dataset>_<n_bits>bit.npz``."""
     stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
-    return f"{stem}.ood_reference_{_safe_name(dataset)}_{int(n_bits)}bit.npz"
+    return f"{stem}.ood_reference_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
 
 
 # ----------------------------------------------------------------------------- scores
@@ -850,7 +845,7 @@ def run_outlier_detection(
         out_stats, out_bg = stats_of(loader, out_name)
         out_scores = outlier_scores(out_stats, reference, out_bg)
         metrics = {name: outlier_metrics(in_scores[name], out_scores[name]) for name in in_scores}
-        stem = f"ood_{_safe_name(in_name)}_vs_{_safe_name(out_name)}"
+        stem = f"ood_{dataset_slug(in_name)}_vs_{dataset_slug(out_name)}"
         files = {
             "json": os.path.join(output_dir, f"{stem}.json"),
             "histograms": os.path.join(output_dir, f"{stem}_histograms.png"),
@@ -885,3 +880,57 @@ def run_outlier_detection(
             print(f"wrote {path}")
         reports[out_name] = report
     return reports
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
+    """``glowflow --outlier_detection``: the model from ``run.checkpoint`` alone, the in-distribution
+    ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
+
+    Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
+    the synthetic development sets are generated at the model's size.
+    """
+    from glowflow import data as data_module
+    from glowflow import devsets
+    from glowflow.sample import checkpoint_dataset, checkpoint_n_bits, load_for_inference
+    from glowflow.train import resolve_device
+
+    device = resolve_device(run.device)
+    model, payload = load_for_inference(run.checkpoint, device)
+    n_bits = checkpoint_n_bits(payload)
+    stored = payload.get("run_config", {})
+    in_name = dataset or checkpoint_dataset(payload) or run.dataset
+    same_data = in_name == checkpoint_dataset(payload)
+    image_size = stored.get("image_size") if same_data else None
+    shape = tuple(model.config.image_shape)
+    divisor = 2 ** model.config.L
+    test_set = data_module.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
+    if tuple(test_set.info.image_shape) != shape:
+        raise GlowflowError(
+            f"{run.checkpoint} is a model of {'x'.join(map(str, shape))} images, but {in_name} gives "
+            f"{'x'.join(map(str, test_set.info.image_shape))}; use a checkpoint trained on this dataset"
+            + ("" if same_data else " or --image_size"))
+    train_set = data_module.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
+    background = None
+    if run.background_checkpoint:
+        background, background_payload = load_for_inference(run.background_checkpoint, device)
+        if checkpoint_n_bits(background_payload) != n_bits:
+            raise GlowflowError(f"the background model was trained at n_bits {checkpoint_n_bits(background_payload)}, "
+                                f"the model at {n_bits}: the likelihood ratio needs the same bit depth")
+
+    def loader(ds):
+        return data_module.make_loader(ds, batch_size=max(run.batch_size, 256), shuffle=False,
+                                       num_workers=run.num_workers, seed=run.seed, device=device)
+
+    out_loaders = {}
+    for name in run.out_dataset:
+        size = shape[1] if name in devsets.SYNTHETIC else None
+        out_set = data_module.load_dataset(name, "test", run.data_root, size)
+        out_loaders[name] = loader(data_module.match_shape(out_set, shape))
+    output_dir = run.output_dir or RunConfig(dataset=checkpoint_dataset(payload) or in_name).resolved_output_dir()
+    return run_outlier_detection(
+        model, n_bits, loader(test_set), loader(train_set), out_loaders, output_dir, in_name,
+        reference_cache_path=reference_cache_path_for(run.checkpoint, in_name, n_bits),
+        background_model=background, device=device, max_images=run.max_eval_images, seed=run.eval_seed)

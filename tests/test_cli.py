@@ -1,4 +1,5 @@
 """The command line end to end on a tiny dataset, through the real entry point."""
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,22 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
         assert f"saved {samples / name}" in out
     error = float(out.split("max |x - decode(encode(x))| = ")[1].split()[0])
     assert error < 1e-4
+
+    # outlier detection from the checkpoint alone, against a file set and a built-in set
+    ood = tmp_path / "ood"
+    argv = ["--outlier_detection", "--checkpoint", str(full / "Glow_smooth.pt"), "--out_dataset", tiny["noise"],
+            "constant", "--output_dir", str(ood)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "wrote" in out
+    report = json.loads((ood / "ood_smooth_vs_noise.json").read_text())
+    for score in ("nll", "complexity", "typicality", "dos", "hierarchy_ratio", "level_1_bpd", "level_2_bpd"):
+        assert set(report["scores"][score]) == {"auroc", "aupr_in", "aupr_out", "fpr95"}, score
+    assert report["scores"]["nll"]["auroc"] > 0.9  # noise is far from smooth gradients, even after 2 epochs
+    for name in ("ood_smooth_vs_noise_histograms.png", "ood_smooth_vs_noise_roc.png", "ood_smooth_vs_constant.json"):
+        assert (ood / name).exists(), name
+    assert main(argv) == 0  # the training statistics are cached beside the checkpoint and reused
+    assert "reusing the training statistics" in capsys.readouterr().out
 
 
 def test_class_conditional_sampling_and_manipulation(tiny, tmp_path, capsys):
