@@ -196,8 +196,6 @@ class Trainer:
             run = self.run = resumed_config(resume_payload["run_config"], run)
         self.output_dir = run.resolved_output_dir()
         self.dataset_name = dataset_slug(run.dataset)
-        if self.dist.is_main:
-            _check_writable(self.output_dir)
 
         if resume_payload is not None:
             model_config = GlowConfig.from_dict(resume_payload["model_config"])
@@ -212,6 +210,8 @@ class Trainer:
         if tuple(model_config.image_shape) != data_shape:
             raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
 
+        if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
+            _check_writable(self.output_dir)
         torch.manual_seed(run.seed)
         self.model = Glow.from_config(model_config) if resume_payload is None else model_from_payload(resume_payload, run.resume)
         self.model.to(self.device)
