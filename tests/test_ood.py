@@ -234,30 +234,37 @@ def test_statistics_reject_bad_inputs():
 def test_scores_definitions_on_given_statistics():
     stats = {"bpd": np.array([3.0, 5.0]), "level_bpd": np.array([[1.0, 1.5, 0.5], [2.0, 2.0, 1.0]]),
              "logdet": np.array([10.0, 12.0]), "latent_rms": np.ones((2, 3)), "codec_bpd": np.array([4.0, 4.5])}
-    train = {"bpd": np.array([3.5, 4.5, 4.0]), "level_bpd": np.array([[1, 2, 0.5], [2, 2, 0.5], [1.5, 2, 0.5]]),
-             "logdet": np.array([10.0, 11.0, 12.0]), "latent_rms": np.array([[1, 1, 1], [1.1, 1, 1], [0.9, 1, 1]])}
+    rng = np.random.default_rng(0)
+    level_bpd = rng.normal([1.5, 2.0, 0.5], 0.2, (60, 3))
+    level_bpd[:, 2] = 0.5  # a constant statistic keeps std 1
+    train = {"bpd": level_bpd.sum(1), "level_bpd": level_bpd, "logdet": rng.normal(11, 1, 60),
+             "latent_rms": rng.normal(1, 0.1, (60, 3))}
     ref = ood.fit_reference(train)
-    assert ref.bpd_mean == 4.0
+    assert ref.bpd_mean == pytest.approx(train["bpd"].mean(), abs=1e-12)
+    typical = np.abs(stats["bpd"] - train["bpd"].mean())
     s = ood.outlier_scores(stats, ref, background_stats={"bpd": np.array([2.5, 6.0])})
     assert list(s) == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "level_3_bpd",
                        "hierarchy_ratio", "dos", "likelihood_ratio"]
     np.testing.assert_array_equal(s["nll"], [3.0, 5.0])
     np.testing.assert_array_equal(s["complexity"], [-1.0, 0.5])
-    np.testing.assert_array_equal(s["typicality"], [1.0, 1.0])
+    np.testing.assert_allclose(s["typicality"], typical, rtol=1e-12)
     np.testing.assert_array_equal(s["level_2_bpd"], [1.5, 2.0])
     np.testing.assert_array_equal(s["hierarchy_ratio"], [2.0, 3.0])           # levels 2 + 3
     np.testing.assert_array_equal(s["likelihood_ratio"], [0.5, -1.0])
-    # dos: minus the sum over statistics of the log of a 1-D Gaussian KDE on the standardised
-    # training values (constant statistics keep std 1; Silverman bandwidth 0.9 min(1, IQR/1.34) n^-1/5)
-    _, train_m = ood.dos_features(train)
+    # dos: minus the log-density of the standardised statistics under a full-covariance Gaussian
+    # mixture fitted on the training statistics (checked against scikit-learn's own evaluation)
+    from sklearn.mixture import GaussianMixture
+
+    names, train_m = ood.dos_features(train)
+    assert names == ["level_1_bpd", "level_2_bpd", "level_3_bpd", "logdet", "latent_rms_1", "latent_rms_2",
+                     "latent_rms_3"]
     _, test_m = ood.dos_features(stats)
     mean, std = train_m.mean(0), train_m.std(0)
-    std[std == 0] = 1
-    pts, z = (train_m - mean) / std, (test_m - mean) / std
-    iqr = np.percentile(pts, 75, 0) - np.percentile(pts, 25, 0)
-    h = 0.9 * np.where(iqr > 0, np.minimum(1, iqr / 1.34), 1.0) * 3 ** -0.2
-    dens = np.exp(-0.5 * ((z[:, None, :] - pts[None]) / h) ** 2).sum(1) / (3 * h * np.sqrt(2 * np.pi))
-    np.testing.assert_allclose(s["dos"], -np.log(dens).sum(1), rtol=1e-10)
+    std[std < 1e-9] = 1
+    assert len(ref.dos_log_weights) == 3  # 60 images: at most 60 // (2 * 7 + 2) components
+    mixture = GaussianMixture(3, covariance_type="full", reg_covar=1e-6, random_state=0)
+    mixture.fit((train_m - mean) / std)
+    np.testing.assert_allclose(s["dos"], -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
     # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
     one = {k: (v[:, :1] if v.ndim == 2 else v) for k, v in stats.items() if k != "codec_bpd"}
     one_train = {k: (v[:, :1] if np.ndim(v) == 2 else v) for k, v in train.items()}
@@ -270,8 +277,8 @@ def test_reference_round_trip_without_pickle(tmp_path):
     rng = np.random.default_rng(0)
     train = {"bpd": rng.normal(3, 0.2, 50), "level_bpd": rng.normal(1, 0.1, (50, 2)),
              "logdet": rng.normal(0, 1, 50), "latent_rms": rng.normal(1, 0.1, (50, 2))}
-    ref = ood.fit_reference(train, key="k1", max_dos_points=20)
-    assert ref.dos_points.shape == (20, 6) and ref.n_train == 50
+    ref = ood.fit_reference(train, key="k1", max_dos_points=40)
+    assert ref.dos_means.shape == (3, 5) and ref.dos_precision_cholesky.shape == (3, 5, 5) and ref.n_train == 50
     path = tmp_path / "ref.npz"
     ood.save_reference(str(path), ref)
     assert os.listdir(tmp_path) == ["ref.npz"]                         # no temporary left behind
@@ -280,7 +287,7 @@ def test_reference_round_trip_without_pickle(tmp_path):
     back = ood.load_reference(str(path))
     for field in ("key", "num_levels", "n_train", "bpd_mean", "bpd_std", "dos_features"):
         assert getattr(back, field) == getattr(ref, field)
-    for field in ("dos_mean", "dos_std", "dos_points", "dos_bandwidth"):
+    for field in ("dos_mean", "dos_std", "dos_log_weights", "dos_means", "dos_precision_cholesky"):
         assert np.array_equal(getattr(back, field), getattr(ref, field))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(GlowflowError, match="cannot read"):
