@@ -37,6 +37,22 @@ def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
 # ``reverse`` methods stay as the reference ("eager") computation.
 
 
+def is_compiling() -> bool:
+    """True while torch.compile traces (torch >= 2.3 spells it torch.compiler.is_compiling)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:
+        from torch import _dynamo
+        check = _dynamo.is_compiling
+    return check()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def gaussian_log_density_sum(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """``sum_except_batch(gaussian_log_density(x, mean, log_std))`` in fewer elementwise passes,
     for any memory format: -sum(0.5 * ((x - mean) / std)^2 + log_std) - D/2 log(2 pi)."""
@@ -50,8 +66,10 @@ def fusion_cache(module: nn.Module, name: str, compute):
     is in eval mode under no-grad/inference mode and none of its parameters or buffers changed
     (same version counter, storage, dtype and device). Any training-mode or grad-enabled call
     drops the cache, so an optimizer step (fused or not) is never followed by a stale read."""
+    if is_compiling():  # traced into the graph: recomputed (and fused) by the compiler
+        return compute()
     cache = module.__dict__.setdefault("_fusion_cache", {})
-    if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if module.training or torch.is_grad_enabled():
         cache.clear()
         return compute()
     try:
@@ -65,6 +83,15 @@ def fusion_cache(module: nn.Module, name: str, compute):
     value = compute()
     cache[name] = (key, value)
     return value
+
+
+def full_precision_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int = 0) -> torch.Tensor:
+    """``F.conv2d`` outside any autocast region: under bf16 autocast the flow's own maps (ActNorm +
+    permutation, split priors) stay in the input's precision; only the coupling networks drop."""
+    if _autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
+    return F.conv2d(x, weight, bias, padding=padding)
 
 
 def channels_last_squeeze2x(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +157,7 @@ class ActNorm(nn.Module):
         """``bool(self.initialized)`` without a host-device synchronisation once it has been seen
         true: the answer is remembered for the buffer's current version (any write to the buffer,
         load_state_dict included, bumps it)."""
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return True  # speed.compile_model only compiles initialised models
         try:
             version = self.initialized._version
@@ -352,7 +379,9 @@ class Coupling(nn.Module):
         w1, b1, w2, b2, w3, b3 = params
         h = F.conv2d(x_a, w1, b1, padding=w1.shape[-1] // 2).relu_()
         h = F.conv2d(h, w2, b2, padding=w2.shape[-1] // 2).relu_()
-        return F.conv2d(h, w3, b3, padding=1)
+        # under autocast the network's output is bf16: the coupling's own arithmetic and its
+        # log-det use the flow's precision
+        return F.conv2d(h, w3, b3, padding=1).to(x_a.dtype)
 
     def fast_forward(self, x: torch.Tensor, params, inplace: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`forward` from :meth:`fused_params`; log-det None for additive (zero).
@@ -452,7 +481,7 @@ class FlowStep(nn.Module):
         def compute():
             matrix, _ = self._mixing_matrix()
             if isinstance(self.permute, InvConv1x1):
-                inverse = torch.linalg.inv(matrix.double())
+                inverse = torch.linalg.inv_ex(matrix.double()).inverse  # _ex: no host sync on CUDA
             else:
                 inverse = matrix.double().T
             inverse = inverse * torch.exp(-self.actnorm.log_scale.double()).flatten()[:, None]
@@ -464,8 +493,8 @@ class FlowStep(nn.Module):
         coupling log-det (N,) or None): the three layers' :meth:`forward`, fused. Needs
         initialised ActNorms."""
         weight, bias, pixel_logdet, coupling_params = self.fused_params()
-        y = F.conv2d(x, weight, bias)  # a fresh tensor: the coupling may overwrite it
-        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        y = full_precision_conv(x, weight, bias)  # a fresh tensor: the coupling may overwrite it
+        inplace = not torch.is_grad_enabled() and not is_compiling()
         y, coupling_logdet = self.coupling.fast_forward(y, coupling_params, inplace)
         return y, pixel_logdet, coupling_logdet
 
@@ -474,7 +503,7 @@ class FlowStep(nn.Module):
         _, _, _, coupling_params = self.fused_params()
         weight, bias = self.fused_inverse()
         y = self.coupling.fast_reverse(y, coupling_params, inplace)
-        return F.conv2d(y, weight, bias)
+        return full_precision_conv(y, weight, bias)
 
 
 # ----------------------------------------------------------------------------- squeeze, split
@@ -531,7 +560,7 @@ class SplitPrior(nn.Module):
 
     def _fast_mean_log_std(self, x_a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self.fused_params()
-        mean, log_std = F.conv2d(x_a, weight, bias, padding=1).chunk(2, dim=1)
+        mean, log_std = full_precision_conv(x_a, weight, bias, padding=1).chunk(2, dim=1)
         return mean, log_std
 
     def fast_forward(self, x: torch.Tensor):

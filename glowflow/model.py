@@ -37,6 +37,7 @@ from glowflow.layers import (
     fusion_cache,
     gaussian_log_density,
     gaussian_log_density_sum,
+    is_compiling,
     squeeze2x,
     sum_except_batch,
     unsqueeze2x,
@@ -386,7 +387,7 @@ class Glow(nn.Module):
     def _fast_decode(self, x: torch.Tensor, latents: List[Optional[torch.Tensor]], temperature: float) -> torch.Tensor:
         """The rest of :meth:`decode` from the top latent ``x``, through the fused layers."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        inplace = not torch.is_grad_enabled()
+        inplace = not torch.is_grad_enabled() and not is_compiling()
         # a private copy, so the in-place coupling inverse never writes into the caller's latent
         x = torch.empty_like(x, memory_format=memory_format).copy_(x)
         for index in reversed(range(len(self.levels))):
