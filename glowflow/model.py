@@ -34,7 +34,6 @@ from glowflow.layers import (
     ZeroLinear,
     channels_last_squeeze2x,
     channels_last_unsqueeze2x,
-    fusion_cache,
     gaussian_log_density,
     gaussian_log_density_sum,
     is_compiling,
@@ -198,14 +197,9 @@ class Glow(nn.Module):
         """Mean and log-std of the top prior, each (n, *top_shape). ``y`` as in :meth:`log_prob`."""
         param = next(self.parameters())
         c, h, w = self.top_shape
-        if self.fast and self.top_learned is not None:
-            # the zero-initialised conv of an all-zero input is its bias: (0 * W + b) * s exactly
-            _, bias = fusion_cache(self.top_learned, "top", self.top_learned.fused_weight_and_bias)
-            params = bias[None, :, None, None].expand(n, 2 * c, h, w)
-        else:
-            params = torch.zeros(n, 2 * c, h, w, dtype=param.dtype, device=param.device)
-            if self.top_learned is not None:
-                params = self.top_learned(params)
+        params = torch.zeros(n, 2 * c, h, w, dtype=param.dtype, device=param.device)
+        if self.top_learned is not None:
+            params = self.top_learned(params)
         if self.y_prior is not None and y is not None:
             params = params + self.y_prior(self._condition(y, param.dtype))[:, :, None, None]
         return params[:, :c], params[:, c:]
