@@ -32,7 +32,11 @@ from glowflow.layers import (
     SplitPrior,
     ZeroConv2d,
     ZeroLinear,
+    channels_last_squeeze2x,
+    channels_last_unsqueeze2x,
     gaussian_log_density,
+    gaussian_log_density_sum,
+    is_compiling,
     squeeze2x,
     sum_except_batch,
     unsqueeze2x,
@@ -116,7 +120,15 @@ class Glow(nn.Module):
     Input: model-space images (N, C, H, W) (see :func:`preprocess`); H, W divisible by 2**L.
     Latents: for level i < L, (N, C * 2**(i+1), H / 2**i, W / 2**i) (1-based i); top latent
     (N, C * 2**(L+1), H / 2**L, W / 2**L). Their sizes add up to C*H*W.
+
+    Speed: ``fast`` (default True) runs every method through the fused fast path, the same
+    mathematics with fewer operations (see glowflow/layers.py, "fast path helpers");
+    ``model.fast = False`` (or ``glowflow.speed.eager(model)``) runs the plain layer-by-layer
+    computation. ``channels_last`` (default True) keeps the fast path's activations channels_last.
     """
+
+    fast: bool = True
+    channels_last: bool = True
 
     def __init__(
         self,
@@ -194,19 +206,24 @@ class Glow(nn.Module):
 
     def _top_log_prior(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         n = z.shape[0]
+        if self.fast:
+            density = gaussian_log_density_sum
+        else:
+            def density(z, mean, log_std):
+                return sum_except_batch(gaussian_log_density(z, mean, log_std))
         if self.y_prior is None or y is not None:
             mean, log_std = self.top_prior(n, y)
-            return sum_except_batch(gaussian_log_density(z, mean, log_std))
+            return density(z, mean, log_std)
         if self.config.y_multilabel:
             # No labels given for a multi-label model: the prior with no label present.
             mean, log_std = self.top_prior(n, torch.zeros(n, self.config.num_classes, device=z.device))
-            return sum_except_batch(gaussian_log_density(z, mean, log_std))
+            return density(z, mean, log_std)
         # No label given: the marginal over classes with a uniform class prior, a normalised density.
         k = self.config.num_classes
         per_class = []
         for cls in range(k):
             mean, log_std = self.top_prior(n, torch.full((n,), cls, dtype=torch.long, device=z.device))
-            per_class.append(sum_except_batch(gaussian_log_density(z, mean, log_std)))
+            per_class.append(density(z, mean, log_std))
         return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(k)
 
     # ------------------------------------------------------------------ x -> latents
@@ -215,8 +232,11 @@ class Glow(nn.Module):
         """One pass from model-space ``x`` (N, C, H, W) to every latent and log-density term.
 
         With ``y_condition`` and ``y`` None, the top prior is the uniform mixture over classes
-        (single-label) or the no-label prior (multi-label).
+        (single-label) or the no-label prior (multi-label). On the fast path the latents may be
+        channels_last views (same values; use ``reshape``, not ``view``).
         """
+        if self.fast:
+            return self._fast_forward_terms(x, y)
         latents, logdets, log_priors = [], [], []
         for index, steps in enumerate(self.levels):
             x = squeeze2x(x)
@@ -242,6 +262,9 @@ class Glow(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """x (N, C, H, W) -> (latents, log|det d latents / dx| of shape (N,)); no prior terms."""
+        if self.fast:
+            terms = self._fast_forward_terms(x, None, priors=False)
+            return [z.contiguous() for z in terms.latents], terms.logdet
         latents, logdets = [], []
         for index, steps in enumerate(self.levels):
             x = squeeze2x(x)
@@ -279,6 +302,8 @@ class Glow(nn.Module):
             if n is None and y is None:
                 raise ValueError("decode needs the top latent, another latent or y to know the batch size")
             x = self._sample_top(n if n is not None else y.shape[0], y, temperature)
+        if self.fast:
+            return self._fast_decode(x, latents, temperature)
         for index in reversed(range(len(self.levels))):
             if index < len(self.splits):
                 x = self.splits[index].reverse(x, latents[index], temperature)
@@ -306,6 +331,74 @@ class Glow(nn.Module):
             raise ValueError(f"y has {y.shape[0]} rows for {n} samples")
         top = self._sample_top(n, y, temperature)
         return self.decode([None] * (len(self.levels) - 1) + [top], y=y, temperature=temperature)
+
+    # ------------------------------------------------------------------ the fast path
+
+    def _squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last_squeeze2x(x) if self.channels_last else squeeze2x(x)
+
+    def _unsqueeze(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last_unsqueeze2x(x) if self.channels_last else unsqueeze2x(x)
+
+    def _fast_forward_terms(self, x: torch.Tensor, y: Optional[torch.Tensor], priors: bool = True) -> FlowTerms:
+        """:meth:`forward_terms` through the fused layers (``priors=False``: latents and log-dets
+        only, as :meth:`encode`). A flow step whose ActNorms are not initialised yet runs its plain
+        ``forward`` (which initialises them in training mode)."""
+        latents, logdets, log_priors = [], [], []
+        for index, steps in enumerate(self.levels):
+            x = self._squeeze(x)
+            pixel_logdets, sample_logdets = [], []
+            for step in steps:
+                if step.is_initialized():
+                    x, pixel_logdet, coupling_logdet = step.fast_forward(x)
+                    pixel_logdets.append(pixel_logdet)
+                    if coupling_logdet is not None:
+                        sample_logdets.append(coupling_logdet)
+                else:
+                    x, logdet = step(x)
+                    sample_logdets.append(logdet)
+            logdet = x.shape[2] * x.shape[3] * torch.stack(pixel_logdets).sum() if pixel_logdets else 0.0
+            if sample_logdets:
+                logdet = logdet + torch.stack(sample_logdets).sum(0)
+            else:
+                logdet = x.new_zeros(x.shape[0]) + logdet
+            logdets.append(logdet)
+            if index < len(self.splits):
+                split = self.splits[index]
+                if priors:
+                    x, z, log_prior = split.fast_forward(x)
+                    log_priors.append(log_prior)
+                else:
+                    x, z = x[:, : split.keep], x[:, split.keep :]
+                latents.append(z)
+        latents.append(x)
+        if not priors:
+            return FlowTerms(latents, logdets, log_priors, None)
+        log_priors.append(self._top_log_prior(x, y))
+        y_logits = self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else None
+        return FlowTerms(latents, logdets, log_priors, y_logits)
+
+    def _fast_decode(self, x: torch.Tensor, latents: List[Optional[torch.Tensor]], temperature: float) -> torch.Tensor:
+        """The rest of :meth:`decode` from the top latent ``x``, through the fused layers."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        inplace = not torch.is_grad_enabled() and not is_compiling()
+        # a private copy, so the in-place coupling inverse never writes into the caller's latent
+        x = torch.empty_like(x, memory_format=memory_format).copy_(x)
+        for index in reversed(range(len(self.levels))):
+            if index < len(self.splits):
+                x = self.splits[index].fast_reverse(x, latents[index], temperature)
+                x = x.contiguous(memory_format=memory_format)
+            for step in reversed(self.levels[index]):
+                x = step.fast_reverse(x, inplace)
+            x = self._unsqueeze(x)
+        return x.contiguous()
+
+    def clear_fast_cache(self) -> None:
+        """Drop the fast path's cached parameter-only tensors. Only needed after changing
+        parameters in place without bumping their version counters (through ``.data``, or a fused
+        optimizer) while the model stays in eval mode with no forward pass in between."""
+        for module in self.modules():
+            module.__dict__.pop("_fusion_cache", None)
 
     # ------------------------------------------------------------------ initialisation
 

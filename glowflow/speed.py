@@ -1,0 +1,106 @@
+"""Speed switches for the training loop and the benchmarks: eager reference mode, torch.compile,
+bf16 autocast.
+
+The fast path itself needs no switch: ``Glow.fast`` is True by default (see glowflow/layers.py,
+"fast path helpers"). What is here:
+
+* :func:`eager` -- a context manager that runs a model through the plain layer-by-layer
+  computation (the reference the fast path is tested against);
+* :func:`compile_model` -- ``torch.compile`` with the checks it needs (initialised ActNorms, a C++
+  compiler on CPU), for ``--compile``;
+* :func:`autocast_context` -- bf16 autocast for ``--amp bf16``. On the fast path the coupling
+  networks run in bf16 while the flow's own activations, every log-determinant and every prior
+  stay float32 (see ``_full_precision_conv`` in layers.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from glowflow.errors import GlowflowError
+
+AMP_CHOICES = ("none", "bf16")
+
+
+def _glow_of(model: nn.Module) -> nn.Module:
+    """The Glow inside a DistributedDataParallel / torch.compile wrapper (or the model itself)."""
+    for attr in ("_orig_mod", "module"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` (a Glow, or a DDP/compiled wrapper of one) through the plain layer-by-layer
+    computation inside the block; the previous setting is restored on exit.
+
+        with glowflow.speed.eager(model):
+            reference = model.log_prob(x)
+    """
+    glow = _glow_of(model)
+    previous = glow.fast
+    glow.fast = False
+    try:
+        yield model
+    finally:
+        glow.fast = previous
+
+
+def _cpp_compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compile_model(model: nn.Module, mode: Optional[str] = None, dynamic: bool = False) -> nn.Module:
+    """``torch.compile(model)`` for the training loop's ``--compile``.
+
+    ``model`` is the module the training step calls (the Glow, or its DistributedDataParallel
+    wrapper); call this after the data-dependent ActNorm initialisation, because the compiled
+    graph assumes initialised ActNorms. The first step compiles (minutes; measured on the 2-core
+    CPU: ~160 s for the seed defaults, and no faster than the fast path afterwards, so use it on
+    CUDA). Raises GlowflowError when compiling cannot work: ActNorm not yet initialised, or no
+    C++ compiler for the CPU backend.
+    """
+    glow = _glow_of(model)
+    if hasattr(glow, "initialized") and not glow.initialized:
+        raise GlowflowError("compile_model: initialise the model (ActNorm data-dependent init) before compiling it")
+    device = next(glow.parameters()).device
+    if device.type == "cpu" and _cpp_compiler() is None:
+        raise GlowflowError("--compile on CPU needs a C++ compiler (g++ or clang++; set CXX), and none was found; "
+                            "run without --compile (the fast path is already the default)")
+    if not hasattr(torch, "compile"):
+        raise GlowflowError(f"--compile needs torch.compile (PyTorch >= 2.0); this is PyTorch {torch.__version__}")
+    return torch.compile(model, mode=mode, dynamic=dynamic)
+
+
+def autocast_context(device: Union[str, torch.device], amp: Optional[str] = "none"):
+    """The context manager to run the training/evaluation forward pass under, for ``--amp``.
+
+    ``amp`` 'none' (or None): a no-op context. 'bf16': ``torch.autocast(device_type, torch.bfloat16)``
+    on CUDA (needs a GPU with bf16 support) or CPU. Keep ``loss.backward()`` and the optimizer step
+    outside the context. bf16 needs no gradient scaler. On the fast path the convolutions of the
+    coupling networks run in bf16; the flow's activations, log-determinants and priors stay
+    float32, so bits/dim moves by about 1e-3, not more (benchmarks/README.md).
+    """
+    amp = "none" if amp is None else str(amp).lower()
+    if amp not in AMP_CHOICES:
+        raise GlowflowError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    device_type = torch.device(device).type
+    if amp == "none":
+        return contextlib.nullcontext()
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise GlowflowError("--amp bf16 on cuda was asked for, but no CUDA GPU is available")
+        if not torch.cuda.is_bf16_supported():
+            raise GlowflowError("--amp bf16: this GPU does not support bfloat16 (needs compute capability 8.0+)")
+    elif device_type != "cpu":
+        raise GlowflowError(f"--amp bf16 is supported on cuda and cpu, not {device_type}")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
