@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no_wandb", action="store_true", help="Disable Wandb")
     out.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
     out.add_argument("--device", default=_RUN.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    out.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
+    out.add_argument("--amp", default=_RUN.amp, choices=["none", "bf16"],
+                     help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)")
 
     sample = p.add_argument_group("sampling and manipulation (--sample)")
     sample.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")

@@ -136,6 +136,8 @@ class RunConfig:
     resume: Optional[str] = None
     image_size: Optional[int] = None
     tensorboard: bool = False
+    compile: bool = False  # torch.compile the training step (pays off on CUDA)
+    amp: str = "none"  # "bf16": bfloat16 autocast for the coupling networks (log-dets and priors stay float32)
     perturb: float = 0.0
     actnorm_init_images: int = 512
     max_nonfinite_steps: int = 5
@@ -171,6 +173,8 @@ class RunConfig:
             raise GlowflowError(f"perturb must be in [0, 1), got {self.perturb}")
         if self.n_samples < 1:
             raise GlowflowError(f"n_samples must be at least 1, got {self.n_samples}")
+        if self.amp not in ("none", "bf16"):
+            raise GlowflowError(f"amp must be none or bf16, got {self.amp!r}")
         if any(t < 0 for t in self.temperature):
             raise GlowflowError(f"temperatures must be non-negative, got {list(self.temperature)}")
 

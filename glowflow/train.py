@@ -28,7 +28,8 @@ from tqdm import tqdm
 from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
 from glowflow.config import GlowConfig, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
-from glowflow.model import Glow, bits_per_dim, classification_loss, dequantize, preprocess
+from glowflow.model import Glow, bits_per_dim, classification_loss, preprocess
+from glowflow.speed import autocast_context, compile_model
 
 _SEED_STRIDE = 1_000_003
 
@@ -246,6 +247,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if run.compile:
+            self.train_model = compile_model(self.train_model)
+        self.autocast = lambda: autocast_context(self.device, run.amp)
         self.train_loader = data_module.make_loader(
             self.train_set, batch_size=self.sampler.global_batch // self.dist.world_size, shuffle=False,
             num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=self.sampler)
@@ -293,11 +297,12 @@ class Trainer:
         x = preprocess(images.to(self.device, non_blocking=True), run.n_bits)
         x = x + step_noise(x.shape, run.n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
         y = labels.to(self.device, non_blocking=True) if self.model.config.y_condition else None
-        log_prob, y_logits = self.train_model(x, y)
-        bpd = bits_per_dim(log_prob, self.model.num_dims, run.n_bits).mean()
+        with self.autocast():
+            log_prob, y_logits = self.train_model(x, y)
+        bpd = bits_per_dim(log_prob.float(), self.model.num_dims, run.n_bits).mean()
         loss = bpd
         if y_logits is not None:
-            loss = loss + run.y_weight * classification_loss(y_logits, y, self.model.config.y_multilabel)
+            loss = loss + run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
         self.optimizer.zero_grad(set_to_none=True)
         finite = torch.isfinite(loss.detach()).to(torch.int32)
         if self.dist.enabled:  # every process skips together, or none does
@@ -424,7 +429,7 @@ class Trainer:
 
 # What a resumed run may change; everything else (data, seed, optimisation, n_bits) is the stored run's.
 RESUME_OVERRIDES = ("n_epochs", "max_steps", "output_dir", "device", "num_workers", "no_wandb", "tensorboard",
-                    "resume", "data_root", "sample_and_save_freq", "max_eval_images")
+                    "resume", "data_root", "sample_and_save_freq", "max_eval_images", "compile", "amp")
 
 
 def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:

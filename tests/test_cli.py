@@ -211,3 +211,23 @@ def test_tensorboard_logs(tiny, tmp_path):
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
                  "--tensorboard", "--sample_and_save_freq", "0"]) == 0
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+
+
+def test_bf16_autocast_training_runs_on_cpu(tiny, tmp_path):
+    run = tmp_path / "amp"
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
+                 "--amp", "bf16", "--sample_and_save_freq", "0"]) == 0
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in payload["model"].values())  # weights stay float32
+
+
+def test_compiled_training_matches_eager_training(tiny, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ["--train", "--dataset", tiny["in"], *TINY[2:], "--n_epochs", "1", "--max_steps", "2",
+              "--sample_and_save_freq", "0", "--K", "1", "--L", "1"]  # a small graph: compiling is slow
+    assert main([*common, "--output_dir", str(eager)]) == 0
+    assert main([*common, "--output_dir", str(compiled), "--compile"]) == 0
+    a, b = _weights(eager / "last.pt"), _weights(compiled / "last.pt")
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-4
