@@ -20,8 +20,8 @@ another process hurts every row alike and the minimum approaches the unloaded sp
 * sample img/s: model.sample(batch, temperature 0.7), torch.inference_mode().
 * step MiB: peak memory of a training step. CUDA: torch.cuda.max_memory_allocated during a
   steady-state step (model, gradients, optimizer state, activations; absolute). CPU: the growth
-  of the process's peak resident set (resource.getrusage ru_maxrss) during the first training
-  step, in a fresh subprocess per configuration and row whose model has done no forward pass
+  of the process's peak resident set (Linux VmHWM after resetting it; ru_maxrss elsewhere) during
+  the first training step, in a fresh subprocess per configuration and row whose model has done no forward pass
   before (activations, gradients, Adamax state and allocator overhead; tracemalloc cannot see
   torch's allocations). Coarser than the CUDA figure, but it compares rows fairly.
 * GFLOP/img: multiply-adds x 2 of one training step (forward + backward) per image, counted with
@@ -213,10 +213,38 @@ def memory_child(config: str, row_name: str, args) -> None:
     row = dict((r.name, r) for r in rows_for(args))[row_name]
     model, x = build(config, device, args.cifar_batch if config == "cifar" else None, init=False)
     steps = make_steps(model, x, row, device, model)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = resident_kib()
     steps["train"]()
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(f"MEMORY_MIB {peak:.1f}")
+    print(f"MEMORY_MIB {(peak_resident_kib() - before) / 1024:.1f}")
+
+
+def _proc_status(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        pass
+    return None
+
+
+def resident_kib() -> int:
+    """The current resident set, KiB; resets Linux's high-water mark so peak_resident_kib() sees
+    this process's own peak from here (ru_maxrss alone would also carry the parent's, inherited
+    across fork + exec)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    current = _proc_status("VmRSS")
+    return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_resident_kib() -> int:
+    peak = _proc_status("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def cuda_step_memory(model: Glow, steps: Dict[str, Callable], device: torch.device) -> float:
@@ -379,6 +407,10 @@ def main(argv=None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = False
     started = time.perf_counter()
     print(f"machine: {machine_description(device)}")
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes hold the "
+              f"cores, and {torch.get_num_threads()}-thread kernels wait on each other; --threads 1 gives steadier "
+              f"figures on a shared machine")
     if device.type == "cuda":
         print(f"cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (both eager and fast rows use them; "
               f"--no-tf32 for strict float32)")
