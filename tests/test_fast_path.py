@@ -167,12 +167,13 @@ def test_decode_leaves_the_callers_latents_alone_and_channels_last_off_agrees():
 
 
 def test_bf16_autocast_keeps_log_densities_in_float32():
-    model = _model(COMBOS[9]).train()  # invconv LU, affine
+    model = _model(COMBOS[15]).train()  # invconv LU, affine, learned and class-conditional top prior
     x = _data(8)
     with autocast_context("cpu", "bf16"):
         log_prob, _ = model(x)
         weight, bias, pixel_logdet, _ = model.levels[0][0].fused_params()
-    assert log_prob.dtype == torch.float32
+        top_mean, top_log_std = model.top_prior(2, labels_for(model, 2))
+    assert log_prob.dtype == torch.float32 and top_mean.dtype == top_log_std.dtype == torch.float32
     # the 1x1 convolution's folded weight and bias stay float32 (a bf16 W would no longer have
     # the log-determinant the density uses)
     assert weight.dtype == bias.dtype == pixel_logdet.dtype == torch.float32
