@@ -6,6 +6,7 @@ inverse. Layers that are not bijections of their input alone (split) say so.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Optional, Tuple
@@ -83,6 +84,14 @@ def fusion_cache(module: nn.Module, name: str, compute):
     value = compute()
     cache[name] = (key, value)
     return value
+
+
+def autocast_off(like: torch.Tensor):
+    """A context that suspends autocast (if on) for ``like``'s device: parameter algebra (the
+    1x1 convolution's P L U product, folded biases) must not drop to bf16."""
+    if _autocast_enabled(like.device.type):
+        return torch.autocast(like.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def full_precision_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int = 0) -> torch.Tensor:
@@ -468,25 +477,30 @@ class FlowStep(nn.Module):
         """((W, b), log|det| per pixel, coupling params): ActNorm then permutation is
         y = M ((x + bias) * s) = (M diag(s)) x + M (bias * s)."""
         def compute():
-            scale, shift = self.actnorm.scale_and_shift()
-            matrix, matrix_logdet = self._mixing_matrix()
-            weight = (matrix * scale)[:, :, None, None]
-            bias = matrix @ shift
-            return weight, bias, self.actnorm.log_scale.sum() + matrix_logdet, self.coupling.fused_params()
+            with autocast_off(self.actnorm.log_scale):
+                scale, shift = self.actnorm.scale_and_shift()
+                matrix, matrix_logdet = self._mixing_matrix()
+                weight = (matrix * scale)[:, :, None, None]
+                bias = matrix @ shift
+                return weight, bias, self.actnorm.log_scale.sum() + matrix_logdet, self.coupling.fused_params()
         return fusion_cache(self, "forward", compute)
 
     def fused_inverse(self):
         """(W, b) with x = conv(y', W) + b inverting ActNorm + permutation:
         x = diag(1/s) M^-1 y' - bias. M^-1 is computed in float64 (as InvConv1x1.reverse)."""
         def compute():
-            matrix, _ = self._mixing_matrix()
-            if isinstance(self.permute, InvConv1x1):
-                inverse = torch.linalg.inv_ex(matrix.double()).inverse  # _ex: no host sync on CUDA
-            else:
-                inverse = matrix.double().T
-            inverse = inverse * torch.exp(-self.actnorm.log_scale.double()).flatten()[:, None]
-            return inverse.to(matrix.dtype)[:, :, None, None], -self.actnorm.bias.flatten()
+            with autocast_off(self.actnorm.log_scale):
+                return self._inverse_weight_and_bias()
         return fusion_cache(self, "reverse", compute)
+
+    def _inverse_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        matrix, _ = self._mixing_matrix()
+        if isinstance(self.permute, InvConv1x1):
+            inverse = torch.linalg.inv_ex(matrix.double()).inverse  # _ex: no host sync on CUDA
+        else:
+            inverse = matrix.double().T
+        inverse = inverse * torch.exp(-self.actnorm.log_scale.double()).flatten()[:, None]
+        return inverse.to(matrix.dtype)[:, :, None, None], -self.actnorm.bias.flatten()
 
     def fast_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(y, log-det per pixel (scalar; times H*W gives the ActNorm + permutation part),

@@ -32,6 +32,7 @@ from glowflow.layers import (
     SplitPrior,
     ZeroConv2d,
     ZeroLinear,
+    autocast_off,
     channels_last_squeeze2x,
     channels_last_unsqueeze2x,
     gaussian_log_density,
@@ -197,11 +198,12 @@ class Glow(nn.Module):
         """Mean and log-std of the top prior, each (n, *top_shape). ``y`` as in :meth:`log_prob`."""
         param = next(self.parameters())
         c, h, w = self.top_shape
-        params = torch.zeros(n, 2 * c, h, w, dtype=param.dtype, device=param.device)
-        if self.top_learned is not None:
-            params = self.top_learned(params)
-        if self.y_prior is not None and y is not None:
-            params = params + self.y_prior(self._condition(y, param.dtype))[:, :, None, None]
+        with autocast_off(param):  # priors stay in the parameters' precision under bf16 autocast
+            params = torch.zeros(n, 2 * c, h, w, dtype=param.dtype, device=param.device)
+            if self.top_learned is not None:
+                params = self.top_learned(params)
+            if self.y_prior is not None and y is not None:
+                params = params + self.y_prior(self._condition(y, param.dtype))[:, :, None, None]
         return params[:, :c], params[:, c:]
 
     def _top_log_prior(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:

@@ -167,11 +167,16 @@ def test_decode_leaves_the_callers_latents_alone_and_channels_last_off_agrees():
 
 
 def test_bf16_autocast_keeps_log_densities_in_float32():
-    model = _model(COMBOS[8]).train()  # invconv, affine
+    model = _model(COMBOS[15]).train()  # invconv LU, affine, learned and class-conditional top prior
     x = _data(8)
     with autocast_context("cpu", "bf16"):
         log_prob, _ = model(x)
-    assert log_prob.dtype == torch.float32
+        weight, bias, pixel_logdet, _ = model.levels[0][0].fused_params()
+        top_mean, top_log_std = model.top_prior(2, labels_for(model, 2))
+    assert log_prob.dtype == torch.float32 and top_mean.dtype == top_log_std.dtype == torch.float32
+    # the 1x1 convolution's folded weight and bias stay float32 (a bf16 W would no longer have
+    # the log-determinant the density uses)
+    assert weight.dtype == bias.dtype == pixel_logdet.dtype == torch.float32
     bits_per_dim(log_prob, model.num_dims).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
