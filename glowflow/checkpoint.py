@@ -94,9 +94,15 @@ def load_model(path: str, map_location: Any = "cpu", image_shape: Optional[tuple
     """
     payload = read_checkpoint(path, map_location)
     model = model_from_payload(payload, path)
-    if image_shape is not None and tuple(image_shape) != tuple(model.config.image_shape):
+    if image_shape is not None:
+        check_image_shape(model, image_shape, path, "the data")
+    return model.eval()
+
+
+def check_image_shape(model: Glow, image_shape, path: str, data_name: str) -> None:
+    """GlowflowError unless images of ``image_shape`` (C, H, W) from ``data_name`` fit the model."""
+    if tuple(image_shape) != tuple(model.config.image_shape):
         raise GlowflowError(
-            f"{path} is a model of {'x'.join(map(str, model.config.image_shape))} images, but the data is "
+            f"{path} is a model of {'x'.join(map(str, model.config.image_shape))} images, but {data_name} gives "
             f"{'x'.join(map(str, image_shape))}; use a checkpoint trained on this dataset or --image_size"
         )
-    return model.eval()

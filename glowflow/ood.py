@@ -897,6 +897,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     """
     from glowflow import data as data_module
     from glowflow import devsets
+    from glowflow.checkpoint import check_image_shape
     from glowflow.sample import checkpoint_dataset, checkpoint_n_bits, load_for_inference
     from glowflow.train import resolve_device
 
@@ -910,11 +911,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     shape = tuple(model.config.image_shape)
     divisor = 2 ** model.config.L
     test_set = data_module.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
-    if tuple(test_set.info.image_shape) != shape:
-        raise GlowflowError(
-            f"{run.checkpoint} is a model of {'x'.join(map(str, shape))} images, but {in_name} gives "
-            f"{'x'.join(map(str, test_set.info.image_shape))}; use a checkpoint trained on this dataset"
-            + ("" if same_data else " or --image_size"))
+    check_image_shape(model, test_set.info.image_shape, run.checkpoint, in_name)
     train_set = data_module.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
     background = None
     if run.background_checkpoint:

@@ -9,9 +9,9 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-from glowflow.checkpoint import model_from_payload, read_checkpoint
+from glowflow.checkpoint import check_image_shape, model_from_payload, read_checkpoint
 from glowflow.config import RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow, postprocess, preprocess
@@ -58,9 +58,9 @@ def sample_grids(model: Glow, n_bits: int, output_dir: str, n_samples: int, temp
     class-conditional model without ``sample_class``) one grid per temperature with a row per class."""
     written = []
     nrow = max(1, int(math.ceil(math.sqrt(n_samples))))
-    y = _class_condition(model, sample_class, n_samples, device) if sample_class is not None else None
     if sample_class is not None and not model.config.y_condition:
         raise GlowflowError("--class needs a class-conditional model (trained with --y_condition)")
+    y = _class_condition(model, sample_class, n_samples, device) if sample_class is not None else None
     suffix = f"_class{sample_class}" if sample_class is not None else ""
     columns = min(n_samples, 10)
     sheet = []
@@ -190,9 +190,7 @@ def run_sampling(run: RunConfig) -> List[str]:
         stored = payload.get("run_config", {})
         test_set = load_dataset(dataset_name, "test", data_root=run.data_root,
                                 image_size=stored.get("image_size"), divisor=2 ** model.config.L)
-        if tuple(test_set.info.image_shape) != tuple(model.config.image_shape):
-            raise GlowflowError(f"the checkpoint models {model.config.image_shape} images but {dataset_name} "
-                                f"gives {tuple(test_set.info.image_shape)}")
+        check_image_shape(model, test_set.info.image_shape, run.checkpoint, dataset_name)
         if run.reconstruct:
             path, error = reconstruct(model, test_set, n_bits, output_dir, device=device)
             print(f"reconstruction: max |x - decode(encode(x))| = {error:.3e} (model space)")

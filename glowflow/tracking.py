@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 METRIC_COLUMNS = ("epoch", "step", "train_bpd", "test_bpd", "lr", "images_per_s", "seconds")
 

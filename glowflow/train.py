@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
