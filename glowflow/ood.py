@@ -672,6 +672,30 @@ def format_table(report: Mapping) -> str:
     return "\n".join(lines)
 
 
+def format_summary(reports: Mapping[str, Mapping]) -> str:
+    """AUROC of every score (rows) against every outlier set (columns), and each set's bits/dim;
+    the best score of each column is marked with ``*``."""
+    names = list(reports)
+    scores = list(next(iter(reports.values()))["scores"])
+    width = max(12, *(len(n) + 1 for n in names))
+    in_name = next(iter(reports.values()))["in_dataset"]
+    lines = [f"AUROC, {in_name} (in) against each outlier set",
+             f"{'score':<18}" + "".join(f"{n:>{width}}" for n in names)]
+    best = {}
+    for n in names:
+        values = {k: reports[n]["scores"][k]["auroc"] for k in scores if reports[n]["scores"][k]["auroc"] is not None}
+        best[n] = max(values, key=values.get) if values else None
+    for k in scores:
+        cells = []
+        for n in names:
+            v = reports[n]["scores"][k]["auroc"]
+            cells.append(f"{'-' if v is None else f'{v:.4f}' + ('*' if best[n] == k else ' '):>{width}}")
+        lines.append(f"{k:<18}" + "".join(cells))
+    lines.append(f"{'bits/dim in/out':<18}" + "".join(
+        f"{reports[n]['bits_per_dim']['in']:.2f}/{reports[n]['bits_per_dim']['out']:.2f} ".rjust(width) for n in names))
+    return "\n".join(lines)
+
+
 def _figure(n_panels: int, cols: int = 4):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -830,6 +854,10 @@ def run_outlier_detection(
     * ``ood_<in>_vs_<out>_histograms.png``: one panel per score, in vs out;
     * ``ood_<in>_vs_<out>_roc.png``: the ROC curves of all scores.
 
+    With several outlier sets, an AUROC table of every score against every set is printed last
+    (:func:`format_summary`) and written as ``ood_<in>_summary.json``
+    (``{"in_dataset", "auroc": {out: {score: auroc}}, "reports": {out: json path}}``).
+
     Returns ``{out_name: report}`` (each report as written to its JSON).
     """
     if background_model is not None:
@@ -896,6 +924,18 @@ def run_outlier_detection(
         for path in files.values():
             print(f"wrote {path}")
         reports[out_name] = report
+    if len(reports) > 1:
+        summary_path = os.path.join(output_dir, f"ood_{dataset_slug(in_name)}_summary.json")
+        summary = {"in_dataset": in_name, "auroc": {out: {k: m["auroc"] for k, m in r["scores"].items()}
+                                                     for out, r in reports.items()},
+                   "reports": {out: r["files"]["json"] for out, r in reports.items()}}
+        with open(summary_path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        os.replace(summary_path + ".tmp", summary_path)
+        print()
+        print(format_summary(reports))
+        print(f"wrote {summary_path}")
     return reports
 
 

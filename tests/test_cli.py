@@ -72,6 +72,11 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
     assert report["scores"]["nll"]["auroc"] > 0.9  # noise is far from smooth gradients, even after 2 epochs
     for name in ("ood_smooth_vs_noise_histograms.png", "ood_smooth_vs_noise_roc.png", "ood_smooth_vs_constant.json"):
         assert (ood / name).exists(), name
+    summary = json.loads((ood / "ood_smooth_summary.json").read_text())   # two outlier sets: one summary
+    assert set(summary["auroc"]) == {tiny["noise"], "constant"}
+    assert summary["auroc"]["constant"]["dos"] == json.loads((ood / "ood_smooth_vs_constant.json").read_text())[
+        "scores"]["dos"]["auroc"]
+    assert "(in) against each outlier set" in out
     assert main(argv) == 0  # the training statistics are cached beside the checkpoint and reused
     assert "reusing the training statistics" in capsys.readouterr().out
 

@@ -451,3 +451,16 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     assert "another checkpoint" in capsys.readouterr().out
     assert third["noise"]["reference"]["reused_cache"] is False
     assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth")
+
+
+def test_summary_table_marks_each_sets_best_score():
+    def report(out, aurocs):
+        return {"in_dataset": "fmnist", "out_dataset": out, "bits_per_dim": {"in": 3.5, "out": 2.8},
+                "scores": {k: {"auroc": v} for k, v in aurocs.items()}}
+    table = ood.format_summary({"mnist": report("mnist", {"nll": 0.2, "dos": 0.98}),
+                                "noise": report("noise", {"nll": 1.0, "dos": None})})
+    lines = table.splitlines()
+    assert lines[0] == "AUROC, fmnist (in) against each outlier set"
+    assert lines[1].split() == ["score", "mnist", "noise"]
+    assert lines[2].split() == ["nll", "0.2000", "1.0000*"] and lines[3].split() == ["dos", "0.9800*", "-"]
+    assert lines[4].split()[-2:] == ["3.50/2.80", "3.50/2.80"]
