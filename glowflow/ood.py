@@ -24,8 +24,9 @@ label-free corrections from the literature, each oriented so that **higher = mor
                     "Understanding anomaly detection with deep invertible networks through
                     hierarchies of distributions and features"). Only when L >= 2.
 ``dos``             minus the log-density, under a density fitted on the training images' own
-                    statistics (level contributions, log-det, latent norms; a Gaussian mixture), of the test
-                    image's statistics ("Density of States", Morningstar et al., 2021).
+                    statistics (each level's bits/dim and the codec's bits/dim; a Gaussian
+                    mixture), of the test image's statistics ("Density of States", Morningstar
+                    et al., 2021).
 ``likelihood_ratio`` ``nll - nll_background`` = ``-(log p_model - log p_background) / (D ln 2)``
                     with a background model trained on perturbed inputs (Ren et al., 2019,
                     "Likelihood ratios for out-of-distribution detection"). Only when a
@@ -72,7 +73,7 @@ from glowflow.config import RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.model import dequantize, preprocess
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v3"
+REFERENCE_FORMAT = "glowflow-ood-reference-v4"
 CODECS = ("png", "webp")
 
 SCORE_DEFINITIONS: Dict[str, str] = {
@@ -407,24 +408,49 @@ def compute_statistics(
 # ----------------------------------------------------------------------------- training reference
 
 
-def dos_features(stats: Mapping[str, np.ndarray]) -> Tuple[List[str], np.ndarray]:
-    """The statistics the density of states is fitted on: names and an (N, 1 + 2L [+ 1]) matrix.
+DOS_STATISTICS = ("level_bpd", "codec_bpd")
+"""The statistics the density of states uses by default (groups of :func:`statistic_columns`)."""
+STATISTIC_GROUPS = ("level_bpd", "logdet", "latent_rms", "codec_bpd", "bpd")
 
-    Columns: ``level_<i>_bpd`` for i = 1..L (they sum to the total bits/dim, which is therefore
-    left out), ``logdet`` (nats per image), ``latent_rms_<i>`` for i = 1..L, and ``codec_bpd``
-    (the lossless codec's bits/dim) when ``stats`` has it. The codec's bits say how complex the
-    image is, which the model's bits confound with how typical it is (Serra et al., 2020); as a
-    joint statistic it lifted Fashion-MNIST vs MNIST from 0.977 to 0.98-0.985 AUROC.
-    """
+
+def statistic_columns(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Every per-image statistic of :func:`compute_statistics` as named (N,) columns:
+    ``level_<i>_bpd`` and ``latent_rms_<i>`` for i = 1..L, ``logdet``, ``bpd``, and ``codec_bpd``
+    when present."""
     level_bpd = np.asarray(stats["level_bpd"], dtype=np.float64)
-    rms = np.asarray(stats["latent_rms"], dtype=np.float64)
-    levels = level_bpd.shape[1]
-    names = [f"level_{i + 1}_bpd" for i in range(levels)] + ["logdet"] + [f"latent_rms_{i + 1}" for i in range(levels)]
-    columns = [level_bpd, np.asarray(stats["logdet"], dtype=np.float64), rms]
-    if "codec_bpd" in stats:
-        names.append("codec_bpd")
-        columns.append(np.asarray(stats["codec_bpd"], dtype=np.float64))
-    return names, np.column_stack(columns)
+    columns = {f"level_{i + 1}_bpd": level_bpd[:, i] for i in range(level_bpd.shape[1])}
+    for key in ("logdet", "bpd", "codec_bpd"):
+        if key in stats:
+            columns[key] = np.asarray(stats[key], dtype=np.float64).reshape(-1)
+    if "latent_rms" in stats:
+        rms = np.asarray(stats["latent_rms"], dtype=np.float64)
+        columns.update({f"latent_rms_{i + 1}": rms[:, i] for i in range(rms.shape[1])})
+    return columns
+
+
+def dos_features(stats: Mapping[str, np.ndarray],
+                 statistics: Sequence[str] = DOS_STATISTICS) -> Tuple[List[str], np.ndarray]:
+    """The statistics the density of states is fitted on: names and an (N, d) matrix.
+
+    ``statistics`` are groups of :func:`statistic_columns`, in this order: ``level_bpd`` (one
+    column per level), ``logdet``, ``latent_rms`` (one per level), ``codec_bpd`` (taken only when
+    ``stats`` has it), ``bpd``. The default, each level's bits/dim and the codec's bits/dim: the
+    levels sum to the total bits/dim, and the codec's bits say how complex the image is, which
+    the model's bits confound with how typical it is (Serra et al., 2020); jointly they separate
+    what each alone does not. The whole-flow log-det and the latents' RMS were tried as further
+    columns and left out: on the development sets (sklearn digits, flipped Fashion-MNIST) they
+    lowered the AUROC (README, "Choosing the statistics"; ``benchmarks/dos_statistics.py``).
+    """
+    unknown = [g for g in statistics if g not in STATISTIC_GROUPS]
+    if unknown:
+        raise GlowflowError(f"unknown density-of-states statistic {unknown[0]!r}; "
+                            f"choose from {', '.join(STATISTIC_GROUPS)}")
+    columns = statistic_columns(stats)
+    names = [name for group in STATISTIC_GROUPS if group in statistics
+             for name in columns if re.sub(r"_\d+", "", name) == group]  # level_2_bpd -> level_bpd
+    if not names:
+        raise GlowflowError(f"the statistics have none of {list(statistics)}")
+    return names, np.column_stack([columns[n] for n in names])
 
 
 @dataclass
@@ -457,23 +483,24 @@ DOS_COMPONENTS = 8
 
 
 def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_points: int = 60_000,
-                  seed: int = 0, components: int = DOS_COMPONENTS) -> Reference:
+                  seed: int = 0, components: int = DOS_COMPONENTS,
+                  statistics: Sequence[str] = DOS_STATISTICS) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
     Typicality: the mean (and std) of the training bits/dim.
 
-    Density of states: the statistics of :func:`dos_features` (each level's bits/dim, log-det,
-    each level's latent RMS) are standardised with their training mean and std, and a
-    full-covariance Gaussian mixture of ``components`` components (scikit-learn's
+    Density of states: the ``statistics`` of :func:`dos_features` (by default each level's
+    bits/dim, and the codec's bits/dim when the statistics have it) are standardised with their training mean and
+    std, and a full-covariance Gaussian mixture of ``components`` components (scikit-learn's
     ``GaussianMixture``, ``reg_covar=1e-6``, seeded) is fitted on up to ``max_dos_points``
     training images. A joint density matters: on Fashion-MNIST a product of per-statistic
     densities missed most of what separates outliers, which lies in how the statistics move
-    together (e.g. a level's bits/dim against its latent norm).
+    together (a level's bits/dim against the others' and against the image's complexity).
     """
     from sklearn.mixture import GaussianMixture
 
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
-    names, matrix = dos_features(train_stats)
+    names, matrix = dos_features(train_stats, statistics)
     finite = np.isfinite(matrix).all(1) & np.isfinite(bpd)
     if finite.sum() < 2 * matrix.shape[1] + 2:
         raise GlowflowError("fitting the outlier reference needs more training images with finite statistics "
@@ -503,15 +530,15 @@ def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np
     """Log-density (N,) of each image's standardised statistics under the reference's mixture."""
     from scipy.special import logsumexp
 
-    names, matrix = dos_features(stats)
-    if "codec_bpd" in names and "codec_bpd" not in reference.dos_features:
-        names, matrix = names[:-1], matrix[:, :-1]  # a reference fitted without the codec ignores it
-    if tuple(names) != tuple(reference.dos_features):
-        if "codec_bpd" in reference.dos_features and "codec_bpd" not in names:
-            raise GlowflowError("the outlier reference was fitted with the codec's bits/dim: compute the "
-                                "statistics with the same codec (compute_statistics(..., codec=...))")
-        raise GlowflowError(f"statistics {names} do not match the reference's {list(reference.dos_features)} "
+    columns = statistic_columns(stats)
+    missing = [n for n in reference.dos_features if n not in columns]
+    if missing == ["codec_bpd"]:
+        raise GlowflowError("the outlier reference was fitted with the codec's bits/dim: compute the "
+                            "statistics with the same codec (compute_statistics(..., codec=...))")
+    if missing:
+        raise GlowflowError(f"the statistics lack {missing} of the reference's {list(reference.dos_features)} "
                             f"(a model with another number of levels?)")
+    matrix = np.column_stack([columns[n] for n in reference.dos_features])
     z = (matrix - reference.dos_mean) / reference.dos_std
     d = z.shape[1]
     per_component = []

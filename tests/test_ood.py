@@ -256,14 +256,13 @@ def test_scores_definitions_on_given_statistics():
     from sklearn.mixture import GaussianMixture
 
     names, train_m = ood.dos_features(train)
-    assert names == ["level_1_bpd", "level_2_bpd", "level_3_bpd", "logdet", "latent_rms_1", "latent_rms_2",
-                     "latent_rms_3"]
+    assert names == ["level_1_bpd", "level_2_bpd", "level_3_bpd"]
     _, test_m = ood.dos_features(stats)
     test_m = test_m[:, :-1]  # the stats' codec_bpd: ignored by a reference fitted without it
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
-    assert len(ref.dos_log_weights) == 3  # 60 images: at most 60 // (2 * 7 + 2) components
-    mixture = GaussianMixture(3, covariance_type="full", reg_covar=1e-6, random_state=0)
+    assert len(ref.dos_log_weights) == 7  # 60 images: at most 60 // (2 * 3 + 2) components
+    mixture = GaussianMixture(7, covariance_type="full", reg_covar=1e-6, random_state=0)
     mixture.fit((train_m - mean) / std)
     np.testing.assert_allclose(s["dos"], -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
     # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
@@ -276,7 +275,7 @@ def test_scores_definitions_on_given_statistics():
     train["codec_bpd"] = rng.normal(4.0, 0.3, 60)
     ref_codec = ood.fit_reference(train)
     names, train_m = ood.dos_features(train)
-    assert names[-1] == "codec_bpd" and ref_codec.dos_features == tuple(names) and train_m.shape == (60, 8)
+    assert names[-1] == "codec_bpd" and ref_codec.dos_features == tuple(names) and train_m.shape == (60, 4)
     _, test_m = ood.dos_features(stats)
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
@@ -293,7 +292,7 @@ def test_reference_round_trip_without_pickle(tmp_path):
     train = {"bpd": rng.normal(3, 0.2, 50), "level_bpd": rng.normal(1, 0.1, (50, 2)),
              "logdet": rng.normal(0, 1, 50), "latent_rms": rng.normal(1, 0.1, (50, 2))}
     ref = ood.fit_reference(train, key="k1", max_dos_points=40)
-    assert ref.dos_means.shape == (3, 5) and ref.dos_precision_cholesky.shape == (3, 5, 5) and ref.n_train == 50
+    assert ref.dos_means.shape == (6, 2) and ref.dos_precision_cholesky.shape == (6, 2, 2) and ref.n_train == 50
     path = tmp_path / "ref.npz"
     ood.save_reference(str(path), ref)
     assert os.listdir(tmp_path) == ["ref.npz"]                         # no temporary left behind
@@ -464,3 +463,26 @@ def test_summary_table_marks_each_sets_best_score():
     assert lines[1].split() == ["score", "mnist", "noise"]
     assert lines[2].split() == ["nll", "0.2000", "1.0000*"] and lines[3].split() == ["dos", "0.9800*", "-"]
     assert lines[4].split()[-2:] == ["3.50/2.80", "3.50/2.80"]
+
+
+def test_dos_statistics_can_be_chosen_by_group():
+    stats = {"bpd": np.full(4, 3.0), "level_bpd": np.arange(8.0).reshape(4, 2), "logdet": np.arange(4.0),
+             "latent_rms": np.ones((4, 2)), "codec_bpd": np.full(4, 4.0)}
+    assert ood.dos_features(stats)[0] == ["level_1_bpd", "level_2_bpd", "codec_bpd"]
+    names, matrix = ood.dos_features(stats, ("codec_bpd", "latent_rms", "logdet", "level_bpd"))
+    assert names == ["level_1_bpd", "level_2_bpd", "logdet", "latent_rms_1", "latent_rms_2", "codec_bpd"]
+    np.testing.assert_array_equal(matrix[:, 2], np.arange(4.0))
+    np.testing.assert_array_equal(matrix[:, :2], stats["level_bpd"])
+    no_codec = {k: v for k, v in stats.items() if k != "codec_bpd"}
+    assert ood.dos_features(no_codec)[0] == ["level_1_bpd", "level_2_bpd"]
+    with pytest.raises(GlowflowError, match="unknown density-of-states statistic 'norms'"):
+        ood.dos_features(stats, ("norms",))
+    with pytest.raises(GlowflowError, match="none of"):
+        ood.dos_features(no_codec, ("codec_bpd",))
+    rng = np.random.default_rng(1)
+    train = {"bpd": rng.normal(3, 0.2, 80), "level_bpd": rng.normal(1, 0.1, (80, 2)), "logdet": rng.normal(0, 1, 80),
+             "latent_rms": rng.normal(1, 0.1, (80, 2))}
+    ref = ood.fit_reference(train, statistics=("logdet",))
+    assert ref.dos_features == ("logdet",)
+    far = dict(train, logdet=train["logdet"] + 100.0)     # only the chosen statistic moves: dos sees it
+    assert ood.outlier_scores(far, ref)["dos"].min() > ood.outlier_scores(train, ref)["dos"].max()

@@ -1,0 +1,92 @@
+"""Which statistics should the density of states (the `dos` outlier score) be fitted on?
+
+    PYTHONPATH=. python3 benchmarks/dos_statistics.py --checkpoint run/Glow_fashionmnist.pt \
+        --out_dataset digits vflip:fashionmnist hflip:fashionmnist mnist5k
+
+Computes every per-image statistic once (glowflow.ood.compute_statistics: each level's bits/dim,
+the log-det, each level's latent RMS, the PNG codec's bits/dim) for the checkpoint's training
+images, its test images and each outlier set, then fits the density of states on several
+choices of statistics and numbers of mixture components (glowflow.ood.fit_reference) and prints
+the AUROC of each against each outlier set, with the mean over the sets named by --select (the
+sets the choice is made on; the others are reported, not used to choose). --json writes it all.
+The README's "Choosing the statistics" table comes from this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from glowflow import data as data_module  # noqa: E402
+from glowflow import devsets, ood  # noqa: E402
+from glowflow.sample import checkpoint_dataset, checkpoint_n_bits, load_for_inference  # noqa: E402
+
+CHOICES = {
+    "levels": ("level_bpd",),
+    "levels+codec (default)": ood.DOS_STATISTICS,
+    "levels+logdet+rms": ("level_bpd", "logdet", "latent_rms"),
+    "levels+logdet+rms+codec": ("level_bpd", "logdet", "latent_rms", "codec_bpd"),
+    "levels+logdet+codec": ("level_bpd", "logdet", "codec_bpd"),
+    "levels+rms+codec": ("level_bpd", "latent_rms", "codec_bpd"),
+    "bpd+codec": ("bpd", "codec_bpd"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default=None, help="in-distribution data (default: the checkpoint's)")
+    p.add_argument("--out_dataset", nargs="+", required=True)
+    p.add_argument("--select", nargs="*", default=None,
+                   help="outlier sets whose mean AUROC ranks the choices (default: all but mnist5k)")
+    p.add_argument("--data_root", default="./data")
+    p.add_argument("--components", type=int, nargs="+", default=[4, ood.DOS_COMPONENTS, 16])
+    p.add_argument("--max_images", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    model, payload = load_for_inference(args.checkpoint, torch.device("cpu"))
+    n_bits = checkpoint_n_bits(payload)
+    in_name = args.dataset or checkpoint_dataset(payload)
+    shape = tuple(model.config.image_shape)
+
+    def stats(name, split):
+        size = shape[1] if name in devsets.SYNTHETIC else None
+        ds = data_module.match_shape(data_module.load_dataset(name, split, args.data_root, size), shape)
+        loader = data_module.make_loader(ds, 256, shuffle=False)
+        return ood.compute_statistics(model, loader, n_bits, max_images=args.max_images, desc=f"{name} {split}")
+
+    train, test = stats(in_name, "train"), stats(in_name, "test")
+    outs = {name: stats(name, "test") for name in args.out_dataset}
+    select = args.select if args.select is not None else [n for n in outs if n != "mnist5k"]
+    rows = []
+    for label, statistics in CHOICES.items():
+        for k in args.components:
+            reference = ood.fit_reference(train, statistics=statistics, components=k)
+            scores_in = ood.outlier_scores(test, reference)["dos"]
+            aurocs = {name: ood.outlier_metrics(scores_in, ood.outlier_scores(s, reference)["dos"])["auroc"]
+                      for name, s in outs.items()}
+            chosen = [aurocs[n] for n in select if n in aurocs]
+            rows.append({"statistics": label, "columns": list(reference.dos_features), "components": k,
+                         "auroc": aurocs, "mean_selected": float(np.mean(chosen)) if chosen else None})
+    width = max(12, *(len(n) + 2 for n in outs))
+    print(f"density of states, {in_name} (in) vs each set: AUROC; mean over {select}")
+    print(f"{'statistics':<26}{'k':>3}" + "".join(f"{n:>{width}}" for n in outs) + f"{'mean':>8}")
+    for r in rows:
+        mean = "-" if r["mean_selected"] is None else f"{r['mean_selected']:.4f}"
+        print(f"{r['statistics']:<26}{r['components']:>3}" + "".join(f"{r['auroc'][n]:>{width}.4f}" for n in outs)
+              + f"{mean:>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "in_dataset": in_name, "select": select, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
