@@ -13,4 +13,4 @@ CKPT="$OUT/Glow_fashionmnist.pt"
 $PY -m glowflow --train --dataset fashionmnist --n_epochs "$EPOCHS" --lr 1e-3 --warmup 1 --no_wandb --output_dir "$OUT"
 $PY -m glowflow --sample --checkpoint "$CKPT" --output_dir "$OUT" --temperature 0.5 0.7 1.0 --reconstruct --interpolate
 $PY -m glowflow --outlier_detection --checkpoint "$CKPT" --output_dir "$OUT" --dataset fashionmnist \
-    --out_dataset digits vflip:fashionmnist noise constant
+    --out_dataset mnist5k digits vflip:fashionmnist noise constant
