@@ -490,10 +490,10 @@ def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_
     Typicality: the mean (and std) of the training bits/dim.
 
     Density of states: the ``statistics`` of :func:`dos_features` (by default each level's
-    bits/dim, and the codec's bits/dim when the statistics have it) are standardised with their training mean and
-    std, and a full-covariance Gaussian mixture of ``components`` components (scikit-learn's
-    ``GaussianMixture``, ``reg_covar=1e-6``, seeded) is fitted on up to ``max_dos_points``
-    training images. A joint density matters: on Fashion-MNIST a product of per-statistic
+    bits/dim, and the codec's bits/dim when the statistics have it) are standardised with their
+    training mean and std, and a full-covariance Gaussian mixture of ``components`` components
+    (scikit-learn's ``GaussianMixture``, ``reg_covar=1e-6``, seeded) is fitted on up to
+    ``max_dos_points`` training images. A joint density matters: on Fashion-MNIST a product of per-statistic
     densities missed most of what separates outliers, which lies in how the statistics move
     together (a level's bits/dim against the others' and against the image's complexity).
     """
@@ -816,6 +816,15 @@ def _mean(a: np.ndarray) -> Optional[float]:
     return _json_float(a.mean()) if a.size else None
 
 
+def _write_json(path: str, payload) -> None:
+    """``payload`` as indented JSON at ``path``, written to a temporary file and renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _reference(model, n_bits, train_loader, in_name, reference_cache_path, device, seed, max_images,
                progress, codec) -> Tuple[Reference, bool]:
     key = reference_key(model, n_bits, in_name, seed, max_images, codec)
@@ -941,11 +950,7 @@ def run_outlier_detection(
         if in_bg is not None:
             report["background_bits_per_dim"] = {"in": _mean(in_bg["bpd"]), "out": _mean(out_bg["bpd"])}
         print(format_table(report))
-        tmp = files["json"] + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, files["json"])
+        _write_json(files["json"], report)
         save_histograms(files["histograms"], in_scores, out_scores, in_name, out_name, metrics)
         save_roc_curves(files["roc"], in_scores, out_scores, in_name, out_name)
         for path in files.values():
@@ -956,10 +961,7 @@ def run_outlier_detection(
         summary = {"in_dataset": in_name, "auroc": {out: {k: m["auroc"] for k, m in r["scores"].items()}
                                                      for out, r in reports.items()},
                    "reports": {out: r["files"]["json"] for out, r in reports.items()}}
-        with open(summary_path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        os.replace(summary_path + ".tmp", summary_path)
+        _write_json(summary_path, summary)
         print()
         print(format_summary(reports))
         print(f"wrote {summary_path}")
