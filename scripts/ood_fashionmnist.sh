@@ -25,6 +25,6 @@ if [ "$HELDOUT" = 1 ]; then
   IN="fashionmnist:classes=0,1,2,3,4,5,6,7"
   $PY -m glowflow --train --dataset "$IN" --n_epochs "$HELDOUT_EPOCHS" "${TRAIN_FLAGS[@]}" --output_dir "$OUT/heldout_model"
   $PY -m glowflow --outlier_detection --checkpoint "$OUT/heldout_model/Glow_fashionmnist_classes_0_1_2_3_4_5_6_7.pt" \
-      --output_dir "$OUT/heldout" --out_dataset "fashionmnist:classes=8,9" "fashionmnist:classes=8" "fashionmnist:classes=9" mnist5k
+      --output_dir "$OUT/heldout" --out_dataset "fashionmnist:classes=8,9" "fashionmnist:classes=8" "fashionmnist:classes=9" mnist5k digits
 fi
 echo "outlier tables and pictures in $OUT"
