@@ -119,6 +119,16 @@ def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: 
     return (noise / 2**n_bits).to(device, non_blocking=True)
 
 
+def max_abs(tensors) -> torch.Tensor:
+    """max |t| over a list of tensors, as a 0-d tensor on their device (NaN if any is NaN; 0 for
+    an empty list). Never overflows, unlike the 2-norm, so it is inf only for an infinite entry."""
+    if not tensors:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused, one kernel per device
+        return torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)
+    return torch.stack([t.detach().abs().max() for t in tensors]).max()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -304,12 +314,17 @@ class Trainer:
         if y_logits is not None:
             loss = loss + run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
         self.optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        loss.backward()
+        # The step is skipped when the loss or any gradient is NaN or infinite (a finite loss can
+        # still overflow in the backward pass, and one such update would poison every weight).
+        # This is the step's one host-device synchronisation, placed after the backward pass is
+        # queued so that a GPU is never left idle waiting for it; the skipped batch's gradients
+        # are dropped by the next step's zero_grad.
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(self._grads()))).to(torch.int32)
         if self.dist.enabled:  # every process skips together, or none does
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             return None
-        loss.backward()
         if run.max_grad_clip > 0:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), run.max_grad_clip)
         if run.max_grad_norm > 0:
@@ -317,6 +332,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return bpd.detach()
+
+    def _grads(self):
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     # -------------------------------------------------------------- the loop
 

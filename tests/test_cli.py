@@ -211,6 +211,48 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, capsys,
     assert (run / "last.pt").read_bytes() == before  # the last good checkpoint is kept
 
 
+def test_a_finite_loss_with_non_finite_gradients_is_skipped(tiny, tmp_path, monkeypatch):
+    from glowflow.model import Glow
+
+    class InfiniteGradient(torch.autograd.Function):
+        """Identity forward; the backward pass overflows to inf."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    run = tmp_path / "infgrad"
+    real_forward = Glow.forward
+    calls = {"n": 0}
+
+    def once_infinite_gradient(self, x, y=None):
+        calls["n"] += 1
+        log_prob, logits = real_forward(self, x, y)
+        return (InfiniteGradient.apply(log_prob) if calls["n"] == 2 else log_prob), logits
+
+    monkeypatch.setattr(Glow, "forward", once_infinite_gradient)
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
+                 "--sample_and_save_freq", "0"]) == 0
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["nonfinite_steps"] == 1 and payload["step"] == 6
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+
+
+def test_max_abs_without_get_total_norm(monkeypatch):
+    from glowflow.train import max_abs
+
+    tensors = [torch.tensor([1.0, -3.0]), torch.tensor([[2.0]]), torch.tensor([3e38, -3e38])]
+    assert max_abs(tensors).item() == pytest.approx(3e38)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # torch < 2.6
+    assert max_abs(tensors).item() == pytest.approx(3e38)
+    assert torch.isinf(max_abs([*tensors, torch.tensor([-float("inf")])]))
+    assert torch.isnan(max_abs([*tensors, torch.tensor([float("nan"), 0.0])]))
+
+
 def test_tensorboard_logs(tiny, tmp_path):
     run = tmp_path / "tb"
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
