@@ -659,3 +659,37 @@ def test_make_loader_is_seeded():
     assert [y.tolist() for _, y in make_loader(ds, 5, shuffle=True, sampler=sampler)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     workers = make_loader(ds, 25, shuffle=False, num_workers=2)
     assert torch.cat([y for _, y in workers]).tolist() == list(range(50))
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_batched_gather_gives_the_per_image_batches(multilabel, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 4, 4), generator=generator, dtype=torch.uint8)
+    labels = (torch.rand(40, 5, generator=generator) < 0.5).float() if multilabel else torch.arange(40) % 7
+    ds = ImageTensorDataset(images, labels, DatasetInfo("t", (3, 4, 4), 5 if multilabel else 7, multilabel))
+    indices = [5, 0, 39, 5, 17]
+    batched = ds.__getitems__(indices)
+    assert len(batched) == len(indices)
+    for (image, label), i in zip(batched, indices):
+        expected_image, expected_label = ds[i]
+        assert torch.equal(image, expected_image) and torch.equal(label, expected_label)
+        assert image.dtype == torch.float32 and label.dtype == expected_label.dtype
+
+    class PerImage(torch.utils.data.Dataset):  # no __getitems__: the DataLoader asks image by image
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]
+
+    sampler = torch.randperm(40, generator=generator).tolist()
+    expected = list(make_loader(PerImage(), 16, shuffle=False, sampler=sampler))
+
+    def per_image_access(self, i):
+        raise AssertionError("the loader should gather whole batches")
+
+    monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_image_access)
+    got = list(make_loader(ds, 16, shuffle=False, sampler=sampler))
+    assert len(got) == len(expected) == 3
+    for (x, y), (x_ref, y_ref) in zip(got, expected):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
