@@ -318,8 +318,8 @@ class Trainer:
         # The step is skipped when the loss or any gradient is NaN or infinite (a finite loss can
         # still overflow in the backward pass, and one such update would poison every weight).
         # This is the step's one host-device synchronisation, placed after the backward pass is
-        # queued so that a GPU is never left idle waiting for it; the skipped batch's gradients
-        # are dropped by the next step's zero_grad.
+        # queued, so a GPU has the whole backward pass to run while the host waits; a skipped
+        # batch's gradients are dropped by the next step's zero_grad.
         finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(self._grads()))).to(torch.int32)
         if self.dist.enabled:  # every process skips together, or none does
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -385,7 +385,7 @@ class Trainer:
                 if consecutive_bad >= run.max_nonfinite_steps:
                     bar.close()
                     raise NonFiniteLoss(
-                        f"{consecutive_bad} non-finite losses in a row at step {self.step}: training diverged; "
+                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: training diverged; "
                         f"the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
                         f"--max_grad_norm or --flow_coupling additive)")
                 continue
@@ -420,7 +420,7 @@ class Trainer:
                 self.save(self.best_name)
             self.tracker.log_epoch(row)
             if self.nonfinite_total:
-                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss", file=sys.stderr)
+                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient", file=sys.stderr)
             print(f"epoch {self.epoch}/{run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
                   f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
                   f"{row['images_per_s']:.0f} img/s  {seconds:.1f} s")

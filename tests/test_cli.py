@@ -184,19 +184,27 @@ def test_ctrl_c_saves_last_checkpoint(tiny, tmp_path):
     assert payload["step"] >= 6
 
 
+def _alter_log_prob_on_second_call(monkeypatch, alter):
+    """From now on, Glow.forward returns ``alter(log_prob)`` on its second call only."""
+    from glowflow.model import Glow
+
+    real_forward = Glow.forward
+    calls = {"n": 0}
+
+    def forward(self, x, y=None):
+        calls["n"] += 1
+        log_prob, logits = real_forward(self, x, y)
+        return (alter(log_prob) if calls["n"] == 2 else log_prob), logits
+
+    monkeypatch.setattr(Glow, "forward", forward)
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, capsys, monkeypatch):
     from glowflow.model import Glow
 
     run = tmp_path / "nan"
     real_forward = Glow.forward
-    calls = {"n": 0}
-
-    def once_nan(self, x, y=None):
-        calls["n"] += 1
-        log_prob, logits = real_forward(self, x, y)
-        return (log_prob * float("nan") if calls["n"] == 2 else log_prob), logits
-
-    monkeypatch.setattr(Glow, "forward", once_nan)
+    _alter_log_prob_on_second_call(monkeypatch, lambda log_prob: log_prob * float("nan"))
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1"]) == 0
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["nonfinite_steps"] == 1 and payload["step"] == 6 and payload["epoch"] == 1
@@ -207,13 +215,11 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, capsys,
     code = main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "2",
                  "--resume"])
     err = capsys.readouterr().err
-    assert code == 2 and "5 non-finite losses in a row" in err and "last good checkpoint" in err
+    assert code == 2 and "5 non-finite losses or gradients in a row" in err and "last good checkpoint" in err
     assert (run / "last.pt").read_bytes() == before  # the last good checkpoint is kept
 
 
 def test_a_finite_loss_with_non_finite_gradients_is_skipped(tiny, tmp_path, monkeypatch):
-    from glowflow.model import Glow
-
     class InfiniteGradient(torch.autograd.Function):
         """Identity forward; the backward pass overflows to inf."""
 
@@ -226,15 +232,7 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped(tiny, tmp_path, monk
             return grad * float("inf")
 
     run = tmp_path / "infgrad"
-    real_forward = Glow.forward
-    calls = {"n": 0}
-
-    def once_infinite_gradient(self, x, y=None):
-        calls["n"] += 1
-        log_prob, logits = real_forward(self, x, y)
-        return (InfiniteGradient.apply(log_prob) if calls["n"] == 2 else log_prob), logits
-
-    monkeypatch.setattr(Glow, "forward", once_infinite_gradient)
+    _alter_log_prob_on_second_call(monkeypatch, InfiniteGradient.apply)
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
                  "--sample_and_save_freq", "0"]) == 0
     payload = torch.load(run / "last.pt", weights_only=True)
