@@ -320,7 +320,8 @@ class Trainer:
         # This is the step's one host-device synchronisation, placed after the backward pass is
         # queued, so a GPU has the whole backward pass to run while the host waits; a skipped
         # batch's gradients are dropped by the next step's zero_grad.
-        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(self._grads()))).to(torch.int32)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))).to(torch.int32)
         if self.dist.enabled:  # every process skips together, or none does
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
@@ -332,9 +333,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return bpd.detach()
-
-    def _grads(self):
-        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     # -------------------------------------------------------------- the loop
 
@@ -385,8 +383,8 @@ class Trainer:
                 if consecutive_bad >= run.max_nonfinite_steps:
                     bar.close()
                     raise NonFiniteLoss(
-                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: training diverged; "
-                        f"the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
+                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: "
+                        f"training diverged; the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
                         f"--max_grad_norm or --flow_coupling additive)")
                 continue
             consecutive_bad = 0
@@ -420,7 +418,8 @@ class Trainer:
                 self.save(self.best_name)
             self.tracker.log_epoch(row)
             if self.nonfinite_total:
-                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient", file=sys.stderr)
+                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
+                      file=sys.stderr)
             print(f"epoch {self.epoch}/{run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
                   f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
                   f"{row['images_per_s']:.0f} img/s  {seconds:.1f} s")
