@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from glowflow import data as data_module  # noqa: E402
 from glowflow import devsets, ood  # noqa: E402
-from glowflow.sample import checkpoint_dataset, checkpoint_n_bits, load_for_inference  # noqa: E402
+from glowflow.checkpoint import Checkpoint  # noqa: E402
 
 CHOICES = {
     "levels": ("level_bpd",),
@@ -51,9 +51,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    model, payload = load_for_inference(args.checkpoint, torch.device("cpu"))
-    n_bits = checkpoint_n_bits(payload)
-    in_name = args.dataset or checkpoint_dataset(payload)
+    checkpoint = Checkpoint.read(args.checkpoint)
+    model = checkpoint.load_model("cpu")
+    n_bits = model.config.n_bits
+    in_name = args.dataset or checkpoint.dataset
     shape = tuple(model.config.image_shape)
 
     def stats(name, split):

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from glowflow.config import GlowConfig, RunConfig
+from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, GlowConfig, RunConfig
 from glowflow.errors import GlowflowError
 
 _RUN = RunConfig()
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decay", type=float, default=_RUN.decay, help="Weight decay of Adamax")
     train.add_argument("--max_grad_clip", type=float, default=_RUN.max_grad_clip, help="Max Grad clip (value; 0 = off)")
     train.add_argument("--max_grad_norm", type=float, default=_RUN.max_grad_norm, help="Max Grad Norm (0 = off)")
-    train.add_argument("--n_bits", type=int, default=_RUN.n_bits, help="Number of bits per pixel (1..8)")
+    train.add_argument("--n_bits", type=int, default=_ARCH.n_bits, help="Number of bits per pixel (1..8)")
     train.add_argument("--y_weight", type=float, default=_RUN.y_weight, help="Weight of class condition loss")
     train.add_argument("--sample_and_save_freq", type=int, default=_RUN.sample_and_save_freq,
                        help="Sample and save frequency (epochs)")
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--K", type=int, default=_ARCH.K, help="Number of layers per block")
     arch.add_argument("--L", type=int, default=_ARCH.L, help="Number of blocks")
     arch.add_argument("--actnorm_scale", type=float, default=_ARCH.actnorm_scale, help="Act norm scale")
-    arch.add_argument("--flow_permutation", default=_ARCH.flow_permutation, choices=["invconv", "shuffle", "reverse"],
+    arch.add_argument("--flow_permutation", default=_ARCH.flow_permutation, choices=FLOW_PERMUTATIONS,
                       help="Flow permutation")
-    arch.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=["additive", "affine"],
+    arch.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS,
                       help="Flow coupling")
     arch.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
     arch.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
     out.add_argument("--device", default=_RUN.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     out.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
-    out.add_argument("--amp", default=_RUN.amp, choices=["none", "bf16"],
+    out.add_argument("--amp", default=_RUN.amp, choices=AMP_CHOICES,
                      help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)")
 
     sample = p.add_argument_group("sampling and manipulation (--sample)")
@@ -131,7 +131,7 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
         image_shape=tuple(info.image_shape), hidden_channels=args.hidden_channels, K=args.K, L=args.L,
         actnorm_scale=args.actnorm_scale, flow_permutation=args.flow_permutation, flow_coupling=args.flow_coupling,
         LU_decomposed=args.LU_decomposed, learn_top=args.learn_top, y_condition=args.y_condition,
-        num_classes=num_classes, y_multilabel=bool(info.multilabel),
+        num_classes=num_classes, y_multilabel=bool(info.multilabel), n_bits=args.n_bits,
     )
 
 
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
             raise GlowflowError("--sample needs --checkpoint PATH (a .pt file written by glowflow --train)")
         from glowflow.sample import run_sampling
 
-        run_sampling(run)
+        run_sampling(run, dataset=args.dataset)
     if args.outlier_detection:
         if run.checkpoint is None:
             raise GlowflowError("--outlier_detection needs --checkpoint PATH (a .pt file written by glowflow --train)")

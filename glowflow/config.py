@@ -1,9 +1,9 @@
-"""Configuration dataclasses: the one place where defaults live.
+"""Configuration dataclasses and the choices of every flag: the one place where defaults live.
 
-``GlowConfig`` describes the architecture (everything needed to rebuild a model
-from a checkpoint). ``RunConfig`` holds the seed script's run flags plus the
-ones glowflow adds. The command line builds its flags from these fields, so a
-default changed here changes everywhere.
+``GlowConfig`` describes a model: the architecture and its data space (image shape and bit
+depth), everything needed to rebuild it from a checkpoint. ``RunConfig`` holds the run flags of
+GenerativeZoo's Glow script (same names, same defaults) plus the ones glowflow adds. The command
+line builds its flags from these fields and choices, so a default changed here changes everywhere.
 """
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ from glowflow.errors import GlowflowError
 
 FLOW_PERMUTATIONS = ("invconv", "shuffle", "reverse")
 FLOW_COUPLINGS = ("additive", "affine")
+AMP_CHOICES = ("none", "bf16")
+EVAL_BATCH_SIZE = 256
+"""Smallest batch for evaluation and scoring passes (no gradients, so larger batches are cheap)."""
 
 
 @dataclass
 class GlowConfig:
-    """Architecture of a Glow model (Kingma & Dhariwal, 2018).
+    """A Glow model (Kingma & Dhariwal, 2018): its architecture and its data space.
 
     image_shape: (C, H, W) of the model-space input; H and W divisible by 2**L.
+    n_bits: bit depth of the pixels the model sees (1..8); bits/dim uses 2**n_bits bins.
     hidden_channels: width of each coupling network.
     K: steps of flow per level; L: number of levels (squeeze + K steps [+ split]).
     actnorm_scale: ActNorm's data-dependent init makes outputs have this std.
@@ -48,6 +52,7 @@ class GlowConfig:
     y_condition: bool = False
     num_classes: int = 10
     y_multilabel: bool = False
+    n_bits: int = 8
 
     def __post_init__(self):
         self.image_shape = tuple(int(s) for s in self.image_shape)
@@ -60,6 +65,8 @@ class GlowConfig:
         c, h, w = self.image_shape
         if c < 1 or h < 1 or w < 1:
             raise GlowflowError(f"image_shape must be positive, got {self.image_shape}")
+        if not 1 <= self.n_bits <= 8:
+            raise GlowflowError(f"n_bits must be between 1 and 8, got {self.n_bits}")
         if self.K < 1:
             raise GlowflowError(f"K (steps of flow per level) must be at least 1, got {self.K}")
         if self.L < 1:
@@ -101,12 +108,12 @@ class GlowConfig:
 
 @dataclass
 class RunConfig:
-    """Run flags: the seed script's (same names, same defaults) and glowflow's own.
+    """Run flags: GenerativeZoo's Glow script's (same names, same defaults) and glowflow's own.
+    The architecture flags, ``--n_bits`` included, are :class:`GlowConfig`'s.
 
     dataset: in-distribution dataset name or path; out_dataset: outlier dataset(s).
     batch_size, n_epochs, lr, warmup (epochs of linear LR warm-up), decay (Adamax weight decay).
     y_weight: weight of the classification loss when y_condition.
-    n_bits: pixel bit depth the model sees (1..8).
     max_grad_clip / max_grad_norm: gradient value clip / norm clip, 0 = off.
     sample_and_save_freq: epochs between sample grids.
     """
@@ -120,7 +127,6 @@ class RunConfig:
     y_weight: float = 0.01
     sample_and_save_freq: int = 5
     checkpoint: Optional[str] = None
-    n_bits: int = 8
     max_grad_clip: float = 0.0
     max_grad_norm: float = 0.0
     num_workers: int = 0
@@ -137,7 +143,7 @@ class RunConfig:
     image_size: Optional[int] = None
     tensorboard: bool = False
     compile: bool = False  # torch.compile the training step (pays off on CUDA)
-    amp: str = "none"  # "bf16": bfloat16 autocast for the coupling networks (log-dets and priors stay float32)
+    amp: str = AMP_CHOICES[0]  # "bf16": bfloat16 autocast for the coupling networks (log-dets and priors stay float32)
     perturb: float = 0.0
     actnorm_init_images: int = 512
     max_nonfinite_steps: int = 5
@@ -155,8 +161,7 @@ class RunConfig:
     max_eval_images: Optional[int] = None
 
     def validate(self) -> None:
-        if not 1 <= self.n_bits <= 8:
-            raise GlowflowError(f"n_bits must be between 1 and 8, got {self.n_bits}")
+        """Raise GlowflowError with a one-line reason for a flag value that cannot work."""
         if self.batch_size < 1:
             raise GlowflowError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.n_epochs < 0:
@@ -173,13 +178,18 @@ class RunConfig:
             raise GlowflowError(f"perturb must be in [0, 1), got {self.perturb}")
         if self.n_samples < 1:
             raise GlowflowError(f"n_samples must be at least 1, got {self.n_samples}")
-        if self.amp not in ("none", "bf16"):
-            raise GlowflowError(f"amp must be none or bf16, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise GlowflowError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if any(t < 0 for t in self.temperature):
             raise GlowflowError(f"temperatures must be non-negative, got {list(self.temperature)}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of evaluation and scoring passes: the training batch, at least EVAL_BATCH_SIZE."""
+        return max(self.batch_size, EVAL_BATCH_SIZE)
 
     def resolved_output_dir(self) -> str:
         """--output_dir, or outputs/Glow_<dataset>."""

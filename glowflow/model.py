@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glowflow.config import GlowConfig
+from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess  # noqa: F401 (re-exported)
 from glowflow.layers import (
     ActNorm,
     FlowStep,
@@ -44,35 +45,6 @@ from glowflow.layers import (
 )
 
 _DEFAULTS = GlowConfig()
-
-
-# ----------------------------------------------------------------------------- pixels <-> model space
-
-
-def preprocess(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
-    """Images in [0, 1] (uint8 / 255, as torchvision's ToTensor) -> model space [-0.5, 0.5), no noise."""
-    pixels = torch.round(images * 255.0)
-    if n_bits < 8:
-        pixels = torch.floor(pixels / 2 ** (8 - n_bits))
-    return pixels / 2**n_bits - 0.5
-
-
-def dequantize(x: torch.Tensor, n_bits: int = 8, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Add uniform dequantisation noise U(0, 1/n_bins) to every dimension of model-space ``x``."""
-    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device if generator is None else generator.device)
-    return x + noise.to(x.device) / 2**n_bits
-
-
-def postprocess(x: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
-    """Model space -> images in [0, 1] on the n_bits grid (for saving pictures)."""
-    n_bins = 2**n_bits
-    pixels = torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1)
-    return pixels * (2 ** (8 - n_bits)) / 255.0
-
-
-def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int = 8) -> torch.Tensor:
-    """Discrete NLL in bits per dimension: ``-(log_prob - D log n_bins) / (D ln 2)``."""
-    return -(log_prob - num_dims * n_bits * math.log(2.0)) / (num_dims * math.log(2.0))
 
 
 def classification_loss(y_logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -145,13 +117,14 @@ class Glow(nn.Module):
         y_condition: bool = _DEFAULTS.y_condition,
         num_classes: int = _DEFAULTS.num_classes,
         y_multilabel: bool = _DEFAULTS.y_multilabel,
+        n_bits: int = _DEFAULTS.n_bits,
     ):
         super().__init__()
         self.config = GlowConfig(
             image_shape=tuple(image_shape), hidden_channels=hidden_channels, K=K, L=L,
             actnorm_scale=actnorm_scale, flow_permutation=flow_permutation, flow_coupling=flow_coupling,
             LU_decomposed=LU_decomposed, learn_top=learn_top, y_condition=y_condition,
-            num_classes=num_classes, y_multilabel=y_multilabel,
+            num_classes=num_classes, y_multilabel=y_multilabel, n_bits=n_bits,
         )
         c, h, w = self.config.image_shape
         self.levels = nn.ModuleList()
@@ -284,9 +257,13 @@ class Glow(nn.Module):
         """Continuous log-density of model-space ``x`` (N, C, H, W), nats per image, shape (N,)."""
         return self.forward_terms(x, y).log_prob
 
-    def bits_per_dim(self, x: torch.Tensor, n_bits: int = 8, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Bits/dim of (dequantised) model-space ``x``, shape (N,)."""
-        return bits_per_dim(self.log_prob(x, y), self.num_dims, n_bits)
+    def bits_per_dim(self, x: torch.Tensor, n_bits: Optional[int] = None,
+                     y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bits/dim of (dequantised) model-space ``x`` at the model's own ``n_bits``, shape (N,).
+        ``n_bits``, if given, must be the model's (it is only checked)."""
+        if n_bits is not None and n_bits != self.config.n_bits:
+            raise ValueError(f"this model sees {self.config.n_bits}-bit pixels, not {n_bits}")
+        return bits_per_dim(self.log_prob(x, y), self.num_dims, self.config.n_bits)
 
     # ------------------------------------------------------------------ latents -> x
 
@@ -412,7 +389,6 @@ class Glow(nn.Module):
         self.forward_terms(x, y)
         self.train(was_training)
 
-    @property
-    def initialized(self) -> bool:
+    def is_initialized(self) -> bool:
         """True once every ActNorm has been initialised from data."""
         return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))

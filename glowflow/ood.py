@@ -71,7 +71,7 @@ import torch
 
 from glowflow.config import RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
-from glowflow.model import dequantize, preprocess
+from glowflow.pixels import dequantize, perturb, preprocess  # noqa: F401 (perturb: its old home)
 
 REFERENCE_FORMAT = "glowflow-ood-reference-v4"
 CODECS = ("png", "webp")
@@ -161,28 +161,6 @@ def outlier_metrics(scores_in: Sequence[float], scores_out: Sequence[float]) -> 
         "aupr_out": float(average_precision_score(is_out, scores)),
         "fpr95": fpr_at_tpr(s_in, s_out, 0.95),
     }
-
-
-# ----------------------------------------------------------------------------- background-model inputs
-
-
-def perturb(images01: torch.Tensor, rate: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Ren et al. (2019)'s input perturbation for training a background model.
-
-    ``images01``: images in [0, 1] on the 8-bit grid (uint8 / 255, as ToTensor gives), any shape.
-    Every value (each channel of each pixel) is independently selected with probability ``rate``
-    and replaced by one of the *other* 255 8-bit values, uniformly (as in the paper, the
-    substitute always differs from the original). Returns a new tensor on the same grid, same
-    dtype and device. ``generator`` (on any device) makes the draw reproducible.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise GlowflowError(f"perturbation rate must be in [0, 1], got {rate}")
-    gen_device = generator.device if generator is not None else images01.device
-    pixels = torch.round(images01.detach() * 255.0).to(torch.int64)
-    select = torch.rand(images01.shape, generator=generator, device=gen_device).to(images01.device) < rate
-    offset = torch.randint(1, 256, images01.shape, generator=generator, device=gen_device).to(images01.device)
-    new = torch.where(select, (pixels + offset) % 256, pixels)
-    return (new.to(images01.dtype) / 255.0)
 
 
 # ----------------------------------------------------------------------------- codec
@@ -331,7 +309,7 @@ def compute_statistics(
 
     if codec is not None and codec not in CODECS:
         raise GlowflowError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
-    if not model.initialized:
+    if not model.is_initialized():
         raise GlowflowError("the model was never initialised from data (ActNorm); "
                             "outlier detection needs a trained checkpoint")
     image_shape = tuple(model.config.image_shape)
@@ -980,17 +958,15 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     """
     from glowflow import data as data_module
     from glowflow import devsets
-    from glowflow.checkpoint import check_image_shape
-    from glowflow.sample import checkpoint_dataset, checkpoint_n_bits, load_for_inference
-    from glowflow.train import resolve_device
+    from glowflow.checkpoint import Checkpoint, check_image_shape
+    from glowflow.runtime import resolve_device
 
     device = resolve_device(run.device)
-    model, payload = load_for_inference(run.checkpoint, device)
-    n_bits = checkpoint_n_bits(payload)
-    stored = payload.get("run_config", {})
-    in_name = dataset or checkpoint_dataset(payload) or run.dataset
-    same_data = in_name == checkpoint_dataset(payload)
-    image_size = stored.get("image_size") if same_data else None
+    checkpoint = Checkpoint.read(run.checkpoint)
+    model = checkpoint.load_model(device)
+    n_bits = model.config.n_bits
+    in_name = dataset or checkpoint.dataset or run.dataset
+    image_size = checkpoint.image_size if in_name == checkpoint.dataset else None
     shape = tuple(model.config.image_shape)
     divisor = 2 ** model.config.L
     test_set = data_module.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
@@ -998,13 +974,13 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     train_set = data_module.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
     background = None
     if run.background_checkpoint:
-        background, background_payload = load_for_inference(run.background_checkpoint, device)
-        if checkpoint_n_bits(background_payload) != n_bits:
-            raise GlowflowError(f"the background model was trained at n_bits {checkpoint_n_bits(background_payload)}, "
+        background = Checkpoint.read(run.background_checkpoint).load_model(device)
+        if background.config.n_bits != n_bits:
+            raise GlowflowError(f"the background model was trained at n_bits {background.config.n_bits}, "
                                 f"the model at {n_bits}: the likelihood ratio needs the same bit depth")
 
     def loader(ds):
-        return data_module.make_loader(ds, batch_size=max(run.batch_size, 256), shuffle=False,
+        return data_module.make_loader(ds, batch_size=run.eval_batch_size, shuffle=False,
                                        num_workers=run.num_workers, seed=run.seed, device=device)
 
     out_loaders = {}
@@ -1012,7 +988,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
         size = shape[1] if name in devsets.SYNTHETIC else None
         out_set = data_module.load_dataset(name, "test", run.data_root, size)
         out_loaders[name] = loader(data_module.match_shape(out_set, shape))
-    output_dir = run.output_dir or RunConfig(dataset=checkpoint_dataset(payload) or in_name).resolved_output_dir()
+    output_dir = run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir()
     return run_outlier_detection(
         model, n_bits, loader(test_set), loader(train_set), out_loaders, output_dir, in_name,
         reference_cache_path=reference_cache_path_for(run.checkpoint, in_name, n_bits),

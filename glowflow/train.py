@@ -25,61 +25,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
+from glowflow import data as data_module
+from glowflow.checkpoint import Checkpoint, save_checkpoint
 from glowflow.config import GlowConfig, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
-from glowflow.model import Glow, bits_per_dim, classification_loss, preprocess
-from glowflow.speed import autocast_context, compile_model
+from glowflow.model import Glow, classification_loss
+from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid
+from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
+from glowflow.tracking import Tracker
 
 _SEED_STRIDE = 1_000_003
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; otherwise the named device (checked)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GlowflowError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GlowflowError("--device cuda was asked for, but no CUDA GPU is available")
-    return device
-
-
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    def __init__(self, device: torch.device):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.enabled = self.world_size > 1
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class EpochSampler(Sampler):
@@ -115,8 +70,8 @@ def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: 
     """Dequantisation noise U(0, 1/n_bins) of this process's share of global step ``step``."""
     global_shape = (shape[0] * world_size, *shape[1:])
     generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
-    noise = torch.rand(global_shape, generator=generator)[rank::world_size]
-    return (noise / 2**n_bits).to(device, non_blocking=True)
+    noise = dequantization_noise(global_shape, n_bits, generator)[rank::world_size]
+    return noise.to(device, non_blocking=True)
 
 
 def max_abs(tensors) -> torch.Tensor:
@@ -133,12 +88,13 @@ def max_abs(tensors) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_bpd(model: Glow, loader: DataLoader, n_bits: int, device: torch.device, seed: int = 0,
+def evaluate_bpd(model: Glow, loader: DataLoader, device: torch.device, seed: int = 0,
                  use_labels: bool = False, dist_ctx: Optional[Distributed] = None,
                  max_images: Optional[int] = None, desc: str = "eval") -> float:
     """Mean bits/dim of ``loader``'s images, dequantised with noise from a generator seeded ``seed``."""
     was_training = model.training
     model.eval()
+    n_bits = model.config.n_bits
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
@@ -147,7 +103,7 @@ def evaluate_bpd(model: Glow, loader: DataLoader, n_bits: int, device: torch.dev
         if max_images is not None and seen >= max_images:
             break
         x = preprocess(images, n_bits)
-        x = (x + torch.rand(x.shape, generator=generator) / 2**n_bits).to(device, non_blocking=True)
+        x = (x + dequantization_noise(x.shape, n_bits, generator)).to(device, non_blocking=True)
         y = labels.to(device) if use_labels else None
         bpd = bits_per_dim(model.log_prob(x, y), model.num_dims, n_bits)
         total[0] += bpd.double().sum()
@@ -170,10 +126,11 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
     generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE - 1)
     indices = torch.randperm(len(dataset), generator=generator)[:n]
-    noise = torch.rand((n, *model.config.image_shape), generator=generator) / 2**run.n_bits
+    n_bits = model.config.n_bits
+    noise = dequantization_noise((n, *model.config.image_shape), n_bits, generator)
     share = slice(dist_ctx.rank, None, dist_ctx.world_size)
     images, labels = zip(*(dataset[i] for i in indices[share].tolist()))
-    x = preprocess(torch.stack(images), run.n_bits) + noise[share]
+    x = preprocess(torch.stack(images), n_bits) + noise[share]
     y = _stack_labels(labels).to(device) if model.config.y_condition else None
     model.initialize(x.to(device), y)
 
@@ -193,23 +150,22 @@ class Trainer:
     """Holds the model, optimizer, data and bookkeeping of one training run."""
 
     def __init__(self, run: RunConfig, model_config: Optional[GlowConfig] = None):
-        from glowflow import data as data_module
-
         run.validate()
         self.run = run
         self.device = resolve_device(run.device)
         self.dist = Distributed(self.device)
-        resume_payload = None
+        resumed = None
         if run.resume:
-            resume_payload = read_checkpoint(run.resume)
-            if "optimizer" not in resume_payload or "run_config" not in resume_payload:
+            resumed = Checkpoint.read(run.resume)
+            if not resumed.has_training_state:
                 raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
-            run = self.run = resumed_config(resume_payload["run_config"], run)
+            resume_payload = resumed.payload
+            run = self.run = resumed_config(resumed.run_config, run)
         self.output_dir = run.resolved_output_dir()
         self.dataset_name = dataset_slug(run.dataset)
 
-        if resume_payload is not None:
-            model_config = GlowConfig.from_dict(resume_payload["model_config"])
+        if resumed is not None:
+            model_config = resumed.model_config
         if model_config is None:
             raise GlowflowError("no model configuration given")
         divisor = 2 ** model_config.L
@@ -224,7 +180,7 @@ class Trainer:
         if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
             _check_writable(self.output_dir)
         torch.manual_seed(run.seed)
-        self.model = Glow.from_config(model_config) if resume_payload is None else model_from_payload(resume_payload, run.resume)
+        self.model = Glow.from_config(model_config) if resumed is None else resumed.build_model()
         self.model.to(self.device)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=run.lr, weight_decay=run.decay)
         self.sampler = EpochSampler(len(self.train_set), run.batch_size, run.seed, self.dist.rank, self.dist.world_size)
@@ -236,7 +192,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
         self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
-        if resume_payload is not None:
+        if resumed is not None:
             self.optimizer.load_state_dict(resume_payload["optimizer"])
             self.scheduler.load_state_dict(resume_payload["scheduler"])
             self.epoch = int(resume_payload["epoch"])
@@ -248,7 +204,7 @@ class Trainer:
                 torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        elif not self.model.initialized:
+        elif not self.model.is_initialized():
             initialize_actnorm(self.model, self.train_set, run, self.device, self.dist)
 
         self.train_model = self.model
@@ -267,7 +223,7 @@ class Trainer:
         if self.dist.enabled:
             test_sampler = list(range(len(self.test_set)))[self.dist.rank::self.dist.world_size]
         self.test_loader = data_module.make_loader(
-            self.test_set, batch_size=max(run.batch_size, 256), shuffle=False,
+            self.test_set, batch_size=run.eval_batch_size, shuffle=False,
             num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=test_sampler)
         self.tracker = None
 
@@ -281,9 +237,6 @@ class Trainer:
             run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
             best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
-            dataset_info={"name": self.dataset_name, "image_shape": list(self.train_set.info.image_shape),
-                          "num_classes": self.train_set.info.num_classes,
-                          "multilabel": self.train_set.info.multilabel},
         )
 
     def save(self, name: str) -> Optional[str]:
@@ -300,16 +253,15 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         run = self.run
         if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
-            from glowflow.ood import perturb
-
             generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE + self.step + 7)
             images = perturb(images, run.perturb, generator)
-        x = preprocess(images.to(self.device, non_blocking=True), run.n_bits)
-        x = x + step_noise(x.shape, run.n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
+        n_bits = self.model.config.n_bits
+        x = preprocess(images.to(self.device, non_blocking=True), n_bits)
+        x = x + step_noise(x.shape, n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
         y = labels.to(self.device, non_blocking=True) if self.model.config.y_condition else None
         with self.autocast():
             log_prob, y_logits = self.train_model(x, y)
-        bpd = bits_per_dim(log_prob.float(), self.model.num_dims, run.n_bits).mean()
+        bpd = bits_per_dim(log_prob.float(), self.model.num_dims, n_bits).mean()
         loss = bpd
         if y_logits is not None:
             loss = loss + run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
@@ -403,7 +355,7 @@ class Trainer:
         if epoch_complete:
             self.epoch += 1
         train_bpd = self.dist.all_sum(bpd_sum.clone()).item() / max(1, steps_done * self.dist.world_size)
-        test_bpd = evaluate_bpd(self.model, self.test_loader, run.n_bits, self.device, run.eval_seed,
+        test_bpd = evaluate_bpd(self.model, self.test_loader, self.device, run.eval_seed,
                                 use_labels=self.model.config.y_condition, dist_ctx=self.dist,
                                 max_images=run.max_eval_images, desc="test bits/dim")
         improved = test_bpd < self.best_test_bpd
@@ -429,8 +381,6 @@ class Trainer:
         return stopped_early
 
     def save_samples(self) -> str:
-        from glowflow.sample import save_grid
-
         torch.manual_seed(run_seed_for_samples(self.run.seed, self.epoch))
         y = None
         if self.model.config.y_condition and not self.model.config.y_multilabel:
@@ -439,7 +389,7 @@ class Trainer:
         x = self.model.sample(64, temperature=0.7, y=y)
         self.model.train()
         path = os.path.join(self.output_dir, f"samples_epoch{self.epoch:03d}.png")
-        save_grid(x, self.run.n_bits, path, nrow=8)
+        save_grid(x, self.model.config.n_bits, path, nrow=8)
         print(f"saved {path}")
         return path
 
@@ -464,8 +414,6 @@ def run_seed_for_samples(seed: int, epoch: int) -> int:
 
 
 def _make_tracker(trainer: Trainer, resume: bool):
-    from glowflow.tracking import Tracker
-
     config = {**trainer.run.to_dict(), **{f"model/{k}": v for k, v in trainer.model.config.to_dict().items()}}
     return Tracker(trainer.output_dir, use_wandb=not trainer.run.no_wandb, use_tensorboard=trainer.run.tensorboard,
                    run_name=f"Glow_{trainer.dataset_name}", config=config, resume=resume)

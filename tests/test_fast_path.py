@@ -147,7 +147,7 @@ def test_fast_path_initialises_actnorm_like_the_plain_path():
     plain.fast = False
     fast.initialize(x)
     plain.initialize(x)
-    assert fast.initialized and plain.initialized
+    assert fast.is_initialized() and plain.is_initialized()
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
         assert torch.allclose(a.double(), b.double(), atol=1e-5), name
 

@@ -101,7 +101,7 @@ def test_state_dict_round_trip_is_bit_exact(combo):
     torch.manual_seed(999)  # another shuffle order and another random init
     fresh = Glow(image_shape=shape, hidden_channels=8, K=2, L=2, num_classes=3, **combo)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert fresh.initialized
+    assert fresh.is_initialized()
     fresh.train()  # training mode must not re-initialise ActNorm after a load
     with torch.no_grad():
         got = fresh.log_prob(x, y)
@@ -113,10 +113,10 @@ def test_state_dict_round_trip_is_bit_exact(combo):
 def test_actnorm_initialises_once_from_data():
     torch.manual_seed(0)
     model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=1, L=1)
-    assert not model.initialized
+    assert not model.is_initialized()
     x = torch.rand(64, 1, 8, 8) * 0.3 + 0.1
     model.initialize(x)
-    assert model.initialized
+    assert model.is_initialized()
     first = model.levels[0][0].actnorm
     out, _ = first(squeeze2x(x))
     assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-5
@@ -184,7 +184,7 @@ def test_conditional_log_prob_without_labels_is_the_class_mixture():
 def test_bits_per_dim_equals_hand_formula():
     torch.manual_seed(0)
     n_bits = 5
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2).double()
+    model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2, n_bits=n_bits).double()
     images = torch.randint(0, 256, (6, 1, 8, 8)).double() / 255
     x = preprocess(images, n_bits)
     # pixel p -> floor(p / 2**(8 - n_bits)) / n_bins - 0.5
@@ -200,8 +200,11 @@ def test_bits_per_dim_equals_hand_formula():
         log_prior = sum((-0.5 * (z ** 2 + math.log(2 * math.pi))).sum(dim=(1, 2, 3)) for z in latents)
         D = 64
         hand = -(log_prior + logdet - D * math.log(2 ** n_bits)) / (D * math.log(2))
+        assert torch.allclose(model.bits_per_dim(x), hand, atol=1e-12)  # the model's own n_bits
         assert torch.allclose(model.bits_per_dim(x, n_bits), hand, atol=1e-12)
         assert torch.allclose(bits_per_dim(model.log_prob(x), D, n_bits), hand, atol=1e-12)
+        with pytest.raises(ValueError, match="5-bit"):
+            model.bits_per_dim(x, 8)
 
 
 def test_classification_loss_single_and_multi_label():
