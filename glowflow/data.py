@@ -88,8 +88,8 @@ class ImageTensorDataset(Dataset):
 
     def __getitems__(self, indices):
         """The items at ``indices`` from one gather: DataLoader calls this once per batch instead
-        of ``__getitem__`` per image (FMNIST, batch 128: 0.44 ms a batch instead of 1.1). Still a
-        list of (image, label), so any collate function works."""
+        of ``__getitem__`` per image (benchmarks/README.md has the timing). Still a list of
+        (image, label), so any collate function works."""
         index = torch.as_tensor(indices, dtype=torch.int64)
         return list(zip(self.images[index].float().div_(255).unbind(0), self.labels[index].unbind(0)))
 
