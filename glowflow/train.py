@@ -18,15 +18,16 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from glowflow.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
 from glowflow.config import GlowConfig, RunConfig, dataset_slug
+from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow, bits_per_dim, classification_loss, preprocess
 from glowflow.speed import autocast_context, compile_model
@@ -80,35 +81,6 @@ class Distributed:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
-
-
-class EpochSampler(Sampler):
-    """Indices of one epoch for one process.
-
-    The epoch's order is ``randperm(n)`` seeded by ``(seed, epoch)``; it is cut into global batches
-    of ``global_batch`` (an incomplete last batch is dropped when n >= global_batch); process ``rank``
-    of ``world_size`` takes positions ``rank::world_size`` of each global batch. ``start_batch``
-    skips the batches already done in this epoch (resume).
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.global_batch = min(global_batch, n)
-        self.batches_per_epoch = max(1, n // self.global_batch)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + self.epoch)
-        order = torch.randperm(self.n, generator=generator)
-        for b in range(self.start_batch, self.batches_per_epoch):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            yield from batch[self.rank::self.world_size].tolist()
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
 
 
 def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
