@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from glowflow import data as data_module  # noqa: E402
-from glowflow import devsets, ood  # noqa: E402
+from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
 
 CHOICES = {
@@ -58,7 +58,7 @@ def main() -> None:
     shape = tuple(model.config.image_shape)
 
     def stats(name, split):
-        size = shape[1] if name in devsets.SYNTHETIC else None
+        size = shape[1] if name in data_module.SYNTHETIC else None
         ds = data_module.match_shape(data_module.load_dataset(name, split, args.data_root, size), shape)
         loader = data_module.make_loader(ds, 256, shuffle=False)
         return ood.compute_statistics(model, loader, n_bits, max_images=args.max_images, desc=f"{name} {split}")

@@ -18,6 +18,9 @@ from glowflow.errors import GlowflowError
 FLOW_PERMUTATIONS = ("invconv", "shuffle", "reverse")
 FLOW_COUPLINGS = ("additive", "affine")
 AMP_CHOICES = ("none", "bf16")
+SEED_STRIDE = 1_000_003
+"""Every seeded draw of a run uses a generator seeded ``seed * SEED_STRIDE + offset`` (epoch order:
++ epoch; dequantisation noise of step s: + s; ...), so the draws of different run seeds stay apart."""
 EVAL_BATCH_SIZE = 256
 """Smallest batch for evaluation and scoring passes (no gradients, so larger batches are cheap)."""
 

@@ -957,7 +957,6 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     the synthetic development sets are generated at the model's size.
     """
     from glowflow import data as data_module
-    from glowflow import devsets
     from glowflow.checkpoint import Checkpoint, check_image_shape
     from glowflow.runtime import resolve_device
 
@@ -985,7 +984,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
 
     out_loaders = {}
     for name in run.out_dataset:
-        size = shape[1] if name in devsets.SYNTHETIC else None
+        size = shape[1] if name in data_module.SYNTHETIC else None
         out_set = data_module.load_dataset(name, "test", run.data_root, size)
         out_loaders[name] = loader(data_module.match_shape(out_set, shape))
     output_dir = run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir()

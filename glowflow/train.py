@@ -18,58 +18,27 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from glowflow import data as data_module
 from glowflow.checkpoint import Checkpoint, save_checkpoint
-from glowflow.config import GlowConfig, RunConfig, dataset_slug
+from glowflow.config import SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
+from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow, classification_loss
 from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
 from glowflow.tracking import Tracker
 
-_SEED_STRIDE = 1_000_003
-
-
-class EpochSampler(Sampler):
-    """Indices of one epoch for one process.
-
-    The epoch's order is ``randperm(n)`` seeded by ``(seed, epoch)``; it is cut into global batches
-    of ``global_batch`` (an incomplete last batch is dropped when n >= global_batch); process ``rank``
-    of ``world_size`` takes positions ``rank::world_size`` of each global batch. ``start_batch``
-    skips the batches already done in this epoch (resume).
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.global_batch = min(global_batch, n)
-        self.batches_per_epoch = max(1, n // self.global_batch)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + self.epoch)
-        order = torch.randperm(self.n, generator=generator)
-        for b in range(self.start_batch, self.batches_per_epoch):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            yield from batch[self.rank::self.world_size].tolist()
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
-
-
 def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
     """Dequantisation noise U(0, 1/n_bins) of this process's share of global step ``step``."""
     global_shape = (shape[0] * world_size, *shape[1:])
-    generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
+    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
     noise = dequantization_noise(global_shape, n_bits, generator)[rank::world_size]
     return noise.to(device, non_blocking=True)
 
@@ -124,7 +93,7 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     """
     n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
     n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
-    generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE - 1)
+    generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE - 1)
     indices = torch.randperm(len(dataset), generator=generator)[:n]
     n_bits = model.config.n_bits
     noise = dequantization_noise((n, *model.config.image_shape), n_bits, generator)
@@ -253,7 +222,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         run = self.run
         if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
-            generator = torch.Generator().manual_seed(run.seed * _SEED_STRIDE + self.step + 7)
+            generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE + self.step + 7)
             images = perturb(images, run.perturb, generator)
         n_bits = self.model.config.n_bits
         x = preprocess(images.to(self.device, non_blocking=True), n_bits)
@@ -410,7 +379,7 @@ def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
 
 
 def run_seed_for_samples(seed: int, epoch: int) -> int:
-    return seed * _SEED_STRIDE + 10_000 + epoch
+    return seed * SEED_STRIDE + 10_000 + epoch
 
 
 def _make_tracker(trainer: Trainer, resume: bool):

