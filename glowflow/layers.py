@@ -1,13 +1,12 @@
-"""The invertible layers of Glow, each with ``forward`` and ``reverse`` side by side.
+"""The reference mathematics of Glow: each layer's ``forward`` and ``reverse`` side by side.
 
-Conventions: tensors are (N, C, H, W). ``forward(x) -> (y, logdet)`` where ``logdet``
-has shape (N,) and is log|det dy/dx| for each sample; ``reverse(y) -> x`` is the exact
-inverse. Layers that are not bijections of their input alone (split) say so.
+Conventions: tensors are (N, C, H, W). ``forward(x) -> (y, logdet)`` where ``logdet`` has shape
+(N,) and is log|det dy/dx| for each sample; ``reverse(y) -> x`` is the exact inverse. Layers that
+are not bijections of their input alone (the split) say so. This is the plain computation the
+tests check against brute-force Jacobians; glowflow/fused.py computes the same maps faster.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 from typing import Optional, Tuple
 
@@ -26,95 +25,6 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Ten
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
-# ----------------------------------------------------------------------------- fast path helpers
-#
-# The fast path (``Glow.fast``, on by default) computes the same mathematics as the layers'
-# ``forward``/``reverse`` below with fewer, larger operations: every ActNorm and every
-# exp(3 * log_scale) output factor is folded into the neighbouring convolution's weight and bias,
-# ActNorm + permutation of a flow step become one 1x1 convolution, tensors are channels_last, and
-# the parameter-only tensors are cached between no-grad evaluation calls. The plain ``forward`` /
-# ``reverse`` methods stay as the reference ("eager") computation.
-
-
-def is_compiling() -> bool:
-    """True while torch.compile traces (torch >= 2.3 spells it torch.compiler.is_compiling)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:
-        from torch import _dynamo
-        check = _dynamo.is_compiling
-    return check()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def gaussian_log_density_sum(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """``sum_except_batch(gaussian_log_density(x, mean, log_std))`` in fewer elementwise passes,
-    for any memory format: -sum(0.5 * ((x - mean) / std)^2 + log_std) - D/2 log(2 pi)."""
-    d = (x - mean) * torch.exp(-log_std)
-    per_sample = (0.5 * (d * d) + log_std).sum(dim=(1, 2, 3))
-    return -per_sample - 0.5 * LOG_2PI * (x.shape[1] * x.shape[2] * x.shape[3])
-
-
-def fusion_cache(module: nn.Module, name: str, compute):
-    """``compute()`` (a tuple of parameter-only tensors), reused between calls only while the module
-    is in eval mode under no-grad/inference mode and none of its parameters or buffers changed
-    (same version counter, storage, dtype and device). Any training-mode or grad-enabled call
-    drops the cache, so an optimizer step (fused or not) is never followed by a stale read."""
-    if is_compiling():  # traced into the graph: recomputed (and fused) by the compiler
-        return compute()
-    cache = module.__dict__.setdefault("_fusion_cache", {})
-    if module.training or torch.is_grad_enabled():
-        cache.clear()
-        return compute()
-    try:
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device)
-                    for t in itertools.chain(module.parameters(), module.buffers()))
-    except RuntimeError:  # an inference tensor has no version counter: do not cache
-        return compute()
-    entry = cache.get(name)
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    value = compute()
-    cache[name] = (key, value)
-    return value
-
-
-def autocast_off(like: torch.Tensor):
-    """A context that suspends autocast (if on) for ``like``'s device: parameter algebra (the
-    1x1 convolution's P L U product, folded biases) must not drop to bf16."""
-    if _autocast_enabled(like.device.type):
-        return torch.autocast(like.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def full_precision_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int = 0) -> torch.Tensor:
-    """``F.conv2d`` outside any autocast region: under bf16 autocast the flow's own maps (ActNorm +
-    permutation, split priors) stay in the input's precision; only the coupling networks drop."""
-    if _autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
-    return F.conv2d(x, weight, bias, padding=padding)
-
-
-def channels_last_squeeze2x(x: torch.Tensor) -> torch.Tensor:
-    """:func:`squeeze2x` whose output is channels_last (same values, one copy)."""
-    n, c, h, w = x.shape
-    x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(n, h // 2, w // 2, c * 4).permute(0, 3, 1, 2)
-
-
-def channels_last_unsqueeze2x(x: torch.Tensor) -> torch.Tensor:
-    """:func:`unsqueeze2x` whose output is channels_last (same values, one copy)."""
-    n, c, h, w = x.shape
-    x = x.permute(0, 2, 3, 1).reshape(n, h, w, c // 4, 2, 2).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(n, h * 2, w * 2, c // 4).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------- ActNorm
@@ -161,27 +71,6 @@ class ActNorm(nn.Module):
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * torch.exp(-self.log_scale) - self.bias
-
-    def is_initialized(self) -> bool:
-        """``bool(self.initialized)`` without a host-device synchronisation once it has been seen
-        true: the answer is remembered for the buffer's current version (any write to the buffer,
-        load_state_dict included, bumps it)."""
-        if is_compiling():
-            return True  # speed.compile_model only compiles initialised models
-        try:
-            version = self.initialized._version
-        except RuntimeError:  # an inference tensor: no version counter, read the value
-            return bool(self.initialized)
-        if self.__dict__.get("_seen_initialized") != version:
-            if not bool(self.initialized):
-                return False
-            self.__dict__["_seen_initialized"] = version
-        return True
-
-    def scale_and_shift(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(exp(log_scale), bias * exp(log_scale)), each (C,): y = x * scale + shift."""
-        scale = torch.exp(self.log_scale).flatten()
-        return scale, self.bias.flatten() * scale
 
 
 # ----------------------------------------------------------------------------- permutations
@@ -261,7 +150,8 @@ class Permute(nn.Module):
 
 
 class Conv2dActNorm(nn.Module):
-    """Convolution ('same' padding, no bias) followed by ActNorm; used inside coupling networks."""
+    """Convolution ('same' padding, no bias) followed by ActNorm; used inside coupling networks
+    (not a bijection: no log-det). Shapes: (N, C_in, H, W) -> (N, C_out, H, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, actnorm_scale: float):
         super().__init__()
@@ -272,17 +162,11 @@ class Conv2dActNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.actnorm(self.conv(x))[0]
 
-    def fused_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(W', b') with conv(x, W') + b' = ActNorm(conv(x, W)): (conv + bias) * s = conv(W * s) + bias * s."""
-        scale, shift = self.actnorm.scale_and_shift()
-        return self.conv.weight * scale[:, None, None, None], shift
-
-
 class ZeroConv2d(nn.Module):
     """Zero-initialised 3x3 convolution whose output is multiplied by exp(3 * log_scale).
 
     At initialisation it outputs zeros, so a coupling starts as the identity and a learned
-    prior starts as a standard normal.
+    prior starts as a standard normal. Shapes: (N, C_in, H, W) -> (N, C_out, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, log_scale_factor: float = 3.0):
@@ -296,21 +180,8 @@ class ZeroConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * torch.exp(self.log_scale * self.log_scale_factor)
 
-    def fused_weight_and_bias(self, deinterleave: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(W', b') with conv(x, W') + b' = forward(x). ``deinterleave`` reorders the output
-        channels (0, 2, 4, ..., 1, 3, 5, ...), so that forward(x)[:, 0::2] and [:, 1::2] become the
-        first and the second half."""
-        scale = torch.exp(self.log_scale * self.log_scale_factor).flatten()
-        weight = self.conv.weight * scale[:, None, None, None]
-        bias = self.conv.bias * scale
-        if deinterleave:  # (2k, ...) -> (k, 2, ...) -> (2, k, ...): even channels, then odd ones
-            weight = weight.unflatten(0, (-1, 2)).transpose(0, 1).flatten(0, 1)
-            bias = bias.unflatten(0, (-1, 2)).transpose(0, 1).flatten(0, 1)
-        return weight, bias
-
-
 class ZeroLinear(nn.Module):
-    """Zero-initialised linear layer with the same exp(3 * log_scale) output factor."""
+    """Zero-initialised linear layer with the same exp(3 * log_scale) output factor: (N, in) -> (N, out)."""
 
     def __init__(self, in_features: int, out_features: int, log_scale_factor: float = 3.0):
         super().__init__()
@@ -372,65 +243,6 @@ class Coupling(nn.Module):
         x_b = y_b - shift if scale is None else y_b / scale - shift
         return torch.cat([y_a, x_b], dim=1)
 
-    # -- fast path: the same maps, ActNorms and output factor folded into the convolutions
-
-    def fused_params(self) -> Tuple[torch.Tensor, ...]:
-        """(W1, b1, W2, b2, W3, b3): the network as three biased convolutions. For an affine
-        coupling W3/b3 output [shift, raw + 2] as two contiguous halves (the +2 is in b3)."""
-        w1, b1 = self.net[0].fused_weight_and_bias()
-        w2, b2 = self.net[2].fused_weight_and_bias()
-        w3, b3 = self.net[4].fused_weight_and_bias(deinterleave=self.affine)
-        if self.affine:
-            b3 = torch.cat([b3[: b3.shape[0] // 2], b3[b3.shape[0] // 2 :] + 2.0])
-        return w1, b1, w2, b2, w3, b3
-
-    def _fast_net(self, x_a: torch.Tensor, params) -> torch.Tensor:
-        w1, b1, w2, b2, w3, b3 = params
-        h = F.conv2d(x_a, w1, b1, padding=w1.shape[-1] // 2).relu_()
-        h = F.conv2d(h, w2, b2, padding=w2.shape[-1] // 2).relu_()
-        # under autocast the network's output is bf16: the coupling's own arithmetic and its
-        # log-det use the flow's precision
-        return F.conv2d(h, w3, b3, padding=1).to(x_a.dtype)
-
-    def fast_forward(self, x: torch.Tensor, params, inplace: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """:meth:`forward` from :meth:`fused_params`; log-det None for additive (zero).
-        ``inplace``: x is a scratch tensor of the caller's and no gradient is recorded, so y_b
-        overwrites x_b."""
-        # split/chunk rather than slicing: their backward is a cat, which keeps the gradient's
-        # memory format (a slice's backward scatters into a contiguous zero tensor, and mixed
-        # formats make the convolution and ReLU backward passes several times slower)
-        x_a, x_b = x.split([self.split, x.shape[1] - self.split], dim=1)
-        h = self._fast_net(x_a, params)
-        if not self.affine:
-            if inplace:
-                x_b.add_(h)
-                return x, None
-            return torch.cat([x_a, x_b + h], dim=1), None
-        shift, raw = h.chunk(2, dim=1)
-        # log sigmoid(raw) = -softplus(-raw), stable (logsigmoid's backward would return a
-        # contiguous-format gradient, see above)
-        logdet = -F.softplus(-raw).sum(dim=(1, 2, 3))
-        if inplace:
-            x_b.add_(shift).mul_(raw.sigmoid_())
-            return x, logdet
-        return torch.cat([x_a, (x_b + shift) * torch.sigmoid(raw)], dim=1), logdet
-
-    def fast_reverse(self, y: torch.Tensor, params, inplace: bool) -> torch.Tensor:
-        """:meth:`reverse` from :meth:`fused_params` (``inplace`` as in :meth:`fast_forward`)."""
-        y_a, y_b = y.split([self.split, y.shape[1] - self.split], dim=1)
-        h = self._fast_net(y_a, params)
-        if not self.affine:
-            if inplace:
-                y_b.sub_(h)
-                return y
-            return torch.cat([y_a, y_b - h], dim=1)
-        shift, raw = h.chunk(2, dim=1)
-        if inplace:
-            y_b.div_(raw.sigmoid_()).sub_(shift)
-            return y
-        return torch.cat([y_a, y_b / torch.sigmoid(raw) - shift], dim=1)
-
-
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv / shuffle / reverse) -> coupling.
 
@@ -458,67 +270,6 @@ class FlowStep(nn.Module):
         y = self.coupling.reverse(y)
         y = self.permute.reverse(y)
         return self.actnorm.reverse(y)
-
-    # -- fast path: ActNorm + permutation as one biased 1x1 convolution, then the fused coupling
-
-    def is_initialized(self) -> bool:
-        return all(m.is_initialized() for m in (self.actnorm, self.coupling.net[0].actnorm,
-                                                self.coupling.net[2].actnorm))
-
-    def _mixing_matrix(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(M, log|det M|): the permutation layer as a (C, C) matrix, y = M x."""
-        if isinstance(self.permute, InvConv1x1):
-            return self.permute.weight_and_logdet()
-        log_scale = self.actnorm.log_scale
-        eye = torch.eye(log_scale.shape[1], dtype=log_scale.dtype, device=log_scale.device)
-        return eye[self.permute.indices], log_scale.new_zeros(())
-
-    def fused_params(self):
-        """((W, b), log|det| per pixel, coupling params): ActNorm then permutation is
-        y = M ((x + bias) * s) = (M diag(s)) x + M (bias * s)."""
-        def compute():
-            with autocast_off(self.actnorm.log_scale):
-                scale, shift = self.actnorm.scale_and_shift()
-                matrix, matrix_logdet = self._mixing_matrix()
-                weight = (matrix * scale)[:, :, None, None]
-                bias = matrix @ shift
-                return weight, bias, self.actnorm.log_scale.sum() + matrix_logdet, self.coupling.fused_params()
-        return fusion_cache(self, "forward", compute)
-
-    def fused_inverse(self):
-        """(W, b) with x = conv(y', W) + b inverting ActNorm + permutation:
-        x = diag(1/s) M^-1 y' - bias. M^-1 is computed in float64 (as InvConv1x1.reverse)."""
-        def compute():
-            with autocast_off(self.actnorm.log_scale):
-                return self._inverse_weight_and_bias()
-        return fusion_cache(self, "reverse", compute)
-
-    def _inverse_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        matrix, _ = self._mixing_matrix()
-        if isinstance(self.permute, InvConv1x1):
-            inverse = torch.linalg.inv_ex(matrix.double()).inverse  # _ex: no host sync on CUDA
-        else:
-            inverse = matrix.double().T
-        inverse = inverse * torch.exp(-self.actnorm.log_scale.double()).flatten()[:, None]
-        return inverse.to(matrix.dtype)[:, :, None, None], -self.actnorm.bias.flatten()
-
-    def fast_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(y, log-det per pixel (scalar; times H*W gives the ActNorm + permutation part),
-        coupling log-det (N,) or None): the three layers' :meth:`forward`, fused. Needs
-        initialised ActNorms."""
-        weight, bias, pixel_logdet, coupling_params = self.fused_params()
-        y = full_precision_conv(x, weight, bias)  # a fresh tensor: the coupling may overwrite it
-        inplace = not torch.is_grad_enabled() and not is_compiling()
-        y, coupling_logdet = self.coupling.fast_forward(y, coupling_params, inplace)
-        return y, pixel_logdet, coupling_logdet
-
-    def fast_reverse(self, y: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """:meth:`reverse`, fused; ``inplace``: y is the caller's scratch tensor (no gradient)."""
-        _, _, _, coupling_params = self.fused_params()
-        weight, bias = self.fused_inverse()
-        y = self.coupling.fast_reverse(y, coupling_params, inplace)
-        return full_precision_conv(y, weight, bias)
-
 
 # ----------------------------------------------------------------------------- squeeze, split
 
@@ -556,8 +307,12 @@ class SplitPrior(nn.Module):
         h = self.prior(x_a)
         return h[:, 0::2], h[:, 1::2]
 
+    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_a, z): the kept half and the latent, without the prior."""
+        return x[:, : self.keep], x[:, self.keep :]
+
     def forward(self, x: torch.Tensor):
-        x_a, z = x[:, : self.keep], x[:, self.keep :]
+        x_a, z = self.split(x)
         mean, log_std = self.mean_log_std(x_a)
         return x_a, z, sum_except_batch(gaussian_log_density(z, mean, log_std))
 
@@ -565,28 +320,4 @@ class SplitPrior(nn.Module):
         if z is None:
             mean, log_std = self.mean_log_std(x_a)
             z = mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
-        return torch.cat([x_a, z], dim=1)
-
-    # -- fast path
-
-    def fused_params(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return fusion_cache(self, "prior", lambda: self.prior.fused_weight_and_bias(deinterleave=True))
-
-    def _fast_mean_log_std(self, x_a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        weight, bias = self.fused_params()
-        mean, log_std = full_precision_conv(x_a, weight, bias, padding=1).chunk(2, dim=1)
-        return mean, log_std
-
-    def fast_forward(self, x: torch.Tensor):
-        """:meth:`forward` with the fused prior convolution."""
-        x_a, z = x.split([self.keep, x.shape[1] - self.keep], dim=1)
-        mean, log_std = self._fast_mean_log_std(x_a)
-        return x_a, z, gaussian_log_density_sum(z, mean, log_std)
-
-    def fast_reverse(self, x_a: torch.Tensor, z: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
-        """:meth:`reverse` with the fused prior convolution; draws the same random numbers."""
-        if z is None:
-            mean, log_std = self._fast_mean_log_std(x_a)
-            noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # as randn_like of a strided view
-            z = mean + temperature * torch.exp(log_std) * noise
         return torch.cat([x_a, z], dim=1)

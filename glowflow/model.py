@@ -1,19 +1,15 @@
-"""Glow: a multi-scale flow of ActNorm, invertible 1x1 convolutions and couplings.
-
-The math contract (shared/DESIGN.md):
-
-* pixels are uint8 in [0, 255]; with ``n_bits`` < 8 they become ``floor(p / 2**(8 - n_bits))``;
-  model space is ``p / n_bins - 0.5`` in [-0.5, 0.5), ``n_bins = 2**n_bits``;
-* training adds uniform noise U(0, 1/n_bins) per dimension (:func:`dequantize`);
-* ``log_prob(x)`` is the continuous log-density in model space, nats per image: prior
-  log-density of every latent (split priors included) plus log|det dz/dx|;
-* bits/dim = ``-(log_prob(x) - D log n_bins) / (D ln 2)`` with D = C*H*W (:func:`bits_per_dim`).
+"""Glow: a multi-scale flow of ActNorm, invertible 1x1 convolutions and couplings, in one
+class that knows its own data space (image shape and bit depth).
 
 Architecture for ``L`` levels: each level squeezes (C, H, W) -> (4C, H/2, W/2), applies ``K``
 flow steps, and (all but the last) splits off half the channels as a latent with a learned
 Gaussian prior conditioned on the other half. The last level's output is the top latent, with a
 standard normal prior, a learned one (``learn_top``), and/or a class-conditional one
-(``y_condition``).
+(``y_condition``). The mathematics is stated in docs/math.md; the pixel maps are glowflow/pixels.py.
+
+One loop runs each direction (:meth:`Glow.forward_terms` / :meth:`Glow.encode` forwards,
+:meth:`Glow.decode` in reverse), over the plain layers of glowflow/layers.py or their fused
+counterparts of glowflow/fused.py (``model.fast``, on by default).
 """
 from __future__ import annotations
 
@@ -26,23 +22,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glowflow.config import GlowConfig
-from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess  # noqa: F401 (re-exported)
+from glowflow.fused import FusedFlow, autocast_off, gaussian_log_density_sum
 from glowflow.layers import (
     ActNorm,
     FlowStep,
     SplitPrior,
     ZeroConv2d,
     ZeroLinear,
-    autocast_off,
-    channels_last_squeeze2x,
-    channels_last_unsqueeze2x,
     gaussian_log_density,
-    gaussian_log_density_sum,
-    is_compiling,
     squeeze2x,
     sum_except_batch,
     unsqueeze2x,
 )
+from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
 
 _DEFAULTS = GlowConfig()
 
@@ -87,77 +79,114 @@ class FlowTerms:
         return torch.stack(self.level_log_priors).sum(0) + self.logdet
 
 
-class Glow(nn.Module):
-    """Glow (Kingma & Dhariwal, 2018). Keyword arguments as the command-line flags.
+class PlainFlow:
+    """The plain layers of a Glow (the reference computation), with the interface of
+    :class:`glowflow.fused.FusedFlow` that the model's loops use."""
 
-    Input: model-space images (N, C, H, W) (see :func:`preprocess`); H, W divisible by 2**L.
+    def __init__(self, levels: nn.ModuleList, splits: nn.ModuleList):
+        self.levels, self.splits = levels, splits
+
+    squeeze = staticmethod(squeeze2x)
+    unsqueeze = staticmethod(unsqueeze2x)
+
+    @staticmethod
+    def scratch_copy(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def finish(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _plain_log_density_sum(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return sum_except_batch(gaussian_log_density(x, mean, log_std))
+
+
+class Glow(nn.Module):
+    """Glow (Kingma & Dhariwal, 2018), built from a :class:`GlowConfig` or its fields as keywords
+    (the command-line flags): ``Glow(config)`` or ``Glow(image_shape=(1, 32, 32), K=8, ...)``.
+
+    Input: model-space images (N, C, H, W) (see :meth:`preprocess`); H, W divisible by 2**L.
     Latents: for level i < L, (N, C * 2**(i+1), H / 2**i, W / 2**i) (1-based i); top latent
     (N, C * 2**(L+1), H / 2**L, W / 2**L). Their sizes add up to C*H*W.
 
-    Speed: ``fast`` (default True) runs every method through the fused fast path, the same
-    mathematics with fewer operations (see glowflow/layers.py, "fast path helpers");
-    ``model.fast = False`` (or ``glowflow.speed.eager(model)``) runs the plain layer-by-layer
-    computation. ``channels_last`` (default True) keeps the fast path's activations channels_last.
+    Speed: ``fast`` (default True) runs every method through the fused layers of
+    glowflow/fused.py, the same mathematics with fewer operations; ``model.fast = False`` (or
+    ``glowflow.runtime.eager(model)``) runs the plain layers. ``channels_last`` (default True)
+    keeps the fast path's activations channels_last.
     """
 
-    fast: bool = True
-    channels_last: bool = True
-
-    def __init__(
-        self,
-        image_shape: Sequence[int] = _DEFAULTS.image_shape,
-        hidden_channels: int = _DEFAULTS.hidden_channels,
-        K: int = _DEFAULTS.K,
-        L: int = _DEFAULTS.L,
-        actnorm_scale: float = _DEFAULTS.actnorm_scale,
-        flow_permutation: str = _DEFAULTS.flow_permutation,
-        flow_coupling: str = _DEFAULTS.flow_coupling,
-        LU_decomposed: bool = _DEFAULTS.LU_decomposed,
-        learn_top: bool = _DEFAULTS.learn_top,
-        y_condition: bool = _DEFAULTS.y_condition,
-        num_classes: int = _DEFAULTS.num_classes,
-        y_multilabel: bool = _DEFAULTS.y_multilabel,
-        n_bits: int = _DEFAULTS.n_bits,
-    ):
+    def __init__(self, config: Optional[GlowConfig] = None, **fields):
         super().__init__()
-        self.config = GlowConfig(
-            image_shape=tuple(image_shape), hidden_channels=hidden_channels, K=K, L=L,
-            actnorm_scale=actnorm_scale, flow_permutation=flow_permutation, flow_coupling=flow_coupling,
-            LU_decomposed=LU_decomposed, learn_top=learn_top, y_condition=y_condition,
-            num_classes=num_classes, y_multilabel=y_multilabel, n_bits=n_bits,
-        )
-        c, h, w = self.config.image_shape
+        if config is not None and not isinstance(config, GlowConfig):  # Glow((C, H, W), ...)
+            config, fields = None, {"image_shape": config, **fields}
+        if config is not None and fields:
+            raise TypeError("Glow takes a GlowConfig or its fields as keywords, not both")
+        self.config = config if config is not None else GlowConfig(**fields)
+        cfg = self.config
+        c, h, w = cfg.image_shape
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
         self.latent_shapes: List[Tuple[int, int, int]] = []
-        for level in range(L):
+        for level in range(cfg.L):
             c, h, w = c * 4, h // 2, w // 2
             self.levels.append(nn.ModuleList(
-                FlowStep(c, hidden_channels, actnorm_scale, flow_permutation, flow_coupling, LU_decomposed)
-                for _ in range(K)
+                FlowStep(c, cfg.hidden_channels, cfg.actnorm_scale, cfg.flow_permutation, cfg.flow_coupling,
+                         cfg.LU_decomposed)
+                for _ in range(cfg.K)
             ))
-            if level < L - 1:
+            if level < cfg.L - 1:
                 split = SplitPrior(c)
                 self.splits.append(split)
                 self.latent_shapes.append((c - split.keep, h, w))
                 c = split.keep
         self.latent_shapes.append((c, h, w))
         self.top_shape = (c, h, w)
-        self.top_learned = ZeroConv2d(2 * c, 2 * c) if learn_top else None
-        if y_condition:
-            self.y_prior = ZeroLinear(num_classes, 2 * c)
-            self.classifier = ZeroLinear(c, num_classes)
+        self.top_learned = ZeroConv2d(2 * c, 2 * c) if cfg.learn_top else None
+        if cfg.y_condition:
+            self.y_prior = ZeroLinear(cfg.num_classes, 2 * c)
+            self.classifier = ZeroLinear(c, cfg.num_classes)
         else:
             self.y_prior = self.classifier = None
+        self.fast = True
+        self.plain = PlainFlow(self.levels, self.splits)  # the reference computation
+        self.fused = FusedFlow(self.levels, self.splits)  # the fast path, with its FusionCache
 
     @classmethod
     def from_config(cls, config: GlowConfig) -> "Glow":
-        return cls(**{k: v for k, v in config.__dict__.items()})
+        return cls(config)
 
     @property
     def num_dims(self) -> int:
+        """D = C*H*W, the dimensions of one image."""
         c, h, w = self.config.image_shape
         return c * h * w
+
+    @property
+    def channels_last(self) -> bool:
+        return self.fused.channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        self.fused.channels_last = bool(value)
+
+    def _flow(self):
+        """The layers the loops run: fused (``fast``) or plain."""
+        return self.fused if self.fast else self.plain
+
+    # ------------------------------------------------------------------ the data space
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (N, C, H, W) -> model space at the model's ``n_bits`` (no noise)."""
+        return preprocess(images, self.config.n_bits)
+
+    def dequantize(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Model-space ``x`` plus dequantisation noise U(0, 1/n_bins)."""
+        return dequantize(x, self.config.n_bits, generator)
+
+    def postprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [0, 1] on the model's ``n_bits`` grid."""
+        return postprocess(x, self.config.n_bits)
 
     # ------------------------------------------------------------------ priors
 
@@ -181,11 +210,7 @@ class Glow(nn.Module):
 
     def _top_log_prior(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         n = z.shape[0]
-        if self.fast:
-            density = gaussian_log_density_sum
-        else:
-            def density(z, mean, log_std):
-                return sum_except_batch(gaussian_log_density(z, mean, log_std))
+        density = gaussian_log_density_sum if self.fast else _plain_log_density_sum
         if self.y_prior is None or y is not None:
             mean, log_std = self.top_prior(n, y)
             return density(z, mean, log_std)
@@ -203,6 +228,28 @@ class Glow(nn.Module):
 
     # ------------------------------------------------------------------ x -> latents
 
+    def _forward_levels(self, x: torch.Tensor, priors: bool = True):
+        """The one forward loop: (latents, per-level log-dets, per-level log-priors of the split
+        latents (empty when ``priors`` is False)), all but the latents (N,)."""
+        flow = self._flow()
+        latents, logdets, log_priors = [], [], []
+        for index, steps in enumerate(flow.levels):
+            x = flow.squeeze(x)
+            logdet = x.new_zeros(x.shape[0])
+            for step in steps:
+                x, step_logdet = step(x)
+                logdet = logdet + step_logdet
+            logdets.append(logdet)
+            if index < len(flow.splits):
+                if priors:
+                    x, z, log_prior = flow.splits[index](x)
+                    log_priors.append(log_prior)
+                else:
+                    x, z = flow.splits[index].split(x)
+                latents.append(z)
+        latents.append(x)
+        return latents, logdets, log_priors
+
     def forward_terms(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> FlowTerms:
         """One pass from model-space ``x`` (N, C, H, W) to every latent and log-density term.
 
@@ -210,23 +257,10 @@ class Glow(nn.Module):
         (single-label) or the no-label prior (multi-label). On the fast path the latents may be
         channels_last views (same values; use ``reshape``, not ``view``).
         """
-        if self.fast:
-            return self._fast_forward_terms(x, y)
-        latents, logdets, log_priors = [], [], []
-        for index, steps in enumerate(self.levels):
-            x = squeeze2x(x)
-            logdet = x.new_zeros(x.shape[0])
-            for step in steps:
-                x, ld = step(x)
-                logdet = logdet + ld
-            logdets.append(logdet)
-            if index < len(self.splits):
-                x, z, log_prior = self.splits[index](x)
-                latents.append(z)
-                log_priors.append(log_prior)
-        latents.append(x)
-        log_priors.append(self._top_log_prior(x, y))
-        y_logits = self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else None
+        latents, logdets, log_priors = self._forward_levels(x)
+        top = latents[-1]
+        log_priors.append(self._top_log_prior(top, y))
+        y_logits = self.classifier(top.mean(dim=(2, 3))) if self.classifier is not None else None
         return FlowTerms(latents, logdets, log_priors, y_logits)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -237,21 +271,8 @@ class Glow(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """x (N, C, H, W) -> (latents, log|det d latents / dx| of shape (N,)); no prior terms."""
-        if self.fast:
-            terms = self._fast_forward_terms(x, None, priors=False)
-            return [z.contiguous() for z in terms.latents], terms.logdet
-        latents, logdets = [], []
-        for index, steps in enumerate(self.levels):
-            x = squeeze2x(x)
-            for step in steps:
-                x, ld = step(x)
-                logdets.append(ld)
-            if index < len(self.splits):
-                keep = self.splits[index].keep
-                latents.append(x[:, keep:])
-                x = x[:, :keep]
-        latents.append(x)
-        return latents, torch.stack(logdets).sum(0)
+        latents, logdets, _ = self._forward_levels(x, priors=False)
+        return [z.contiguous() for z in latents], torch.stack(logdets).sum(0)
 
     def log_prob(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Continuous log-density of model-space ``x`` (N, C, H, W), nats per image, shape (N,)."""
@@ -281,15 +302,15 @@ class Glow(nn.Module):
             if n is None and y is None:
                 raise ValueError("decode needs the top latent, another latent or y to know the batch size")
             x = self._sample_top(n if n is not None else y.shape[0], y, temperature)
-        if self.fast:
-            return self._fast_decode(x, latents, temperature)
-        for index in reversed(range(len(self.levels))):
-            if index < len(self.splits):
-                x = self.splits[index].reverse(x, latents[index], temperature)
-            for step in reversed(self.levels[index]):
+        flow = self._flow()
+        x = flow.scratch_copy(x)
+        for index in reversed(range(len(flow.levels))):
+            if index < len(flow.splits):
+                x = flow.splits[index].reverse(x, latents[index], temperature)
+            for step in reversed(flow.levels[index]):
                 x = step.reverse(x)
-            x = unsqueeze2x(x)
-        return x
+            x = flow.unsqueeze(x)
+        return flow.finish(x)
 
     def _sample_top(self, n: int, y: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
         if self.y_prior is not None and y is None:
@@ -311,75 +332,25 @@ class Glow(nn.Module):
         top = self._sample_top(n, y, temperature)
         return self.decode([None] * (len(self.levels) - 1) + [top], y=y, temperature=temperature)
 
-    # ------------------------------------------------------------------ the fast path
+    # ------------------------------------------------------------------ state
 
-    def _squeeze(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last_squeeze2x(x) if self.channels_last else squeeze2x(x)
+    def train(self, mode: bool = True) -> "Glow":
+        self.fused.cache.clear()
+        return super().train(mode)
 
-    def _unsqueeze(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last_unsqueeze2x(x) if self.channels_last else unsqueeze2x(x)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.fused.cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _fast_forward_terms(self, x: torch.Tensor, y: Optional[torch.Tensor], priors: bool = True) -> FlowTerms:
-        """:meth:`forward_terms` through the fused layers (``priors=False``: latents and log-dets
-        only, as :meth:`encode`). A flow step whose ActNorms are not initialised yet runs its plain
-        ``forward`` (which initialises them in training mode)."""
-        latents, logdets, log_priors = [], [], []
-        for index, steps in enumerate(self.levels):
-            x = self._squeeze(x)
-            pixel_logdets, sample_logdets = [], []
-            for step in steps:
-                if step.is_initialized():
-                    x, pixel_logdet, coupling_logdet = step.fast_forward(x)
-                    pixel_logdets.append(pixel_logdet)
-                    if coupling_logdet is not None:
-                        sample_logdets.append(coupling_logdet)
-                else:
-                    x, logdet = step(x)
-                    sample_logdets.append(logdet)
-            logdet = x.shape[2] * x.shape[3] * torch.stack(pixel_logdets).sum() if pixel_logdets else 0.0
-            if sample_logdets:
-                logdet = logdet + torch.stack(sample_logdets).sum(0)
-            else:
-                logdet = x.new_zeros(x.shape[0]) + logdet
-            logdets.append(logdet)
-            if index < len(self.splits):
-                split = self.splits[index]
-                if priors:
-                    x, z, log_prior = split.fast_forward(x)
-                    log_priors.append(log_prior)
-                else:
-                    x, z = x[:, : split.keep], x[:, split.keep :]
-                latents.append(z)
-        latents.append(x)
-        if not priors:
-            return FlowTerms(latents, logdets, log_priors, None)
-        log_priors.append(self._top_log_prior(x, y))
-        y_logits = self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else None
-        return FlowTerms(latents, logdets, log_priors, y_logits)
-
-    def _fast_decode(self, x: torch.Tensor, latents: List[Optional[torch.Tensor]], temperature: float) -> torch.Tensor:
-        """The rest of :meth:`decode` from the top latent ``x``, through the fused layers."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        inplace = not torch.is_grad_enabled() and not is_compiling()
-        # a private copy, so the in-place coupling inverse never writes into the caller's latent
-        x = torch.empty_like(x, memory_format=memory_format).copy_(x)
-        for index in reversed(range(len(self.levels))):
-            if index < len(self.splits):
-                x = self.splits[index].fast_reverse(x, latents[index], temperature)
-                x = x.contiguous(memory_format=memory_format)
-            for step in reversed(self.levels[index]):
-                x = step.fast_reverse(x, inplace)
-            x = self._unsqueeze(x)
-        return x.contiguous()
+    def _apply(self, fn, *args, **kwargs):
+        self.fused.cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def clear_fast_cache(self) -> None:
         """Drop the fast path's cached parameter-only tensors. Only needed after changing
         parameters in place without bumping their version counters (through ``.data``, or a fused
         optimizer) while the model stays in eval mode with no forward pass in between."""
-        for module in self.modules():
-            module.__dict__.pop("_fusion_cache", None)
-
-    # ------------------------------------------------------------------ initialisation
+        self.fused.cache.clear()
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:

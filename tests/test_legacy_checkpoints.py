@@ -1,6 +1,8 @@
 """Checkpoints written before the one-way layout (commit 0484b49) still load and give the same
-numbers and pictures: log_prob within 1e-6 relative, identical samples at a seed, the same
-outlier scores. The files and the generator are in tests/legacy/."""
+numbers and pictures: log_prob and bits/dim within 1e-6 relative, identical samples at a seed, the
+same outlier scores to float32 rounding (1e-5: the density-of-states score is a mixture density of
+standardised statistics, which turns the 1e-7 relative float32 rounding of the level bits/dim into
+a few 1e-6). The files and the generator are in tests/legacy/."""
 import json
 import math
 import os
@@ -27,7 +29,8 @@ def test_legacy_checkpoint_gives_the_same_numbers_and_pictures(name):
     values, arrays = measure(os.path.join(HERE, f"{name}.pt"), KINDS[name]["size"])
     assert set(values) == set(expected)
     for key, value in expected.items():
-        assert _close(values[key], value), (key, values[key], value)
+        abs_ = 1e-5 if key.startswith("ood_") else 1e-6
+        assert _close(values[key], value, abs_=abs_), (key, values[key], value)
     assert set(arrays) == set(stored.files)
     for key in stored.files:
         np.testing.assert_array_equal(arrays[key], stored[key], err_msg=key)
