@@ -4,7 +4,7 @@
     PYTHONPATH=. python3 benchmarks/bench.py --quick         # fewer repeats (about a minute)
     PYTHONPATH=. python3 benchmarks/bench.py --device cuda --amp bf16 --compile
 
-Configurations (the seed's defaults: hidden 64, K 8, L 3, affine coupling, invconv, Adamax):
+Configurations (the default flags: hidden 64, K 8, L 3, affine coupling, invconv, Adamax):
   1x32x32   batch 128          3x32x32   batch 128
   cifar     3x32x32, hidden 512, K 32, L 3 (the paper's CIFAR-10 model), batch --cifar-batch (8)
 

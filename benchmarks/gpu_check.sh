@@ -34,6 +34,6 @@ run cuda_table 110 --amp bf16 --nchw --repeats 5
 run cuda_strict_fp32 50 --no-tf32 --configs 1x32x32,cifar --repeats 3
 # 3. the paper's CIFAR-10 model at a batch that fills a GPU better
 run cuda_cifar_b64 40 --configs cifar --cifar-batch 64 --amp bf16 --repeats 3
-# 4. torch.compile (compile time printed) on the seed configuration
+# 4. torch.compile (compile time printed) on the default configuration
 run cuda_compile 90 --configs 1x32x32 --compile --repeats 5
 echo; echo "gpu_check: results in $OUT_DIR"

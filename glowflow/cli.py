@@ -1,7 +1,7 @@
 """Command line: flags -> config -> train / sample / outlier detection; nothing else.
 
-The seed script's flags keep their names, meanings and defaults (the defaults come from
-:mod:`glowflow.config`). A user-fixable problem prints one line and exits with status 2.
+The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
+meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A user-fixable problem prints one line and exits with status 2.
 """
 from __future__ import annotations
 

@@ -109,9 +109,8 @@ def compile_model(model: nn.Module, mode: Optional[str] = None, dynamic: bool = 
 
     ``model`` is the module the training step calls (the Glow, or its DistributedDataParallel
     wrapper); call this after the data-dependent ActNorm initialisation, because the compiled
-    graph assumes initialised ActNorms. The first step compiles (minutes; measured on the 2-core
-    CPU: ~160 s for the seed defaults, and no faster than the fast path afterwards, so use it on
-    CUDA). Raises GlowflowError when compiling cannot work: ActNorm not yet initialised, or no
+    graph assumes initialised ActNorms. The first step compiles, which takes minutes; on a CPU it
+    is no faster than the fast path afterwards (benchmarks/README.md), so it is meant for CUDA. Raises GlowflowError when compiling cannot work: ActNorm not yet initialised, or no
     C++ compiler for the CPU backend.
     """
     glow = _glow_of(model)
@@ -133,8 +132,8 @@ def autocast_context(device: Union[str, torch.device], amp: Optional[str] = "non
     on CUDA (needs a GPU with bf16 support) or CPU. Keep ``loss.backward()`` and the optimizer step
     outside the context. bf16 needs no gradient scaler. On the fast path the convolutions of the
     coupling networks run in bf16; the flow's activations, the 1x1 convolutions, every
-    log-determinant and every prior stay float32 (measured: bits/dim within ~6e-4 of float32 on
-    the seed model, benchmarks/README.md), so it is outside the fast path's 1e-5 float32 contract.
+    log-determinant and every prior stay float32; bits/dim then differs from float32 by more than
+    the fast path's 1e-5 contract (measured in benchmarks/README.md).
     """
     amp = "none" if amp is None else str(amp).lower()
     if amp not in AMP_CHOICES:

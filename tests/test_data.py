@@ -43,7 +43,7 @@ DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
 def seed_transform(size, crop=None):
-    """The seed's preprocessing of one PIL image: (CenterCrop,) Resize, ToTensor."""
+    """GenerativeZoo's preprocessing of one PIL image: (CenterCrop,) Resize, ToTensor."""
     steps = ([transforms.CenterCrop(crop)] if crop else []) + [transforms.Resize(size), transforms.ToTensor()]
     return transforms.Compose(steps)
 
@@ -144,7 +144,7 @@ def test_idx_datasets(tmp_path, name, folder):
         assert len(ds) == len(raw_images)
         check_images(images, (1, 32, 32))
         assert labels.dtype == torch.int64 and labels.tolist() == raw_labels.tolist()
-        # the seed's preprocessing: torchvision Resize(32) of the 28x28 PIL image, then ToTensor
+        # GenerativeZoo's preprocessing: torchvision Resize(32) of the 28x28 PIL image, then ToTensor
         expected = torch.stack([seed_transform(32)(Image.fromarray(a, mode="L")) for a in raw_images])
         assert torch.equal(images, expected)
         assert ds.info == dataset_info(name)
@@ -289,7 +289,7 @@ def test_tinyimagenet(tmp_path):
     assert_colours_match_labels(images, labels)
     val = load_dataset("tinyimagenet", "test", data_root=str(tmp_path), download=False)
     images, labels = all_items(val)
-    assert labels.tolist() == val_labels  # from val_annotations.txt, not all 0 as in the seed
+    assert labels.tolist() == val_labels  # from val_annotations.txt, not all 0 as in GenerativeZoo's script
     assert_colours_match_labels(images, labels)
     assert val.info.num_classes == 200
     assert load_dataset("tinyimagenet", "test", data_root=str(tmp_path), image_size=32,
@@ -393,7 +393,7 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
         assert labels.dtype == torch.int64
         assert torch.bincount(labels).tolist() == [per_class] * 10
     assert not os.path.exists(empty_root)  # read in place: nothing written under data_root
-    # the same pixels as the seed's pipeline on the raw 28x28 images
+    # the same pixels as GenerativeZoo's pipeline on the raw 28x28 images
     with gzip.open(os.path.join(DEBIAN_FASHION, "t10k-images-idx3-ubyte.gz")) as f:
         raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     for i in range(0, 10000, 997):

@@ -13,7 +13,7 @@ from tests.helpers import architecture_combinations, combo_id, labels_for, rando
 
 COMBOS = list(architecture_combinations())
 SHAPE = (3, 16, 16)
-TOL = 1e-5  # bits/dim, float32 (the contract)
+TOL = 1e-5  # bits/dim, float32 (the fast path's contract)
 
 
 def _model(combo, dtype=torch.float32, seed=0):

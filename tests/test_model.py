@@ -43,7 +43,7 @@ def _flat_latents(model):
     return f
 
 
-# (image shape, L): the 1x4x4, 2x4x4, 3x4x4 at L = 1, 2, and 8x8 images for L = 3.
+# (image shape, L): 1x4x4, 2x4x4, 3x4x4 at L = 1, 2, and 8x8 images for L = 3.
 JACOBIAN_CASES = [((c, 4, 4), L) for c in (1, 2, 3) for L in (1, 2)] + [((1, 8, 8), 3), ((3, 8, 8), 3)]
 
 
@@ -215,7 +215,7 @@ def test_classification_loss_single_and_multi_label():
     one_hot = torch.nn.functional.one_hot(labels, 3).float()
     assert torch.allclose(classification_loss(logits, one_hot, multilabel=False), expected)
     multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    p = torch.sigmoid(logits)  # one sigmoid, on the logits (the seed applied two)
+    p = torch.sigmoid(logits)  # one sigmoid, on the logits (GenerativeZoo's script applied two)
     bce = -(multi_hot * torch.log(p) + (1 - multi_hot) * torch.log(1 - p)).mean()
     assert torch.allclose(classification_loss(logits, multi_hot, multilabel=True), bce, atol=1e-6)
 

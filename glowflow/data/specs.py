@@ -1,6 +1,6 @@
 """The 13 named datasets: what each is, where its files may lie, and how to get them.
 
-Preprocessing (the seed's): the 28-pixel grey sets (MNIST, Fashion-MNIST, the MedMNIST sets at
+Preprocessing (that of GenerativeZoo's Glow script): the 28-pixel grey sets (MNIST, Fashion-MNIST, the MedMNIST sets at
 their 28-pixel variant) are resized to 32x32x1; CIFAR-10/100 and SVHN are 32x32x3; Tiny-ImageNet
 64x64x3; Places365 (small images), DTD and ImageNet 128x128x3 after a centre square crop.
 
