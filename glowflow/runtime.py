@@ -85,7 +85,7 @@ def eager(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` (a Glow, or a DDP/compiled wrapper of one) through the plain layer-by-layer
     computation inside the block; the previous setting is restored on exit.
 
-        with glowflow.speed.eager(model):
+        with glowflow.runtime.eager(model):
             reference = model.log_prob(x)
     """
     glow = _glow_of(model)
