@@ -349,7 +349,7 @@ class Trainer:
         perturbed, with --perturb); the labels when the model is class-conditional, else None."""
         run = self.run
         if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
-            generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE + self.step + 7)
+            generator = torch.Generator().manual_seed(perturb_seed(run.seed, self.step))
             images = perturb(images, run.perturb, generator)
         n_bits = self.model.config.n_bits
         x = preprocess(images.to(self.device, non_blocking=True), n_bits)
@@ -447,7 +447,27 @@ def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
     return RunConfig(**values)
 
 
+# ----------------------------------------------------------------------------- seeds of the random streams
+# Each is ``seed * SEED_STRIDE + offset`` (glowflow.config); the epoch order's is in glowflow.data.
+
+
+def noise_seed(seed: int, step: int) -> int:
+    """Dequantisation noise of optimizer step ``step``."""
+    return seed * SEED_STRIDE + step
+
+
+def perturb_seed(seed: int, step: int) -> int:
+    """--perturb's pixel replacement in optimizer step ``step``."""
+    return seed * SEED_STRIDE + step + 7
+
+
+def actnorm_seed(seed: int) -> int:
+    """The subset of training images (and their noise) that initialises ActNorm."""
+    return seed * SEED_STRIDE - 1
+
+
 def run_seed_for_samples(seed: int, epoch: int) -> int:
+    """The sample grid written after epoch ``epoch``."""
     return seed * SEED_STRIDE + 10_000 + epoch
 
 
@@ -457,7 +477,7 @@ def run_seed_for_samples(seed: int, epoch: int) -> int:
 def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
     """Dequantisation noise U(0, 1/n_bins) of this process's share of global step ``step``."""
     global_shape = (shape[0] * world_size, *shape[1:])
-    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
+    generator = torch.Generator().manual_seed(noise_seed(seed, step))
     noise = dequantization_noise(global_shape, n_bits, generator)[rank::world_size]
     return noise.to(device, non_blocking=True)
 
@@ -481,7 +501,7 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     """
     n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
     n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
-    generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE - 1)
+    generator = torch.Generator().manual_seed(actnorm_seed(run.seed))
     indices = torch.randperm(len(dataset), generator=generator)[:n]
     n_bits = model.config.n_bits
     noise = dequantization_noise((n, *model.config.image_shape), n_bits, generator)
