@@ -1,4 +1,8 @@
-"""The training loop: one process or many (torchrun + DistributedDataParallel), CPU or GPU.
+"""The training loop of glowflow: one process or many (torchrun + DistributedDataParallel), CPU or GPU.
+
+This file owns :func:`train` (the ``--train`` command), the :class:`Trainer` it runs, and the pieces
+only training needs: the per-step dequantisation noise, ActNorm's data-dependent initialisation,
+test-split bits/dim, and what a resumed run keeps from its checkpoint (:data:`RESUME_OVERRIDES`).
 
 Reproducibility is built in rather than bolted on: the data order of epoch ``e`` is a permutation
 seeded by ``(seed, e)``, the dequantisation noise of optimizer step ``s`` is drawn from a generator
@@ -18,10 +22,12 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,15 +41,448 @@ from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preproc
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
 from glowflow.tracking import Tracker
 
+
+def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
+    """Train (or resume) as ``run`` says; returns a summary dict."""
+    trainer = Trainer(run, model_config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
+
+
+class NonFiniteLoss(GlowflowError):
+    """Raised after --max_nonfinite_steps skipped steps in a row: the run has diverged."""
+
+
+@dataclasses.dataclass
+class StepLoopTotals:
+    """What the step loop of one epoch measured, for the metrics row and the epoch line."""
+
+    bpd_sum: torch.Tensor  # summed bits/dim of this process's finite steps (float64, on the device)
+    steps: int  # finite steps taken; skipped ones are not counted
+    images: int  # images of those steps, all processes together
+    seconds: float
+    stopped_early: bool  # --max_steps was reached
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """The model, optimizer, data and bookkeeping of one training run.
+
+    Two handles on the model:
+
+    * ``self.model`` -- the bare :class:`Glow`. Checkpoints, evaluation, sampling, ActNorm
+      initialisation and gradient clipping use it.
+    * ``self.step_model`` -- the module :meth:`train_step` calls for the forward pass: ``self.model``
+      wrapped in DistributedDataParallel (under torchrun) and/or torch.compile (``--compile``), or
+      the very same object as ``self.model`` when neither applies.
+    """
+
+    def __init__(self, run: RunConfig, model_config: Optional[GlowConfig] = None):
+        run.validate()
+        self.device = resolve_device(run.device)
+        self.dist = Distributed(self.device)
+        self.run, model_config, resumed = self._restore_run(run, model_config)
+        self.output_dir = self.run.resolved_output_dir()
+        self.dataset_name = dataset_slug(self.run.dataset)
+        self.train_set, self.test_set = self._load_data(model_config)
+        if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
+            _check_writable(self.output_dir)
+        torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
+        self.model = self._build_model(model_config, resumed)
+        self.sampler, self.steps_per_epoch = self._build_sampler()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
+        if resumed is not None:
+            self._restore_training_state(resumed.payload)
+        elif not self.model.is_initialized():
+            initialize_actnorm(self.model, self.train_set, self.run, self.device, self.dist)
+        self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
+        self.train_loader, self.test_loader = self._build_loaders()
+        self.tracker: Optional[Tracker] = None  # opened by fit(), on the main process only
+
+    # -------------------------------------------------------------- assembling a run
+
+    def _restore_run(self, run: RunConfig, model_config: Optional[GlowConfig]
+                     ) -> Tuple[RunConfig, GlowConfig, Optional[Checkpoint]]:
+        """The run configuration and architecture to train, and the checkpoint resumed from (if any).
+
+        A fresh run takes ``run`` and ``model_config`` as given. With ``--resume`` both come from
+        the checkpoint, except the fields of RESUME_OVERRIDES, which the command line still sets.
+        """
+        if not run.resume:
+            if model_config is None:
+                raise GlowflowError("no model configuration given")
+            return run, model_config, None
+        resumed = Checkpoint.read(run.resume)
+        if not resumed.has_training_state:
+            raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
+        run = resumed_config(resumed.run_config, run)
+        return run, resumed.model_config, resumed
+
+    def _load_data(self, model_config: GlowConfig):
+        """Both splits of --dataset, checked against the model's image shape."""
+        run = self.run
+        divisor = 2 ** model_config.L
+        train_set = data_module.load_dataset(run.dataset, "train", data_root=run.data_root,
+                                             image_size=run.image_size, divisor=divisor)
+        test_set = data_module.load_dataset(run.dataset, "test", data_root=run.data_root,
+                                            image_size=run.image_size, divisor=divisor)
+        data_shape = tuple(train_set.info.image_shape)
+        if tuple(model_config.image_shape) != data_shape:
+            raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
+        return train_set, test_set
+
+    def _build_model(self, model_config: GlowConfig, resumed: Optional[Checkpoint]) -> Glow:
+        """A new Glow of ``model_config``, or the resumed checkpoint's, on the training device."""
+        model = Glow.from_config(model_config) if resumed is None else resumed.build_model()
+        return model.to(self.device)
+
+    def _build_sampler(self) -> Tuple[EpochSampler, int]:
+        """The sampler of the training batches (this process's share of each global batch) and the
+        number of optimizer steps per epoch."""
+        sampler = EpochSampler(len(self.train_set), self.run.batch_size, self.run.seed,
+                               self.dist.rank, self.dist.world_size)
+        if sampler.global_batch % self.dist.world_size:
+            raise GlowflowError(f"batch size {sampler.global_batch} is not divisible by the "
+                                f"{self.dist.world_size} processes")
+        return sampler, sampler.batches_per_epoch
+
+    def _build_optimizer(self):
+        """Adamax on the model's parameters, and a linear learning-rate warm-up over --warmup epochs
+        (stepped once per optimizer step)."""
+        run = self.run
+        optimizer = torch.optim.Adamax(self.model.parameters(), lr=run.lr, weight_decay=run.decay)
+        warmup_steps = run.warmup * self.steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+        return optimizer, scheduler
+
+    def _restore_training_state(self, payload: Dict) -> None:
+        """Continue where the checkpoint stopped: optimizer, scheduler, counters and RNG states."""
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.epoch = int(payload["epoch"])
+        self.step = int(payload["step"])
+        self.best_test_bpd = float(payload.get("best_test_bpd", math.inf))
+        self.nonfinite_total = int(payload.get("nonfinite_steps", 0))
+        rng = payload.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _wrap_for_training(self) -> nn.Module:
+        """``self.model`` in DistributedDataParallel under torchrun, then in torch.compile with
+        --compile; ``self.model`` itself when neither applies. Runs after ActNorm's initialisation,
+        which compiling requires."""
+        wrapped: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(wrapped, device_ids=ids)
+        if self.run.compile:
+            wrapped = compile_model(wrapped)
+        return wrapped
+
+    def _build_loaders(self) -> Tuple[DataLoader, DataLoader]:
+        """The training loader (batches from self.sampler) and the test loader (each process takes
+        every world_size-th test image)."""
+        run = self.run
+        train_loader = data_module.make_loader(
+            self.train_set, batch_size=self.sampler.global_batch // self.dist.world_size, shuffle=False,
+            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=self.sampler)
+        test_sampler = None
+        if self.dist.enabled:
+            test_sampler = list(range(len(self.test_set)))[self.dist.rank::self.dist.world_size]
+        test_loader = data_module.make_loader(
+            self.test_set, batch_size=run.eval_batch_size, shuffle=False,
+            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=test_sampler)
+        return train_loader, test_loader
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self) -> Dict:
+        """Train epoch by epoch until --n_epochs or --max_steps; Ctrl-C saves last.pt first."""
+        run = self.run
+        if self.dist.is_main:
+            self.tracker = self._make_tracker()
+            self._print_header()
+        stopped_early = False
+        try:
+            while self.epoch < run.n_epochs and not stopped_early:
+                stopped_early = self._run_epoch()
+        except KeyboardInterrupt:
+            path = self.save("last.pt")
+            if path:
+                print(f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr)
+            raise
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+        summary = {"epoch": self.epoch, "step": self.step, "best_test_bpd": self.best_test_bpd,
+                   "nonfinite_steps": self.nonfinite_total, "output_dir": self.output_dir}
+        self.dist.barrier()
+        return summary
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch, then evaluate, record, save and report it;
+        True if --max_steps stopped it early."""
+        totals = self._run_steps()
+        epoch_complete = self.step >= (self.epoch + 1) * self.steps_per_epoch
+        if epoch_complete:
+            self.epoch += 1
+        # both are collective under torchrun: every process computes them, in this order
+        train_bpd = self.dist.all_sum(totals.bpd_sum.clone()).item() / max(1, totals.steps * self.dist.world_size)
+        test_bpd = self.evaluate()
+        improved = test_bpd < self.best_test_bpd
+        if improved:
+            self.best_test_bpd = test_bpd
+        row = self._metrics_row(totals, train_bpd, test_bpd)
+        if self.dist.is_main:
+            self.save("last.pt")
+            if improved:
+                self.save(self.best_name)
+            self.tracker.log_epoch(row)
+            self._print_epoch(row, totals, train_bpd, test_bpd, improved)
+            if epoch_complete and self.run.sample_and_save_freq > 0 and self.epoch % self.run.sample_and_save_freq == 0:
+                path = self.save_samples()
+                self.tracker.log_image(self.step, "samples", path)
+        return totals.stopped_early
+
+    def _run_steps(self) -> StepLoopTotals:
+        """train_step over the current epoch's remaining batches (all of them unless resumed mid-epoch),
+        with a progress bar; stops at --max_steps, and raises NonFiniteLoss after
+        --max_nonfinite_steps skipped steps in a row."""
+        run = self.run
+        self.sampler.set_epoch(self.epoch, start_batch=self.step - self.epoch * self.steps_per_epoch)
+        self.model.train()
+        started = time.perf_counter()
+        bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps_done, images_done, consecutive_bad = 0, 0, 0
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{run.n_epochs}", total=len(self.train_loader),
+                   disable=not self.dist.is_main, mininterval=1.0, dynamic_ncols=True)
+        stopped_early = False
+        for images, labels in bar:
+            bpd = self.train_step(images, labels)
+            self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
+            if bpd is None:
+                consecutive_bad += 1
+                self.nonfinite_total += 1
+                if consecutive_bad >= run.max_nonfinite_steps:
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: "
+                        f"training diverged; the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
+                        f"--max_grad_norm or --flow_coupling additive)")
+                continue
+            consecutive_bad = 0
+            steps_done += 1
+            images_done += images.shape[0] * self.dist.world_size
+            bpd_sum += bpd.double()
+            if self.step % 10 == 0 or steps_done == 1:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(bpd=f"{(bpd_sum / steps_done).item():.3f}", img_s=f"{images_done / elapsed:.0f}")
+            if run.max_steps is not None and self.step >= run.max_steps:
+                stopped_early = True
+                break
+        bar.close()
+        return StepLoopTotals(bpd_sum, steps_done, images_done, time.perf_counter() - started, stopped_early)
+
+    def evaluate(self) -> float:
+        """The test split's bits/dim (noise seeded by --eval_seed, at most --max_eval_images images)."""
+        return evaluate_bpd(self.model, self.test_loader, self.device, self.run.eval_seed,
+                            use_labels=self.model.config.y_condition, dist_ctx=self.dist,
+                            max_images=self.run.max_eval_images, desc="test bits/dim")
+
+    def _metrics_row(self, totals: StepLoopTotals, train_bpd: float, test_bpd: float) -> Dict:
+        """The epoch's metrics.csv row (and tracker entry)."""
+        return {"epoch": self.epoch, "step": self.step, "train_bpd": round(train_bpd, 6),
+                "test_bpd": round(test_bpd, 6), "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": round(totals.images / max(totals.seconds, 1e-9), 2),
+                "seconds": round(totals.seconds, 3)}
+
+    def _print_header(self) -> None:
+        """The run's one-line introduction: data, model size, device, processes, output folder."""
+        c, h, w = self.model.config.image_shape
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
+              f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
+              f"{self.dist.world_size} process(es), output {self.output_dir}")
+
+    def _print_epoch(self, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float,
+                     improved: bool) -> None:
+        """The epoch's line on stdout, after a note on stderr when steps have been skipped."""
+        if self.nonfinite_total:
+            print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
+                  file=sys.stderr)
+        print(f"epoch {self.epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
+              f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
+              f"{row['images_per_s']:.0f} img/s  {totals.seconds:.1f} s")
+
+    def _make_tracker(self) -> Tracker:
+        """metrics.csv, plus wandb and/or TensorBoard as the flags say; appends when resuming."""
+        config = {**self.run.to_dict(), **{f"model/{k}": v for k, v in self.model.config.to_dict().items()}}
+        return Tracker(self.output_dir, use_wandb=not self.run.no_wandb, use_tensorboard=self.run.tensorboard,
+                       run_name=f"Glow_{self.dataset_name}", config=config, resume=bool(self.run.resume))
+
+    # -------------------------------------------------------------- one step
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """One optimizer step on a batch of raw images: its mean bits/dim, or None when the step was
+        skipped for a non-finite loss or gradient. Counting the step is the caller's job."""
+        x, y = self._model_inputs(images, labels)
+        loss, bpd = self._loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not self._all_finite(loss):
+            return None
+        self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        return bpd.detach()
+
+    def _model_inputs(self, images: torch.Tensor, labels: torch.Tensor):
+        """The batch in model space on the device, dequantised with this step's noise (and first
+        perturbed, with --perturb); the labels when the model is class-conditional, else None."""
+        run = self.run
+        if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
+            generator = torch.Generator().manual_seed(perturb_seed(run.seed, self.step))
+            images = perturb(images, run.perturb, generator)
+        n_bits = self.model.config.n_bits
+        x = preprocess(images.to(self.device, non_blocking=True), n_bits)
+        x = x + step_noise(x.shape, n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
+        y = labels.to(self.device, non_blocking=True) if self.model.config.y_condition else None
+        return x, y
+
+    def _loss(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass (under --amp's autocast) through self.step_model: the loss to minimise
+        (bits/dim, plus --y_weight times the classification loss) and the mean bits/dim alone."""
+        with autocast_context(self.device, self.run.amp):
+            log_prob, y_logits = self.step_model(x, y)
+        bpd = bits_per_dim(log_prob.float(), self.model.num_dims, self.model.config.n_bits).mean()
+        loss = bpd
+        if y_logits is not None:
+            loss = loss + self.run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
+        return loss, bpd
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss and every gradient are finite, on every process.
+
+        A non-finite step is skipped: a finite loss can still overflow in the backward pass, and one
+        such update would poison every weight. This is the step's one host-device synchronisation,
+        placed after the backward pass is queued, so a GPU has the whole backward pass to run while
+        the host waits; a skipped batch's gradients are dropped by the next step's zero_grad.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))).to(torch.int32)
+        if self.dist.enabled:  # every process skips together, or none does
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _clip_gradients(self) -> None:
+        """--max_grad_clip (per value), then --max_grad_norm (total 2-norm); 0 turns either off."""
+        if self.run.max_grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.run.max_grad_clip)
+        if self.run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.max_grad_norm)
+
+    # -------------------------------------------------------------- checkpoints and samples
+
+    @property
+    def best_name(self) -> str:
+        """File name of the checkpoint with the best test bits/dim so far."""
+        return f"Glow_{self.dataset_name}.pt"
+
+    def save(self, name: str) -> Optional[str]:
+        """Write checkpoint ``name`` into the output folder (main process only); its path, or None."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **self._checkpoint_fields())
+
+    def _checkpoint_fields(self) -> Dict:
+        """Everything besides the model that resuming needs."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return dict(rng=rng,
+            run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
+            best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
+        )
+
+    def save_samples(self) -> str:
+        """An 8x8 grid of samples at temperature 0.7 (one class per position for a class-conditional
+        model), written as samples_epoch<NNN>.png; its path."""
+        torch.manual_seed(run_seed_for_samples(self.run.seed, self.epoch))
+        y = None
+        if self.model.config.y_condition and not self.model.config.y_multilabel:
+            y = torch.arange(64, device=self.device) % self.model.config.num_classes
+        self.model.eval()
+        x = self.model.sample(64, temperature=0.7, y=y)
+        self.model.train()
+        path = os.path.join(self.output_dir, f"samples_epoch{self.epoch:03d}.png")
+        save_grid(x, self.model.config.n_bits, path, nrow=8)
+        print(f"saved {path}")
+        return path
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+# What a resumed run may change; everything else (data, seed, optimisation, n_bits) is the stored run's.
+RESUME_OVERRIDES = ("n_epochs", "max_steps", "output_dir", "device", "num_workers", "no_wandb", "tensorboard",
+                    "resume", "data_root", "sample_and_save_freq", "max_eval_images", "compile", "amp")
+
+
+def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
+    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
+    values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
+    if current.output_dir is None:
+        values["output_dir"] = stored.get("output_dir") or os.path.dirname(os.path.abspath(current.resume))
+    return RunConfig(**values)
+
+
+# ----------------------------------------------------------------------------- seeds of the random streams
+# Each is ``seed * SEED_STRIDE + offset`` (glowflow.config); the epoch order's is in glowflow.data.
+
+
+def noise_seed(seed: int, step: int) -> int:
+    """Dequantisation noise of optimizer step ``step``."""
+    return seed * SEED_STRIDE + step
+
+
+def perturb_seed(seed: int, step: int) -> int:
+    """--perturb's pixel replacement in optimizer step ``step``."""
+    return seed * SEED_STRIDE + step + 7
+
+
+def actnorm_seed(seed: int) -> int:
+    """The subset of training images (and their noise) that initialises ActNorm."""
+    return seed * SEED_STRIDE - 1
+
+
+def run_seed_for_samples(seed: int, epoch: int) -> int:
+    """The sample grid written after epoch ``epoch``."""
+    return seed * SEED_STRIDE + 10_000 + epoch
+
+
+# ----------------------------------------------------------------------------- pieces of a step
+
+
 def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
     """Dequantisation noise U(0, 1/n_bins) of this process's share of global step ``step``."""
     global_shape = (shape[0] * world_size, *shape[1:])
-    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
+    generator = torch.Generator().manual_seed(noise_seed(seed, step))
     noise = dequantization_noise(global_shape, n_bits, generator)[rank::world_size]
     return noise.to(device, non_blocking=True)
 
 
-def max_abs(tensors) -> torch.Tensor:
+def max_abs(tensors: List[torch.Tensor]) -> torch.Tensor:
     """max |t| over a list of tensors, as a 0-d tensor on their device (NaN if any is NaN; 0 for
     an empty list). Never overflows, unlike the 2-norm, so it is inf only for an infinite entry."""
     if not tensors:
@@ -51,6 +490,30 @@ def max_abs(tensors) -> torch.Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused, one kernel per device
         return torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)
     return torch.stack([t.detach().abs().max() for t in tensors]).max()
+
+
+@torch.no_grad()
+def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.device, dist_ctx: Distributed) -> None:
+    """Data-dependent ActNorm init from a fixed subset of >= actnorm_init_images training images.
+
+    The subset is chosen by ``seed``; under torchrun each process takes its share and the
+    statistics are averaged across processes (ActNorm.initialize), so every rank starts identical.
+    """
+    n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
+    n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
+    generator = torch.Generator().manual_seed(actnorm_seed(run.seed))
+    indices = torch.randperm(len(dataset), generator=generator)[:n]
+    n_bits = model.config.n_bits
+    noise = dequantization_noise((n, *model.config.image_shape), n_bits, generator)
+    share = slice(dist_ctx.rank, None, dist_ctx.world_size)
+    images, labels = zip(*(dataset[i] for i in indices[share].tolist()))
+    x = preprocess(torch.stack(images), n_bits) + noise[share]
+    y = _stack_labels(labels).to(device) if model.config.y_condition else None
+    model.initialize(x.to(device), y)
+
+
+def _stack_labels(labels) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(label) for label in labels])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -84,311 +547,11 @@ def evaluate_bpd(model: Glow, loader: DataLoader, device: torch.device, seed: in
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-@torch.no_grad()
-def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.device, dist_ctx: Distributed) -> None:
-    """Data-dependent ActNorm init from a fixed subset of >= actnorm_init_images training images.
-
-    The subset is chosen by ``seed``; under torchrun each process takes its share and the
-    statistics are averaged across processes (ActNorm.initialize), so every rank starts identical.
-    """
-    n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
-    n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
-    generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE - 1)
-    indices = torch.randperm(len(dataset), generator=generator)[:n]
-    n_bits = model.config.n_bits
-    noise = dequantization_noise((n, *model.config.image_shape), n_bits, generator)
-    share = slice(dist_ctx.rank, None, dist_ctx.world_size)
-    images, labels = zip(*(dataset[i] for i in indices[share].tolist()))
-    x = preprocess(torch.stack(images), n_bits) + noise[share]
-    y = _stack_labels(labels).to(device) if model.config.y_condition else None
-    model.initialize(x.to(device), y)
-
-
-def _stack_labels(labels) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(label) for label in labels])
-
-
-# ----------------------------------------------------------------------------- training
-
-
-class NonFiniteLoss(GlowflowError):
-    pass
-
-
-class Trainer:
-    """Holds the model, optimizer, data and bookkeeping of one training run."""
-
-    def __init__(self, run: RunConfig, model_config: Optional[GlowConfig] = None):
-        run.validate()
-        self.run = run
-        self.device = resolve_device(run.device)
-        self.dist = Distributed(self.device)
-        resumed = None
-        if run.resume:
-            resumed = Checkpoint.read(run.resume)
-            if not resumed.has_training_state:
-                raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
-            resume_payload = resumed.payload
-            run = self.run = resumed_config(resumed.run_config, run)
-        self.output_dir = run.resolved_output_dir()
-        self.dataset_name = dataset_slug(run.dataset)
-
-        if resumed is not None:
-            model_config = resumed.model_config
-        if model_config is None:
-            raise GlowflowError("no model configuration given")
-        divisor = 2 ** model_config.L
-        self.train_set = data_module.load_dataset(run.dataset, "train", data_root=run.data_root,
-                                                  image_size=run.image_size, divisor=divisor)
-        self.test_set = data_module.load_dataset(run.dataset, "test", data_root=run.data_root,
-                                                 image_size=run.image_size, divisor=divisor)
-        data_shape = tuple(self.train_set.info.image_shape)
-        if tuple(model_config.image_shape) != data_shape:
-            raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
-
-        if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
-            _check_writable(self.output_dir)
-        torch.manual_seed(run.seed)
-        self.model = Glow.from_config(model_config) if resumed is None else resumed.build_model()
-        self.model.to(self.device)
-        self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=run.lr, weight_decay=run.decay)
-        self.sampler = EpochSampler(len(self.train_set), run.batch_size, run.seed, self.dist.rank, self.dist.world_size)
-        if self.sampler.global_batch % self.dist.world_size:
-            raise GlowflowError(f"batch size {self.sampler.global_batch} is not divisible by the "
-                                f"{self.dist.world_size} processes")
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        warmup_steps = run.warmup * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-        self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
-        if resumed is not None:
-            self.optimizer.load_state_dict(resume_payload["optimizer"])
-            self.scheduler.load_state_dict(resume_payload["scheduler"])
-            self.epoch = int(resume_payload["epoch"])
-            self.step = int(resume_payload["step"])
-            self.best_test_bpd = float(resume_payload.get("best_test_bpd", math.inf))
-            self.nonfinite_total = int(resume_payload.get("nonfinite_steps", 0))
-            rng = resume_payload.get("rng", {})
-            if "torch" in rng:
-                torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        elif not self.model.is_initialized():
-            initialize_actnorm(self.model, self.train_set, run, self.device, self.dist)
-
-        self.train_model = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        if run.compile:
-            self.train_model = compile_model(self.train_model)
-        self.autocast = lambda: autocast_context(self.device, run.amp)
-        self.train_loader = data_module.make_loader(
-            self.train_set, batch_size=self.sampler.global_batch // self.dist.world_size, shuffle=False,
-            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=self.sampler)
-        test_sampler = None
-        if self.dist.enabled:
-            test_sampler = list(range(len(self.test_set)))[self.dist.rank::self.dist.world_size]
-        self.test_loader = data_module.make_loader(
-            self.test_set, batch_size=run.eval_batch_size, shuffle=False,
-            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=test_sampler)
-        self.tracker = None
-
-    # -------------------------------------------------------------- checkpoints
-
-    def _checkpoint_fields(self) -> Dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return dict(rng=rng,
-            run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
-            best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
-        )
-
-    def save(self, name: str) -> Optional[str]:
-        if not self.dist.is_main:
-            return None
-        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **self._checkpoint_fields())
-
-    @property
-    def best_name(self) -> str:
-        return f"Glow_{self.dataset_name}.pt"
-
-    # -------------------------------------------------------------- one step
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        run = self.run
-        if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
-            generator = torch.Generator().manual_seed(run.seed * SEED_STRIDE + self.step + 7)
-            images = perturb(images, run.perturb, generator)
-        n_bits = self.model.config.n_bits
-        x = preprocess(images.to(self.device, non_blocking=True), n_bits)
-        x = x + step_noise(x.shape, n_bits, run.seed, self.step, self.dist.rank, self.dist.world_size, self.device)
-        y = labels.to(self.device, non_blocking=True) if self.model.config.y_condition else None
-        with self.autocast():
-            log_prob, y_logits = self.train_model(x, y)
-        bpd = bits_per_dim(log_prob.float(), self.model.num_dims, n_bits).mean()
-        loss = bpd
-        if y_logits is not None:
-            loss = loss + run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # The step is skipped when the loss or any gradient is NaN or infinite (a finite loss can
-        # still overflow in the backward pass, and one such update would poison every weight).
-        # This is the step's one host-device synchronisation, placed after the backward pass is
-        # queued, so a GPU has the whole backward pass to run while the host waits; a skipped
-        # batch's gradients are dropped by the next step's zero_grad.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))).to(torch.int32)
-        if self.dist.enabled:  # every process skips together, or none does
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            return None
-        if run.max_grad_clip > 0:
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), run.max_grad_clip)
-        if run.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), run.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return bpd.detach()
-
-    # -------------------------------------------------------------- the loop
-
-    def fit(self) -> Dict:
-        run = self.run
-        if self.dist.is_main:
-            self.tracker = _make_tracker(self, resume=bool(run.resume))
-            c, h, w = self.model.config.image_shape
-            n_params = sum(p.numel() for p in self.model.parameters())
-            print(f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
-                  f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
-                  f"{self.dist.world_size} process(es), output {self.output_dir}")
-        stopped_early = False
-        try:
-            while self.epoch < run.n_epochs and not stopped_early:
-                stopped_early = self._run_epoch()
-        except KeyboardInterrupt:
-            path = self.save("last.pt")
-            if path:
-                print(f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr)
-            raise
-        finally:
-            if self.tracker is not None:
-                self.tracker.close()
-        summary = {"epoch": self.epoch, "step": self.step, "best_test_bpd": self.best_test_bpd,
-                   "nonfinite_steps": self.nonfinite_total, "output_dir": self.output_dir}
-        self.dist.barrier()
-        return summary
-
-    def _run_epoch(self) -> bool:
-        """Train the rest of the current epoch; True if --max_steps stopped it early."""
-        run = self.run
-        start_batch = self.step - self.epoch * self.steps_per_epoch
-        self.sampler.set_epoch(self.epoch, start_batch)
-        self.model.train()
-        started = time.perf_counter()
-        bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps_done, images_done, consecutive_bad = 0, 0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{run.n_epochs}", total=len(self.train_loader),
-                   disable=not self.dist.is_main, mininterval=1.0, dynamic_ncols=True)
-        stopped_early = False
-        for images, labels in bar:
-            bpd = self.train_step(images, labels)
-            self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
-            if bpd is None:
-                consecutive_bad += 1
-                self.nonfinite_total += 1
-                if consecutive_bad >= run.max_nonfinite_steps:
-                    bar.close()
-                    raise NonFiniteLoss(
-                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: "
-                        f"training diverged; the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
-                        f"--max_grad_norm or --flow_coupling additive)")
-                continue
-            consecutive_bad = 0
-            steps_done += 1
-            images_done += images.shape[0] * self.dist.world_size
-            bpd_sum += bpd.double()
-            if self.step % 10 == 0 or steps_done == 1:
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(bpd=f"{(bpd_sum / steps_done).item():.3f}", img_s=f"{images_done / elapsed:.0f}")
-            if run.max_steps is not None and self.step >= run.max_steps:
-                stopped_early = True
-                break
-        bar.close()
-        seconds = time.perf_counter() - started
-        epoch_complete = self.step >= (self.epoch + 1) * self.steps_per_epoch
-        if epoch_complete:
-            self.epoch += 1
-        train_bpd = self.dist.all_sum(bpd_sum.clone()).item() / max(1, steps_done * self.dist.world_size)
-        test_bpd = evaluate_bpd(self.model, self.test_loader, self.device, run.eval_seed,
-                                use_labels=self.model.config.y_condition, dist_ctx=self.dist,
-                                max_images=run.max_eval_images, desc="test bits/dim")
-        improved = test_bpd < self.best_test_bpd
-        if improved:
-            self.best_test_bpd = test_bpd
-        row = {"epoch": self.epoch, "step": self.step, "train_bpd": round(train_bpd, 6), "test_bpd": round(test_bpd, 6),
-               "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": round(images_done / max(seconds, 1e-9), 2),
-               "seconds": round(seconds, 3)}
-        if self.dist.is_main:
-            self.save("last.pt")
-            if improved:
-                self.save(self.best_name)
-            self.tracker.log_epoch(row)
-            if self.nonfinite_total:
-                print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
-                      file=sys.stderr)
-            print(f"epoch {self.epoch}/{run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
-                  f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
-                  f"{row['images_per_s']:.0f} img/s  {seconds:.1f} s")
-            if epoch_complete and run.sample_and_save_freq > 0 and self.epoch % run.sample_and_save_freq == 0:
-                path = self.save_samples()
-                self.tracker.log_image(self.step, "samples", path)
-        return stopped_early
-
-    def save_samples(self) -> str:
-        torch.manual_seed(run_seed_for_samples(self.run.seed, self.epoch))
-        y = None
-        if self.model.config.y_condition and not self.model.config.y_multilabel:
-            y = torch.arange(64, device=self.device) % self.model.config.num_classes
-        self.model.eval()
-        x = self.model.sample(64, temperature=0.7, y=y)
-        self.model.train()
-        path = os.path.join(self.output_dir, f"samples_epoch{self.epoch:03d}.png")
-        save_grid(x, self.model.config.n_bits, path, nrow=8)
-        print(f"saved {path}")
-        return path
-
-
-# What a resumed run may change; everything else (data, seed, optimisation, n_bits) is the stored run's.
-RESUME_OVERRIDES = ("n_epochs", "max_steps", "output_dir", "device", "num_workers", "no_wandb", "tensorboard",
-                    "resume", "data_root", "sample_and_save_freq", "max_eval_images", "compile", "amp")
-
-
-def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
-    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``."""
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
-    values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
-    if current.output_dir is None:
-        values["output_dir"] = stored.get("output_dir") or os.path.dirname(os.path.abspath(current.resume))
-    return RunConfig(**values)
-
-
-def run_seed_for_samples(seed: int, epoch: int) -> int:
-    return seed * SEED_STRIDE + 10_000 + epoch
-
-
-def _make_tracker(trainer: Trainer, resume: bool):
-    config = {**trainer.run.to_dict(), **{f"model/{k}": v for k, v in trainer.model.config.to_dict().items()}}
-    return Tracker(trainer.output_dir, use_wandb=not trainer.run.no_wandb, use_tensorboard=trainer.run.tensorboard,
-                   run_name=f"Glow_{trainer.dataset_name}", config=config, resume=resume)
+# ----------------------------------------------------------------------------- files
 
 
 def _check_writable(folder: str) -> None:
+    """Create ``folder`` and prove a file can be written there, before any training time is spent."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, ".write-test")
@@ -397,12 +560,3 @@ def _check_writable(folder: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise GlowflowError(f"cannot write to output directory {folder}: {err.strerror or err}") from None
-
-
-def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
-    """Train (or resume) as ``run`` says; returns a summary dict."""
-    trainer = Trainer(run, model_config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.dist.close()
