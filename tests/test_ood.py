@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, preprocess
 from glowflow import ood
+from glowflow.ood.codecs import _to_pil
 from tests.helpers import randomised_model
 
 
@@ -141,7 +142,7 @@ def test_png_codec_counts_the_image_data_of_a_real_png():
     # lossless, with the layouts for C = 1, 3 and other C
     for c in (1, 2, 3):
         img = (torch.randint(0, 256, (c, 8, 8), generator=g)).to(torch.uint8).numpy()
-        decoded = np.asarray(Image.open(io.BytesIO(_encode(ood._to_pil(img)))))
+        decoded = np.asarray(Image.open(io.BytesIO(_encode(_to_pil(img)))))
         expected = img[0] if c == 1 else img.transpose(1, 2, 0) if c == 3 else img.reshape(-1, 8)
         assert np.array_equal(decoded, expected)
     assert "PNG" in ood.codec_description("png") and "compress_level=9" in ood.codec_description("png")
@@ -177,7 +178,7 @@ def _loader(images, batch_size=4):
 
 def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     shape = (1, 8, 8)
-    model = randomised_model(shape, 3, COMBO, K=2, hidden=8)          # float64
+    model = randomised_model(shape, 3, dict(COMBO, n_bits=5), K=2, hidden=8)   # float64, 5-bit
     images = torch.randint(0, 256, (10, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     model.train()
     stats = ood.compute_statistics(model, _loader(images), n_bits=5, seed=3, codec=None, progress=False)
@@ -185,7 +186,7 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms"}
     assert stats["level_bpd"].shape == (10, 3) and stats["latent_rms"].shape == (10, 3)
     np.testing.assert_allclose(stats["level_bpd"].sum(1), stats["bpd"], rtol=0, atol=1e-10)
-    # the same numbers the model gives with the same noise (drawn batch by batch from the seed)
+    # the same numbers the model gives with the same noise (drawn batch by batch from seed 3)
     g = torch.Generator().manual_seed(3)
     x = torch.cat([dequantize(preprocess(b, 5), 5, g) for b in images.split(4)]).double()
     model.eval()
@@ -204,6 +205,11 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     # deterministic; max_images; bare-tensor batches
     again = ood.compute_statistics(model, _loader(images), 5, seed=3, codec=None, progress=False)
     assert np.array_equal(again["bpd"], stats["bpd"])
+    # n_bits defaults to the model's own, and any other is refused
+    default = ood.compute_statistics(model, _loader(images), seed=3, codec=None, progress=False)
+    assert np.array_equal(default["level_bpd"], stats["level_bpd"])
+    with pytest.raises(GlowflowError, match="5-bit"):
+        ood.compute_statistics(model, _loader(images), 8, progress=False)
     capped = ood.compute_statistics(model, [images[:4], images[4:8], images[8:]], 5, seed=3, max_images=6,
                                     codec="png", progress=False)
     assert capped["bpd"].shape == (6,) and capped["codec_bpd"].shape == (6,)
@@ -401,9 +407,10 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     cache = str(tmp_path / "ckpt" / "glow.ood_reference_smooth_8bit.npz")
     out_dir = str(tmp_path / "out")
     outs = {"noise": _loader(data["noise"], 64), "more/noise2": _loader(data["noise2"], 64)}
-    kwargs = dict(model=model, n_bits=8, in_test_loader=_loader(data["test"], 64), out_loaders=outs,
-                  output_dir=out_dir, in_name="smooth", reference_cache_path=cache, background_model=background,
-                  progress=False)
+    settings = ood.OutlierDetectionSettings(output_dir=out_dir, in_name="smooth", reference_cache_path=cache,
+                                            statistics=ood.StatisticsSettings(progress=False))
+    kwargs = dict(model=model, in_test_loader=_loader(data["test"], 64), out_loaders=outs, settings=settings,
+                  background_model=background)
     reports = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
     printed = capsys.readouterr().out
     assert set(reports) == {"noise", "more/noise2"}
@@ -450,6 +457,10 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     assert "another checkpoint" in capsys.readouterr().out
     assert third["noise"]["reference"]["reused_cache"] is False
     assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth")
+    # a background model at another bit depth is refused before anything is computed
+    five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
+    with pytest.raises(GlowflowError, match="same bit depth"):
+        ood.run_outlier_detection(train_loader=None, **dict(kwargs, background_model=five_bit))
 
 
 def test_summary_table_marks_each_sets_best_score():

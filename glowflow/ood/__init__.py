@@ -1,0 +1,29 @@
+"""Outlier detection with a trained Glow: per-image statistics, the training reference, the
+scores (higher = more outlying), their metrics, and the reports and figures of a run.
+
+Modules, each importing only those below it: ``command`` (a run, and ``glowflow
+--outlier_detection``) -> ``report`` -> ``scores`` -> ``reference`` -> ``statistics`` ->
+``codecs`` and ``metrics``. What each score means and where it comes from: docs/outlier_scores.md.
+"""
+from glowflow.ood.codecs import CODECS, codec_bits_per_dim, codec_description
+from glowflow.ood.command import OutlierDetectionSettings, run_outlier_detection, run_outlier_detection_command
+from glowflow.ood.metrics import fpr_at_tpr, outlier_metrics
+from glowflow.ood.reference import (
+    DOS_COMPONENTS, DOS_STATISTICS, REFERENCE_FORMAT, STATISTIC_GROUPS, Reference, dos_features, dos_log_density,
+    fit_reference, load_reference, model_fingerprint, reference_cache_path_for, reference_for, reference_key,
+    save_reference,
+)
+from glowflow.ood.report import format_summary, format_table, save_histograms, save_roc_curves
+from glowflow.ood.scores import SCORE_DEFINITIONS, ScoredSet, outlier_scores, score_definition
+from glowflow.ood.statistics import StatisticsSettings, compute_statistics, statistic_columns
+from glowflow.pixels import perturb  # re-exported: glowflow.ood.perturb predates glowflow.pixels
+
+__all__ = [
+    "CODECS", "DOS_COMPONENTS", "DOS_STATISTICS", "REFERENCE_FORMAT", "SCORE_DEFINITIONS", "STATISTIC_GROUPS",
+    "OutlierDetectionSettings", "Reference", "ScoredSet", "StatisticsSettings",
+    "codec_bits_per_dim", "codec_description", "compute_statistics", "dos_features", "dos_log_density",
+    "fit_reference", "format_summary", "format_table", "fpr_at_tpr", "load_reference", "model_fingerprint",
+    "outlier_metrics", "outlier_scores", "perturb", "reference_cache_path_for", "reference_for", "reference_key",
+    "run_outlier_detection", "run_outlier_detection_command", "save_histograms", "save_reference",
+    "save_roc_curves", "score_definition", "statistic_columns",
+]

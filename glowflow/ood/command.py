@@ -1,0 +1,160 @@
+"""Running outlier detection: one model (and an optional background model) against several
+outlier sets, with every score, metric, table, report and figure; and the
+``glowflow --outlier_detection`` command that loads the checkpoint and the datasets for it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, Mapping, Optional
+
+from glowflow import data
+from glowflow.checkpoint import Checkpoint, check_image_shape
+from glowflow.config import RunConfig
+from glowflow.errors import GlowflowError
+from glowflow.ood.codecs import codec_description
+from glowflow.ood.metrics import outlier_metrics
+from glowflow.ood.reference import Reference, reference_cache_path_for, reference_for
+from glowflow.ood.report import build_report, reference_summary, report_files, write_report, write_summary
+from glowflow.ood.scores import ScoredSet, outlier_scores
+from glowflow.ood.statistics import StatisticsSettings
+from glowflow.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class OutlierDetectionSettings:
+    """Where a run writes and how it reads: ``output_dir`` for the reports and figures,
+    ``in_name`` the in-distribution dataset's name, ``reference_cache_path`` where the training
+    reference is cached (None: not cached), and ``statistics`` for every pass over a loader
+    (device, noise seed, image cap, codec, progress bar)."""
+
+    output_dir: str
+    in_name: str
+    reference_cache_path: Optional[str] = None
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
+
+
+def run_outlier_detection(model, in_test_loader: Iterable, train_loader: Optional[Iterable],
+                          out_loaders: Mapping[str, Iterable], settings: OutlierDetectionSettings,
+                          background_model=None) -> Dict[str, dict]:
+    """Every score, metric, table, JSON report and figure for one model and several outlier sets.
+
+    ``model`` (and ``background_model``, trained at the same ``n_bits`` on images of the same
+    shape) are trained :class:`glowflow.Glow` models already on the device of
+    ``settings.statistics`` (default: wherever each model's parameters are). Loaders yield
+    ``(images in [0, 1], labels)``. ``train_loader`` (the in-distribution training set, read in
+    a fixed order) provides the typicality and density-of-states reference
+    (:func:`reference_for`; it may be None once ``settings.reference_cache_path`` holds a valid
+    one). If the model fits its training images visibly better than its test images, pass a
+    held-out in-distribution split (not the one in ``in_test_loader``) as ``train_loader``
+    instead, so that typicality and the density of states see the bits/dim of unseen images.
+
+    For each ``out_name, loader`` in ``out_loaders`` this prints a table and writes, in
+    ``settings.output_dir``, ``ood_<in>_vs_<out>.json`` (:func:`build_report`),
+    ``ood_<in>_vs_<out>_histograms.png`` (one panel per score, in vs out) and
+    ``ood_<in>_vs_<out>_roc.png`` (the ROC curves of all scores); file names use the datasets'
+    base names. With several outlier sets, an AUROC table of every score against every set is
+    printed last and written as ``ood_<in>_summary.json`` (:func:`write_summary`).
+
+    Returns ``{out_name: report}`` (each report as written to its JSON).
+    """
+    _check_models(model, background_model)
+    if not out_loaders:
+        raise GlowflowError("outlier detection needs at least one outlier dataset (--out_dataset)")
+    os.makedirs(settings.output_dir, exist_ok=True)
+    description = codec_description(settings.statistics.codec)
+    reference, reused = reference_for(model, train_loader, settings.in_name, settings.statistics,
+                                      settings.reference_cache_path)
+    scorer = _Scorer(model, background_model, reference, settings.statistics)
+    in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
+    header = dict(n_bits=model.config.n_bits, codec=description,
+                  reference=reference_summary(reference, settings.reference_cache_path, reused))
+    reports: Dict[str, dict] = {}
+    for out_name, loader in out_loaders.items():
+        out_set = scorer.score(loader, out_name, out_name)
+        metrics = {name: outlier_metrics(in_set.scores[name], out_set.scores[name]) for name in in_set.scores}
+        files = report_files(settings.output_dir, settings.in_name, out_name)
+        reports[out_name] = build_report(in_set, out_set, metrics, files=files, **header)
+        write_report(reports[out_name], in_set, out_set, metrics)
+    if len(reports) > 1:
+        write_summary(reports, settings.output_dir, settings.in_name)
+    return reports
+
+
+def _check_models(model, background_model) -> None:
+    """A background model must see images of the model's shape at the model's bit depth."""
+    if background_model is None:
+        return
+    if tuple(background_model.config.image_shape) != tuple(model.config.image_shape):
+        raise GlowflowError(f"the background model is for images of shape {background_model.config.image_shape}, "
+                            f"the model for {model.config.image_shape}")
+    if background_model.config.n_bits != model.config.n_bits:
+        raise GlowflowError(f"the background model was trained at n_bits {background_model.config.n_bits}, "
+                            f"the model at {model.config.n_bits}: the likelihood ratio needs the same bit depth")
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """Scores image sets with one model, its optional background model and the reference."""
+
+    model: object
+    background_model: Optional[object]
+    reference: Reference
+    statistics: StatisticsSettings
+
+    def score(self, loader: Iterable, name: str, desc: str) -> ScoredSet:
+        """The statistics and scores of ``loader``'s images (``desc`` names it in messages); the
+        background model's pass uses no codec and must see the same number of images."""
+        stats = self.statistics.compute(self.model, loader, desc)
+        background = None
+        if self.background_model is not None:
+            background = replace(self.statistics, codec=None).compute(self.background_model, loader,
+                                                                      f"{desc} (background)")
+            if background["bpd"].shape != stats["bpd"].shape:
+                raise GlowflowError(f"the {desc} loader gave {stats['bpd'].size} images to the model and "
+                                    f"{background['bpd'].size} to the background model; it must be deterministic")
+        return ScoredSet(name, stats, background, outlier_scores(stats, self.reference, background))
+
+
+def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
+    """``glowflow --outlier_detection``: the model from ``run.checkpoint`` alone, the in-distribution
+    ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
+
+    Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
+    the synthetic development sets are generated at the model's size. The training reference is
+    cached beside the checkpoint (:func:`reference_cache_path_for`).
+    """
+    device = resolve_device(run.device)
+    checkpoint = Checkpoint.read(run.checkpoint)
+    model = checkpoint.load_model(device)
+    in_name = dataset or checkpoint.dataset or run.dataset
+    image_size = checkpoint.image_size if in_name == checkpoint.dataset else None
+    divisor = 2 ** model.config.L
+    test_set = data.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
+    check_image_shape(model, test_set.info.image_shape, run.checkpoint, in_name)
+    train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
+    background = None
+    if run.background_checkpoint:
+        background = Checkpoint.read(run.background_checkpoint).load_model(device)
+        _check_models(model, background)
+    out_loaders = {name: _loader(_outlier_set(name, run, tuple(model.config.image_shape)), run, device)
+                   for name in run.out_dataset}
+    settings = OutlierDetectionSettings(
+        output_dir=run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir(),
+        in_name=in_name,
+        reference_cache_path=reference_cache_path_for(run.checkpoint, in_name, model.config.n_bits),
+        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images))
+    return run_outlier_detection(model, _loader(test_set, run, device), _loader(train_set, run, device),
+                                 out_loaders, settings, background_model=background)
+
+
+def _outlier_set(name: str, run: RunConfig, shape: tuple):
+    """The test split of outlier set ``name`` as images of ``shape`` (C, H, W); a synthetic
+    development set is generated at that size."""
+    size = shape[1] if name in data.SYNTHETIC else None
+    return data.match_shape(data.load_dataset(name, "test", run.data_root, size), shape)
+
+
+def _loader(dataset, run: RunConfig, device):
+    """A loader over ``dataset`` in a fixed order, at the evaluation batch size."""
+    return data.make_loader(dataset, batch_size=run.eval_batch_size, shuffle=False,
+                            num_workers=run.num_workers, seed=run.seed, device=device)

@@ -1,0 +1,275 @@
+"""The training-set reference of the scores: the typicality mean, the density-of-states mixture
+fitted on the training images' statistics, its .npz cache (no pickle) and the cache's key."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from glowflow.config import dataset_slug
+from glowflow.errors import GlowflowError
+from glowflow.ood.statistics import StatisticsSettings, statistic_columns
+
+REFERENCE_FORMAT = "glowflow-ood-reference-v4"
+
+DOS_STATISTICS = ("level_bpd", "codec_bpd")
+"""The statistics the density of states uses by default (groups of :func:`statistic_columns`)."""
+STATISTIC_GROUPS = ("level_bpd", "logdet", "latent_rms", "codec_bpd", "bpd")
+"""Every group of :func:`statistic_columns`, in the order :func:`dos_features` takes them."""
+DOS_COMPONENTS = 8
+"""Components of the density-of-states Gaussian mixture by default."""
+
+
+def dos_features(stats: Mapping[str, np.ndarray],
+                 statistics: Sequence[str] = DOS_STATISTICS) -> Tuple[List[str], np.ndarray]:
+    """The statistics the density of states is fitted on: names and an (N, d) matrix.
+
+    ``stats``: :func:`compute_statistics` output for N images. ``statistics`` are groups of
+    :func:`statistic_columns`, taken in this order: ``level_bpd`` (one column per level),
+    ``logdet``, ``latent_rms`` (one per level), ``codec_bpd`` (taken only when ``stats`` has it),
+    ``bpd``. The default is each level's bits/dim and the codec's bits/dim (the README's
+    "Choosing the statistics of `dos`" compares the choices).
+    """
+    unknown = [g for g in statistics if g not in STATISTIC_GROUPS]
+    if unknown:
+        raise GlowflowError(f"unknown density-of-states statistic {unknown[0]!r}; "
+                            f"choose from {', '.join(STATISTIC_GROUPS)}")
+    columns = statistic_columns(stats)
+    names = [name for group in STATISTIC_GROUPS if group in statistics
+             for name in columns if re.sub(r"_\d+", "", name) == group]  # level_2_bpd -> level_bpd
+    if not names:
+        raise GlowflowError(f"the statistics have none of {list(statistics)}")
+    return names, np.column_stack([columns[n] for n in names])
+
+
+@dataclass
+class Reference:
+    """What the scores need from the training set, fitted by :func:`fit_reference`.
+
+    key: the cache key the training statistics were computed under ('' when not cached).
+    num_levels, n_train: levels of the model; training images used.
+    bpd_mean, bpd_std: mean and standard deviation of the training bits/dim (typicality).
+    dos_features: names of the density-of-states statistics (see :func:`dos_features`).
+    dos_mean, dos_std (d,): their training mean and standard deviation (standardisation).
+    dos_log_weights (k,), dos_means (k, d), dos_precision_cholesky (k, d, d): the Gaussian
+    mixture fitted on the standardised statistics (``precision = P P^T`` per component).
+    """
+
+    key: str
+    num_levels: int
+    n_train: int
+    bpd_mean: float
+    bpd_std: float
+    dos_features: Tuple[str, ...]
+    dos_mean: np.ndarray
+    dos_std: np.ndarray
+    dos_log_weights: np.ndarray
+    dos_means: np.ndarray
+    dos_precision_cholesky: np.ndarray
+
+
+def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_points: int = 60_000,
+                  seed: int = 0, components: int = DOS_COMPONENTS,
+                  statistics: Sequence[str] = DOS_STATISTICS) -> Reference:
+    """Fit the training-set reference from :func:`compute_statistics` of the training images.
+
+    Typicality: the mean (and std) of the training bits/dim.
+
+    Density of states: the ``statistics`` of :func:`dos_features` (by default each level's
+    bits/dim, and the codec's bits/dim when the statistics have it) are standardised with their
+    training mean and std (a constant column keeps std 1), and a full-covariance Gaussian mixture
+    of ``components`` components (scikit-learn's ``GaussianMixture``, ``reg_covar=1e-6``, seeded
+    with ``seed``) is fitted on up to ``max_dos_points`` training images (a seeded subset), with
+    at most ``n // (2 d + 2)`` components for n images and d statistics. Images with a
+    non-finite statistic are left out (with a warning).
+    """
+    bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
+    names, matrix = dos_features(train_stats, statistics)
+    finite = _finite_rows(matrix, bpd)
+    matrix, bpd = matrix[finite], bpd[finite]
+    mean = matrix.mean(0)
+    std = matrix.std(0)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    mixture = _fit_mixture((matrix - mean) / std, components, max_dos_points, seed)
+    return Reference(
+        key=key, num_levels=int(np.asarray(train_stats["level_bpd"]).shape[1]), n_train=int(bpd.size),
+        bpd_mean=float(bpd.mean()), bpd_std=float(bpd.std()), dos_features=tuple(names),
+        dos_mean=mean, dos_std=std, dos_log_weights=np.log(mixture.weights_),
+        dos_means=mixture.means_, dos_precision_cholesky=mixture.precisions_cholesky_,
+    )
+
+
+def _finite_rows(matrix: np.ndarray, bpd: np.ndarray) -> np.ndarray:
+    """(N,) mask of the training images whose statistics (rows of the (N, d) ``matrix``) and
+    bits/dim (N,) are all finite; enough of them to fit, and a warning about the others."""
+    finite = np.isfinite(matrix).all(1) & np.isfinite(bpd)
+    if finite.sum() < 2 * matrix.shape[1] + 2:
+        raise GlowflowError("fitting the outlier reference needs more training images with finite statistics "
+                            f"(have {int(finite.sum())})")
+    if not finite.all():
+        warnings.warn(f"{int((~finite).sum())} training image(s) with non-finite statistics left out of "
+                      f"the outlier reference", RuntimeWarning, stacklevel=3)
+    return finite
+
+
+def _fit_mixture(points: np.ndarray, components: int, max_points: int, seed: int):
+    """A fitted full-covariance ``GaussianMixture`` on the (n, d) standardised ``points`` (a
+    seeded subset of ``max_points`` of them when there are more), with at most
+    ``n // (2 d + 2)`` components."""
+    from sklearn.mixture import GaussianMixture
+
+    if points.shape[0] > max_points:
+        keep = np.random.default_rng(seed).choice(points.shape[0], max_points, replace=False)
+        points = points[np.sort(keep)]
+    components = max(1, min(components, points.shape[0] // (2 * points.shape[1] + 2)))
+    return GaussianMixture(components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(points)
+
+
+def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Log-density (N,) of each image's standardised statistics under the reference's mixture."""
+    from scipy.special import logsumexp
+
+    columns = statistic_columns(stats)
+    missing = [n for n in reference.dos_features if n not in columns]
+    if missing == ["codec_bpd"]:
+        raise GlowflowError("the outlier reference was fitted with the codec's bits/dim: compute the "
+                            "statistics with the same codec (compute_statistics(..., codec=...))")
+    if missing:
+        raise GlowflowError(f"the statistics lack {missing} of the reference's {list(reference.dos_features)} "
+                            f"(a model with another number of levels?)")
+    matrix = np.column_stack([columns[n] for n in reference.dos_features])
+    z = (matrix - reference.dos_mean) / reference.dos_std
+    d = z.shape[1]
+    per_component = []
+    for log_w, mu, chol in zip(reference.dos_log_weights, reference.dos_means, reference.dos_precision_cholesky):
+        y = (z - mu) @ chol
+        log_det = np.log(np.diagonal(chol)).sum()
+        per_component.append(log_w + log_det - 0.5 * (d * math.log(2 * math.pi) + (y * y).sum(1)))
+    return logsumexp(np.stack(per_component), axis=0)
+
+
+def save_reference(path: str, reference: Reference) -> None:
+    """Write ``reference`` to ``path`` as a .npz of plain arrays (no pickle), atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    arrays = dict(
+        format=np.array(REFERENCE_FORMAT), key=np.array(reference.key),
+        num_levels=np.array(reference.num_levels, dtype=np.int64), n_train=np.array(reference.n_train, dtype=np.int64),
+        bpd_mean=np.array(reference.bpd_mean), bpd_std=np.array(reference.bpd_std),
+        dos_features=np.array(list(reference.dos_features), dtype=str),
+        dos_mean=reference.dos_mean, dos_std=reference.dos_std, dos_log_weights=reference.dos_log_weights,
+        dos_means=reference.dos_means, dos_precision_cholesky=reference.dos_precision_cholesky,
+    )
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_reference(path: str) -> Reference:
+    """Read a reference written by :func:`save_reference` (``np.load(allow_pickle=False)``).
+
+    Raises :class:`GlowflowError` when the file is missing, unreadable or of another format.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["format"]) != REFERENCE_FORMAT:
+                raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
+            return Reference(
+                key=str(data["key"]), num_levels=int(data["num_levels"]), n_train=int(data["n_train"]),
+                bpd_mean=float(data["bpd_mean"]), bpd_std=float(data["bpd_std"]),
+                dos_features=tuple(str(s) for s in data["dos_features"]),
+                dos_mean=np.array(data["dos_mean"]), dos_std=np.array(data["dos_std"]),
+                dos_log_weights=np.array(data["dos_log_weights"]), dos_means=np.array(data["dos_means"]),
+                dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
+            )
+    except GlowflowError:
+        raise
+    except FileNotFoundError:
+        raise GlowflowError(f"no outlier reference at {path}") from None
+    except Exception as exc:  # zipfile / KeyError / ValueError from a damaged file
+        raise GlowflowError(f"cannot read the outlier reference {path}: {exc}") from None
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the model's configuration and every tensor of its state dict (names, dtypes,
+    shapes, bytes): changes whenever the checkpoint's weights or architecture do."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_key(model, n_bits: int, dataset: str, seed: int = 0, max_images: Optional[int] = None,
+                  codec: Optional[str] = "png") -> str:
+    """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
+    dataset's name, the noise seed, the image cap and the codec. A cached reference is reused only
+    when its key is identical, so a changed checkpoint (weights or architecture), bit depth,
+    dataset, seed, cap or codec recomputes it. (Changed *contents* under the same dataset name
+    are not detected.)"""
+    return json.dumps({"format": REFERENCE_FORMAT, "model_sha256": model_fingerprint(model), "n_bits": int(n_bits),
+                       "dataset": str(dataset), "seed": int(seed), "max_images": max_images, "codec": codec},
+                      sort_keys=True)
+
+
+def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
+    """Where the command line caches a checkpoint's training reference: beside the checkpoint,
+    ``<checkpoint stem>.ood_reference_<dataset>_<n_bits>bit.npz``."""
+    stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
+    return f"{stem}.ood_reference_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
+
+
+def reference_for(model, train_loader: Optional[Iterable], dataset: str, settings: StatisticsSettings,
+                  cache_path: Optional[str] = None) -> Tuple[Reference, bool]:
+    """The reference of ``model`` on ``dataset``'s training images, and whether it came from the cache.
+
+    With ``cache_path``, a reference stored there under the same :func:`reference_key` is
+    reused; otherwise the statistics of ``train_loader`` are computed with ``settings`` and
+    fitted (:func:`fit_reference`, seeded with ``settings.seed``) and, with ``cache_path``,
+    stored there. ``train_loader`` may be None when the cache is valid.
+    """
+    key = reference_key(model, model.config.n_bits, dataset, settings.seed, settings.max_images, settings.codec)
+    cached = _cached_reference(cache_path, key)
+    if cached is not None:
+        return cached, True
+    if train_loader is None:
+        raise GlowflowError("outlier detection needs the training images (no valid cached reference)")
+    train_stats = settings.compute(model, train_loader, f"{dataset} train")
+    reference = fit_reference(train_stats, key=key, seed=settings.seed)
+    if cache_path is not None:
+        save_reference(cache_path, reference)
+        print(f"wrote {cache_path}")
+    return reference, False
+
+
+def _cached_reference(path: Optional[str], key: str) -> Optional[Reference]:
+    """The reference cached at ``path`` if there is a readable one with ``key``, else None
+    (saying why it is not used)."""
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        cached = load_reference(path)
+    except GlowflowError as exc:
+        print(f"ignoring the outlier reference cache: {exc}")
+        return None
+    if cached.key != key:
+        print(f"the cached training statistics in {path} are for another "
+              f"checkpoint or settings; recomputing")
+        return None
+    print(f"reusing the training statistics cached in {path}")
+    return cached

@@ -1,0 +1,83 @@
+"""The outlier scores computed from per-image statistics and the training reference, each
+oriented so that higher = more outlying, and their one-line definitions (the literature behind
+them: docs/outlier_scores.md)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+from glowflow.errors import GlowflowError
+from glowflow.ood.reference import Reference, dos_log_density
+
+SCORE_DEFINITIONS: Dict[str, str] = {
+    "nll": "bits/dim under the model (Nalisnick et al., 2019 show it alone fails)",
+    "complexity": "bits/dim minus the bits/dim of a lossless codec (Serra et al., 2020)",
+    "typicality": "|bits/dim - mean training bits/dim| (Nalisnick et al., 2019b)",
+    "level_bpd": "bits/dim contributed by one level's latents (Schirrmeister et al., 2020)",
+    "hierarchy_ratio": "bits/dim minus the level-1 (local) contribution (Schirrmeister et al., 2020)",
+    "dos": "-log density of the image's statistics under their training density (Morningstar et al., 2021)",
+    "likelihood_ratio": "bits/dim minus a background model's bits/dim (Ren et al., 2019)",
+}
+
+
+def outlier_scores(stats: Mapping[str, np.ndarray], reference: Reference,
+                   background_stats: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Every outlier score (N,) from :func:`compute_statistics` output for N images (and, for
+    the likelihood ratio, a background model's on the same images); higher = more outlying.
+
+    * ``nll``: ``bpd``.
+    * ``complexity``: ``bpd - codec_bpd`` (Serra et al., 2020; their S(x) with the sign making
+      outliers high). Present when ``stats`` has ``codec_bpd``.
+    * ``typicality``: ``|bpd - reference.bpd_mean|`` (Nalisnick et al., 2019b, per sample).
+    * ``level_<i>_bpd`` for i = 1..L: the level contributions of :func:`compute_statistics`.
+    * ``hierarchy_ratio`` (L >= 2): ``bpd - level_1_bpd = sum_{i >= 2} level_<i>_bpd``, i.e.
+      ``-log2(p(x) / p_1(x)) / D`` with ``p_1`` the level-1 factor of the likelihood (prior of the
+      first split latent times the first level's Jacobian); for L = 2 it equals ``level_2_bpd``,
+      the final-scale score of Schirrmeister et al. (2020).
+    * ``dos``: ``-log`` density of the statistics under the reference (Morningstar et al., 2021).
+    * ``likelihood_ratio`` (when ``background_stats`` is given): ``bpd - background bpd``
+      = ``-(log p_model(x) - log p_background(x)) / (D ln 2)`` (Ren et al., 2019); both models
+      must see the same n_bits and image size, so the discretisation constants cancel.
+    """
+    bpd = np.asarray(stats["bpd"], dtype=np.float64)
+    level_bpd = np.asarray(stats["level_bpd"], dtype=np.float64)
+    if level_bpd.shape[1] != reference.num_levels:
+        raise GlowflowError(f"statistics have {level_bpd.shape[1]} levels, the reference {reference.num_levels}")
+    scores: Dict[str, np.ndarray] = {"nll": bpd}
+    if "codec_bpd" in stats:
+        scores["complexity"] = bpd - np.asarray(stats["codec_bpd"], dtype=np.float64)
+    scores["typicality"] = np.abs(bpd - reference.bpd_mean)
+    for i in range(level_bpd.shape[1]):
+        scores[f"level_{i + 1}_bpd"] = level_bpd[:, i]
+    if level_bpd.shape[1] >= 2:
+        scores["hierarchy_ratio"] = bpd - level_bpd[:, 0]
+    scores["dos"] = -dos_log_density(reference, stats)
+    if background_stats is not None:
+        bg = np.asarray(background_stats["bpd"], dtype=np.float64)
+        if bg.shape != bpd.shape:
+            raise GlowflowError(f"background statistics cover {bg.size} images, the model's {bpd.size}")
+        scores["likelihood_ratio"] = bpd - bg
+    return scores
+
+
+def score_definition(name: str) -> str:
+    """One-line definition of a score name from :func:`outlier_scores`."""
+    match = re.fullmatch(r"level_(\d+)_bpd", name)
+    if match:
+        return f"bits/dim contributed by level {match.group(1)}'s latents (Schirrmeister et al., 2020)"
+    return SCORE_DEFINITIONS[name]
+
+
+@dataclass
+class ScoredSet:
+    """One image set as a run scores it: its name, :func:`compute_statistics` output (N images)
+    under the model and, when there is one, under the background model, and
+    :func:`outlier_scores` of them."""
+
+    name: str
+    stats: Dict[str, np.ndarray]
+    background_stats: Optional[Dict[str, np.ndarray]]
+    scores: Dict[str, np.ndarray]

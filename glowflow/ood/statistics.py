@@ -1,0 +1,200 @@
+"""The per-image statistics of one pass of a model over a loader (bits/dim, each level's share of
+it, log-determinant, latent RMS, a codec's bits/dim): what every outlier score is computed from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from glowflow.errors import GlowflowError
+from glowflow.ood.codecs import check_codec, codec_bits_per_dim
+from glowflow.pixels import bits_per_dim, dequantize, preprocess
+
+
+@torch.inference_mode()
+def compute_statistics(
+    model,
+    loader: Iterable,
+    n_bits: Optional[int] = None,
+    device=None,
+    seed: int = 0,
+    max_images: Optional[int] = None,
+    codec: Optional[str] = "png",
+    desc: str = "statistics",
+    progress: bool = True,
+) -> Dict[str, np.ndarray]:
+    """One pass over ``loader`` computing every per-image statistic the scores need.
+
+    ``loader`` yields ``(images, labels)`` (or bare images) with images (N, C, H, W) in [0, 1]
+    on the 8-bit grid; they are moved to ``device`` (default: where the model's parameters are);
+    the model is not moved. ``n_bits`` defaults to the model's own (``model.config.n_bits``); if
+    given it must equal it. The model runs in eval mode under ``torch.inference_mode`` (its
+    training flag is restored afterwards); labels are ignored, so a class-conditional model is
+    scored with its class-marginal prior. Dequantisation noise U(0, 1/n_bins) is drawn from a CPU
+    generator seeded with ``seed`` in loader order, so two passes over the same loader (same
+    order, same batch size) give the same numbers on any device. Stops after ``max_images``.
+
+    Returns float64 arrays, N = images seen, L = levels, D = C*H*W:
+
+    * ``bpd`` (N,): bits/dim ``-(log p(x) - D log n_bins) / (D ln 2)``.
+    * ``level_bpd`` (N, L): what level ``i`` (column ``i - 1``; level 1 = first split, the finest
+      scale; level L = top) contributes: ``(-(log_prior_i + logdet_i) + D_i n_bits ln 2) /
+      (D ln 2)``, where ``log_prior_i`` is the log-density of that level's latent under its prior
+      (split prior conditioned on the kept half, or the top prior), ``logdet_i`` the log|det| of
+      that level's K flow steps (all channels they act on, including those passed upwards), and
+      ``D_i`` the latent's size, so the level takes the share ``D_i / D`` of the discretisation
+      constant. The columns sum to ``bpd`` exactly (up to rounding).
+    * ``logdet`` (N,): log|det dz/dx| of the whole flow, nats per image.
+    * ``latent_rms`` (N, L): root-mean-square of each level's latent, ``||z_i||_2 / sqrt(D_i)``.
+    * ``codec_bpd`` (N,): :func:`codec_bits_per_dim` with ``codec`` (absent when ``codec`` is None).
+    """
+    n_bits = _model_n_bits(model, n_bits)
+    _check_ready(model, codec)
+    param = next(model.parameters())
+    device = param.device if device is None else torch.device(device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    batches: List[Dict[str, np.ndarray]] = []
+    bar = _progress_bar(loader, max_images, desc, progress)
+    was_training = model.training
+    model.eval()
+    try:
+        for images in _checked_images(loader, tuple(model.config.image_shape), max_images, desc):
+            x = dequantize(preprocess(images, n_bits), n_bits, generator).to(device=device, dtype=param.dtype)
+            batch = _batch_statistics(model, x, n_bits)
+            if codec is not None:
+                batch["codec_bpd"] = codec_bits_per_dim(images, n_bits, codec)
+            batches.append(batch)
+            bar.update(images.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+    if sum(batch["bpd"].size for batch in batches) == 0:
+        raise GlowflowError(f"the {desc} loader yielded no images")
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def _model_n_bits(model, n_bits: Optional[int]) -> int:
+    """The model's bit depth; ``n_bits``, when given, must be the same."""
+    own = int(model.config.n_bits)
+    if n_bits is not None and int(n_bits) != own:
+        raise GlowflowError(f"the model sees {own}-bit pixels, but its statistics were asked for at "
+                            f"n_bits {n_bits}")
+    return own
+
+
+def _check_ready(model, codec: Optional[str]) -> None:
+    """A known codec (or None) and a model whose ActNorm layers were initialised from data."""
+    if codec is not None:
+        check_codec(codec)
+    if not model.is_initialized():
+        raise GlowflowError("the model was never initialised from data (ActNorm); "
+                            "outlier detection needs a trained checkpoint")
+
+
+def _progress_bar(loader: Iterable, max_images: Optional[int], desc: str, progress: bool):
+    """A tqdm bar counting images, with the loader's dataset size (capped) as its total."""
+    from tqdm.auto import tqdm
+
+    try:
+        total = len(loader.dataset)
+    except (AttributeError, TypeError):
+        total = None
+    if max_images is not None:
+        total = max_images if total is None else min(total, max_images)
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+
+
+def _images_of(batch):
+    """The image tensor of a batch: ``(images, labels)``, ``{"image": ...}`` or bare images."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("image", batch.get("images"))
+    return batch
+
+
+def _checked_images(loader: Iterable, image_shape: tuple, max_images: Optional[int],
+                    desc: str) -> Iterator[torch.Tensor]:
+    """The loader's images as float32 (n, C, H, W) in [0, 1], at most ``max_images`` in all."""
+    seen = 0
+    for batch in loader:
+        if max_images is not None and seen >= max_images:
+            return
+        images = _images_of(batch)
+        if not torch.is_tensor(images):
+            raise GlowflowError(f"the {desc} loader must yield image tensors, got {type(images).__name__}")
+        if max_images is not None:
+            images = images[: max_images - seen]
+        if tuple(images.shape[1:]) != image_shape:
+            raise GlowflowError(f"the {desc} images have shape {tuple(images.shape[1:])} but the model "
+                                f"expects {image_shape}")
+        images = images.to(torch.float32)
+        if images.numel() and (images.min().item() < 0.0 or images.max().item() > 1.0):
+            raise GlowflowError(f"the {desc} images must lie in [0, 1] (uint8 / 255), got values in "
+                                f"[{images.min().item():.3g}, {images.max().item():.3g}]")
+        seen += images.shape[0]
+        yield images
+
+
+def _batch_statistics(model, x: torch.Tensor, n_bits: int) -> Dict[str, np.ndarray]:
+    """``bpd``, ``level_bpd``, ``logdet`` and ``latent_rms`` (see :func:`compute_statistics`) of
+    one dequantised model-space batch ``x`` (n, C, H, W), as float64 arrays."""
+    terms = model.forward_terms(x)
+    # per-level terms (n, L), then float64 on the CPU (some accelerators have no float64)
+    log_priors = torch.stack(terms.level_log_priors, 1).cpu().double()
+    logdets = torch.stack(terms.level_logdets, 1).cpu().double()
+    rms = torch.stack([z.flatten(1).pow(2).mean(1).sqrt() for z in terms.latents], 1).cpu().double()
+    dims = int(np.prod(model.config.image_shape))
+    latent_dims = [int(np.prod(shape)) for shape in model.latent_shapes]
+    return {
+        "bpd": bits_per_dim(log_priors.sum(1) + logdets.sum(1), dims, n_bits).numpy(),
+        "level_bpd": _level_bits_per_dim(log_priors + logdets, latent_dims, dims, n_bits).numpy(),
+        "logdet": logdets.sum(1).numpy(),
+        "latent_rms": rms.numpy(),
+    }
+
+
+def _level_bits_per_dim(level_log_probs: torch.Tensor, latent_dims: Sequence[int], dims: int,
+                        n_bits: int) -> torch.Tensor:
+    """Each level's share of the image's bits/dim, (n, L), from the levels' log-densities (n, L):
+    level ``i``'s own bits/dim over its ``D_i`` latent dimensions, weighted by ``D_i / D``
+    (``D = dims``, the image's size, which the latents' sizes sum to). So each level carries
+    ``D_i / D`` of the discretisation constant and the columns sum to the image's bits/dim."""
+    return torch.stack([bits_per_dim(level_log_probs[:, i], d, n_bits) * (d / dims)
+                        for i, d in enumerate(latent_dims)], 1)
+
+
+def statistic_columns(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Every per-image statistic of :func:`compute_statistics` as named (N,) columns:
+    ``level_<i>_bpd`` and ``latent_rms_<i>`` for i = 1..L, ``logdet``, ``bpd``, and ``codec_bpd``
+    when present."""
+    level_bpd = np.asarray(stats["level_bpd"], dtype=np.float64)
+    columns = {f"level_{i + 1}_bpd": level_bpd[:, i] for i in range(level_bpd.shape[1])}
+    for key in ("logdet", "bpd", "codec_bpd"):
+        if key in stats:
+            columns[key] = np.asarray(stats[key], dtype=np.float64).reshape(-1)
+    if "latent_rms" in stats:
+        rms = np.asarray(stats["latent_rms"], dtype=np.float64)
+        columns.update({f"latent_rms_{i + 1}": rms[:, i] for i in range(rms.shape[1])})
+    return columns
+
+
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """How :func:`compute_statistics` reads every loader of one outlier-detection run: the
+    device, the dequantisation noise seed, the cap on images per loader, the codec (None: no
+    ``codec_bpd``) and whether to show a progress bar."""
+
+    device: Optional[Union[str, torch.device]] = None
+    seed: int = 0
+    max_images: Optional[int] = None
+    codec: Optional[str] = "png"
+    progress: bool = True
+
+    def compute(self, model, loader: Iterable, desc: str) -> Dict[str, np.ndarray]:
+        """:func:`compute_statistics` of ``model`` over ``loader`` with these settings, at the
+        model's bit depth."""
+        return compute_statistics(model, loader, device=self.device, seed=self.seed, max_images=self.max_images,
+                                  codec=self.codec, desc=desc, progress=self.progress)
