@@ -30,6 +30,7 @@ another process hurts every row alike and the minimum approaches the unloaded sp
   matmul peak (best time of a square float32 torch.mm; bf16 for bf16 rows).
 * |dbpd|: max |bits/dim(row) - bits/dim(eager)| on the same weights and dequantisation noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,8 +127,9 @@ def make_steps(model: Glow, x: torch.Tensor, row: Row, device: torch.device, cal
     return dict(train=train, eval=evaluate, sample=sample)
 
 
-def time_interleaved(steps: Dict[str, Dict[str, Callable]], kind: str, repeats: int, warmup: int,
-                     device: torch.device) -> Dict[str, float]:
+def time_interleaved(
+    steps: Dict[str, Dict[str, Callable]], kind: str, repeats: int, warmup: int, device: torch.device
+) -> Dict[str, float]:
     """Best seconds of steps[row][kind]() over ``repeats`` rounds, the rows interleaved."""
     for _ in range(warmup):
         for row_steps in steps.values():
@@ -189,8 +191,17 @@ def bpd_difference(model: Glow, x: torch.Tensor, row: Row, device: torch.device,
 
 def memory_in_subprocess(config: str, row: Row, args) -> Optional[float]:
     """CPU: MiB of peak-RSS growth over three training steps, in a fresh process."""
-    command = [sys.executable, os.path.abspath(__file__), "--_memory", config, row.name,
-               "--device", args.device, "--amp", row.amp if row.amp != "none" else args.amp]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_memory",
+        config,
+        row.name,
+        "--device",
+        args.device,
+        "--amp",
+        row.amp if row.amp != "none" else args.amp,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.nchw:
@@ -312,15 +323,22 @@ def run_config(config: str, args, peaks: Dict[str, float]) -> List[Dict]:
             memory = None
         else:
             memory = memory_in_subprocess(config, row, args) if not row.compiled else None
-        results.append(dict(
-            config=config, batch=batch, row=row.name,
-            train_img_s=train_ips, eval_img_s=batch / timings["eval"][row.name],
-            sample_img_s=None if row.compiled else batch / timings["sample"][row.name],
-            step_mib=memory, train_gflop_per_img=flop_img / 1e9, train_gflop_s=gflops,
-            fraction_of_peak=gflops / peak,
-            max_dbpd=0.0 if row.name == "eager" else bpd_difference(model, x, row, device, calls[row.name]),
-            compile_seconds=compile_seconds if row.compiled else None,
-        ))
+        results.append(
+            dict(
+                config=config,
+                batch=batch,
+                row=row.name,
+                train_img_s=train_ips,
+                eval_img_s=batch / timings["eval"][row.name],
+                sample_img_s=None if row.compiled else batch / timings["sample"][row.name],
+                step_mib=memory,
+                train_gflop_per_img=flop_img / 1e9,
+                train_gflop_s=gflops,
+                fraction_of_peak=gflops / peak,
+                max_dbpd=0.0 if row.name == "eager" else bpd_difference(model, x, row, device, calls[row.name]),
+                compile_seconds=compile_seconds if row.compiled else None,
+            )
+        )
     return results
 
 
@@ -329,20 +347,44 @@ def fmt(value, spec):
 
 
 def print_table(results: List[Dict], header: str, speedups: bool = True) -> None:
-    columns = ["config", "batch", "path", "train img/s", "eval img/s", "sample img/s", "step MiB",
-               "GFLOP/img", "GFLOP/s", "% peak", "|dbpd|"]
+    columns = [
+        "config",
+        "batch",
+        "path",
+        "train img/s",
+        "eval img/s",
+        "sample img/s",
+        "step MiB",
+        "GFLOP/img",
+        "GFLOP/s",
+        "% peak",
+        "|dbpd|",
+    ]
     lines = []
     for r in results:
-        lines.append([r["config"], str(r["batch"]), r["row"], fmt(r["train_img_s"], ".1f"), fmt(r["eval_img_s"], ".1f"),
-                      fmt(r["sample_img_s"], ".1f"), fmt(r["step_mib"], ".0f"), fmt(r["train_gflop_per_img"], ".3f"),
-                      fmt(r["train_gflop_s"], ".1f"), fmt(100 * r["fraction_of_peak"], ".1f"),
-                      "-" if r["row"] == "eager" else f"{r['max_dbpd']:.1e}"])
+        lines.append(
+            [
+                r["config"],
+                str(r["batch"]),
+                r["row"],
+                fmt(r["train_img_s"], ".1f"),
+                fmt(r["eval_img_s"], ".1f"),
+                fmt(r["sample_img_s"], ".1f"),
+                fmt(r["step_mib"], ".0f"),
+                fmt(r["train_gflop_per_img"], ".3f"),
+                fmt(r["train_gflop_s"], ".1f"),
+                fmt(100 * r["fraction_of_peak"], ".1f"),
+                "-" if r["row"] == "eager" else f"{r['max_dbpd']:.1e}",
+            ]
+        )
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
     print(header)
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in lines:
-        print("| " + " | ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))) + " |")
+        print(
+            "| " + " | ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))) + " |"
+        )
     if not speedups:
         return
     by_config = {}
@@ -351,8 +393,10 @@ def print_table(results: List[Dict], header: str, speedups: bool = True) -> None
     for config, by_row in by_config.items():
         if "eager" in by_row and "fast" in by_row:
             e, f = by_row["eager"], by_row["fast"]
-            print(f"{config}: fast / eager  train x{f['train_img_s'] / e['train_img_s']:.2f}  "
-                  f"eval x{f['eval_img_s'] / e['eval_img_s']:.2f}  sample x{f['sample_img_s'] / e['sample_img_s']:.2f}")
+            print(
+                f"{config}: fast / eager  train x{f['train_img_s'] / e['train_img_s']:.2f}  "
+                f"eval x{f['eval_img_s'] / e['eval_img_s']:.2f}  sample x{f['sample_img_s'] / e['sample_img_s']:.2f}"
+            )
     compiled = [r for r in results if r["compile_seconds"] is not None]
     for r in compiled:
         print(f"{r['config']}: torch.compile took {r['compile_seconds']:.0f} s (first train + eval call)")
@@ -368,8 +412,10 @@ def machine_description(device: torch.device) -> str:
                 what = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    return (f"{what}; {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return (
+        f"{what}; {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
 
 
 def main(argv=None) -> int:
@@ -383,8 +429,11 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="add a fast+bf16 row")
     parser.add_argument("--compile", action="store_true", help="add a fast+compile row (torch.compile)")
     parser.add_argument("--nchw", action="store_true", help="add a fast-nchw row (fast path without channels_last)")
-    parser.add_argument("--no-tf32", action="store_true",
-                        help="CUDA: strict float32 convolutions (torch.backends.cudnn.allow_tf32 = False)")
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="CUDA: strict float32 convolutions (torch.backends.cudnn.allow_tf32 = False)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -408,28 +457,39 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(f"machine: {machine_description(device)}")
     if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes hold the "
-              f"cores, and {torch.get_num_threads()}-thread kernels wait on each other; --threads 1 gives steadier "
-              f"figures on a shared machine")
+        print(
+            f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes hold the "
+            f"cores, and {torch.get_num_threads()}-thread kernels wait on each other; --threads 1 gives steadier "
+            f"figures on a shared machine"
+        )
     if device.type == "cuda":
-        print(f"cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (both eager and fast rows use them; "
-              f"--no-tf32 for strict float32)")
+        print(
+            f"cuDNN TF32 convolutions: {torch.backends.cudnn.allow_tf32} (both eager and fast rows use them; "
+            f"--no-tf32 for strict float32)"
+        )
     peaks = {"fp32": matmul_peak(device)}
     peaks["bf16"] = matmul_peak(device, torch.bfloat16) if args.amp == "bf16" else peaks["fp32"]
-    print(f"matmul peak: {peaks['fp32']:.1f} GFLOP/s float32" +
-          (f", {peaks['bf16']:.1f} GFLOP/s bfloat16" if args.amp == "bf16" else ""))
+    print(
+        f"matmul peak: {peaks['fp32']:.1f} GFLOP/s float32"
+        + (f", {peaks['bf16']:.1f} GFLOP/s bfloat16" if args.amp == "bf16" else "")
+    )
     results = []
     for config in args.configs.split(","):
         if config not in CONFIGS:
             parser.error(f"unknown configuration {config!r} (known: {', '.join(CONFIGS)})")
         config_results = run_config(config, args, peaks)
-        print_table(config_results, f"{config} (load average {' '.join(f'{v:.2f}' for v in os.getloadavg())})", speedups=False)
+        print_table(
+            config_results, f"{config} (load average {' '.join(f'{v:.2f}' for v in os.getloadavg())})", speedups=False
+        )
         sys.stdout.flush()
         results += config_results
     print()
-    print_table(results, f"device {device}, best of {args.repeats} interleaved repeats "
-                         f"(cifar: {max(1, args.repeats // 2)}), load average now "
-                         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, {time.perf_counter() - started:.0f} s in all")
+    print_table(
+        results,
+        f"device {device}, best of {args.repeats} interleaved repeats "
+        f"(cifar: {max(1, args.repeats // 2)}), load average now "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, {time.perf_counter() - started:.0f} s in all",
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine_description(device), peaks=peaks, results=results), f, indent=1)

@@ -11,6 +11,7 @@ the AUROC of each against each outlier set, with the mean over the sets named by
 sets the choice is made on; the others are reported, not used to choose). --json writes it all.
 The README's "Choosing the statistics" table comes from this script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -43,8 +43,12 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", default=None, help="in-distribution data (default: the checkpoint's)")
     p.add_argument("--out_dataset", nargs="+", required=True)
-    p.add_argument("--select", nargs="*", default=None,
-                   help="outlier sets whose mean AUROC ranks the choices (default: all but mnist5k)")
+    p.add_argument(
+        "--select",
+        nargs="*",
+        default=None,
+        help="outlier sets whose mean AUROC ranks the choices (default: all but mnist5k)",
+    )
     p.add_argument("--data_root", default="./data")
     p.add_argument("--components", type=int, nargs="+", default=[4, ood.DOS_COMPONENTS, 16])
     p.add_argument("--max_images", type=int, default=None)
@@ -71,21 +75,35 @@ def main() -> None:
         for k in args.components:
             reference = ood.fit_reference(train, statistics=statistics, components=k)
             scores_in = ood.outlier_scores(test, reference)["dos"]
-            aurocs = {name: ood.outlier_metrics(scores_in, ood.outlier_scores(s, reference)["dos"])["auroc"]
-                      for name, s in outs.items()}
+            aurocs = {
+                name: ood.outlier_metrics(scores_in, ood.outlier_scores(s, reference)["dos"])["auroc"]
+                for name, s in outs.items()
+            }
             chosen = [aurocs[n] for n in select if n in aurocs]
-            rows.append({"statistics": label, "columns": list(reference.dos_features), "components": k,
-                         "auroc": aurocs, "mean_selected": float(np.mean(chosen)) if chosen else None})
+            rows.append(
+                {
+                    "statistics": label,
+                    "columns": list(reference.dos_features),
+                    "components": k,
+                    "auroc": aurocs,
+                    "mean_selected": float(np.mean(chosen)) if chosen else None,
+                }
+            )
     width = max(12, *(len(n) + 2 for n in outs))
     print(f"density of states, {in_name} (in) vs each set: AUROC; mean over {select}")
     print(f"{'statistics':<26}{'k':>3}" + "".join(f"{n:>{width}}" for n in outs) + f"{'mean':>8}")
     for r in rows:
         mean = "-" if r["mean_selected"] is None else f"{r['mean_selected']:.4f}"
-        print(f"{r['statistics']:<26}{r['components']:>3}" + "".join(f"{r['auroc'][n]:>{width}.4f}" for n in outs)
-              + f"{mean:>8}")
+        print(
+            f"{r['statistics']:<26}{r['components']:>3}"
+            + "".join(f"{r['auroc'][n]:>{width}.4f}" for n in outs)
+            + f"{mean:>8}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "in_dataset": in_name, "select": select, "rows": rows}, f, indent=2)
+            json.dump(
+                {"checkpoint": args.checkpoint, "in_dataset": in_name, "select": select, "rows": rows}, f, indent=2
+            )
         print(f"wrote {args.json}")
 
 

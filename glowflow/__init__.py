@@ -1,12 +1,22 @@
 """glowflow: Glow (Kingma & Dhariwal, 2018) for PyTorch."""
+
 from glowflow.checkpoint import load_model
 from glowflow.config import GlowConfig, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow
 from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
 
-__all__ = ["Glow", "GlowConfig", "RunConfig", "GlowflowError", "bits_per_dim", "dequantize",
-           "postprocess", "preprocess", "load_checkpoint"]
+__all__ = [
+    "Glow",
+    "GlowConfig",
+    "RunConfig",
+    "GlowflowError",
+    "bits_per_dim",
+    "dequantize",
+    "postprocess",
+    "preprocess",
+    "load_checkpoint",
+]
 __version__ = "0.1.0"
 
 

@@ -12,6 +12,7 @@ epochs), ``step`` (optimizer steps), ``best_test_bpd``, ``nonfinite_steps`` and 
 Version 1 files (before ``n_bits`` joined the model configuration) keep it in ``run_config``;
 :attr:`Checkpoint.model_config` reads both.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ class Checkpoint:
         self.path, self.payload = path, payload
 
     @classmethod
-    def read(cls, path: Optional[str], map_location: Any = "cpu") -> "Checkpoint":
+    def read(cls, path: Optional[str], map_location: Any = "cpu") -> Checkpoint:
         """Load a glowflow checkpoint safely; GlowflowError for a missing, corrupt or foreign file."""
         if path is None:
             raise GlowflowError("no checkpoint given: pass --checkpoint PATH (a .pt file written by glowflow --train)")
@@ -70,13 +71,24 @@ class Checkpoint:
             raise GlowflowError(f"checkpoint not found: {path}")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-                TypeError) as err:
-            raise GlowflowError(f"{path} is not a readable glowflow checkpoint: corrupt, truncated, or holding "
-                                f"objects other than tensors and plain values ({type(err).__name__})") from None
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            TypeError,
+        ) as err:
+            raise GlowflowError(
+                f"{path} is not a readable glowflow checkpoint: corrupt, truncated, or holding "
+                f"objects other than tensors and plain values ({type(err).__name__})"
+            ) from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise GlowflowError(f"{path} is not a glowflow checkpoint (no '{FORMAT}' marker); "
-                                f"glowflow only loads checkpoints it wrote itself")
+            raise GlowflowError(
+                f"{path} is not a glowflow checkpoint (no '{FORMAT}' marker); "
+                f"glowflow only loads checkpoints it wrote itself"
+            )
         if payload.get("version", 0) > VERSION:
             raise GlowflowError(f"{path} was written by a newer glowflow (checkpoint version {payload['version']})")
         return cls(path, payload)
@@ -103,8 +115,10 @@ class Checkpoint:
         try:
             model.load_state_dict(self.payload["model"])
         except (KeyError, RuntimeError) as err:
-            raise GlowflowError(f"{self.path}: weights do not match the configuration stored with them "
-                                f"({str(err).splitlines()[0][:200]})") from None
+            raise GlowflowError(
+                f"{self.path}: weights do not match the configuration stored with them "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
         return model
 
     def load_model(self, device: Any = "cpu") -> Glow:

@@ -1,8 +1,10 @@
 """Command line: flags -> config -> train / sample / outlier detection; nothing else.
 
 The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
-meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A user-fixable problem prints one line and exits with status 2.
+meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A
+user-fixable problem prints one line and exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,28 +17,40 @@ from glowflow.errors import GlowflowError
 _RUN = RunConfig()
 _ARCH = GlowConfig()
 
-DATASET_HELP = ("mnist, fashionmnist, cifar10, cifar100, svhn, chestmnist, octmnist, tissuemnist, pneumoniamnist, "
-                "tinyimagenet, places365, dtd, imagenet, or a path to an image folder or .npz")
+DATASET_HELP = (
+    "mnist, fashionmnist, cifar10, cifar100, svhn, chestmnist, octmnist, tissuemnist, pneumoniamnist, "
+    "tinyimagenet, places365, dtd, imagenet, or a path to an image folder or .npz"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="glowflow", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Glow (Kingma & Dhariwal, 2018): train, sample and detect outliers.")
+        prog="glowflow",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Glow (Kingma & Dhariwal, 2018): train, sample and detect outliers.",
+    )
     mode = p.add_argument_group("what to do")
     mode.add_argument("--train", action="store_true", help="Train model")
     mode.add_argument("--sample", action="store_true", help="Sample from model (needs --checkpoint)")
     mode.add_argument("--outlier_detection", action="store_true", help="Outlier detection (needs --checkpoint)")
 
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=None,
-                      help=f"Dataset name: {DATASET_HELP} (default: {_RUN.dataset} for --train, the "
-                           f"checkpoint's own dataset for --sample and --outlier_detection)")
-    data.add_argument("--out_dataset", nargs="+", default=list(_RUN.out_dataset),
-                      help="Outlier dataset name(s) or path(s)")
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help=f"Dataset name: {DATASET_HELP} (default: {_RUN.dataset} for --train, the "
+        f"checkpoint's own dataset for --sample and --outlier_detection)",
+    )
+    data.add_argument(
+        "--out_dataset", nargs="+", default=list(_RUN.out_dataset), help="Outlier dataset name(s) or path(s)"
+    )
     data.add_argument("--data_root", default=_RUN.data_root, help="Where datasets are read from / downloaded to")
-    data.add_argument("--image_size", type=int, default=_RUN.image_size,
-                      help="Override the dataset's image size (must be divisible by 2**L)")
+    data.add_argument(
+        "--image_size",
+        type=int,
+        default=_RUN.image_size,
+        help="Override the dataset's image size (must be divisible by 2**L)",
+    )
     data.add_argument("--num_workers", type=int, default=_RUN.num_workers, help="Number of workers for Dataloader")
 
     train = p.add_argument_group("training")
@@ -49,30 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_grad_norm", type=float, default=_RUN.max_grad_norm, help="Max Grad Norm (0 = off)")
     train.add_argument("--n_bits", type=int, default=_ARCH.n_bits, help="Number of bits per pixel (1..8)")
     train.add_argument("--y_weight", type=float, default=_RUN.y_weight, help="Weight of class condition loss")
-    train.add_argument("--sample_and_save_freq", type=int, default=_RUN.sample_and_save_freq,
-                       help="Sample and save frequency (epochs)")
+    train.add_argument(
+        "--sample_and_save_freq", type=int, default=_RUN.sample_and_save_freq, help="Sample and save frequency (epochs)"
+    )
     train.add_argument("--seed", type=int, default=_RUN.seed, help="Random seed")
     train.add_argument("--max_steps", type=int, default=_RUN.max_steps, help="Stop after this many optimizer steps")
-    train.add_argument("--resume", nargs="?", const="last", default=_RUN.resume,
-                       help="Resume from a checkpoint (alone: <output_dir>/last.pt)")
-    train.add_argument("--perturb", type=float, default=_RUN.perturb,
-                       help="Replace each pixel by a random value with this probability (background model "
-                            "for the likelihood-ratio outlier score)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=_RUN.resume,
+        help="Resume from a checkpoint (alone: <output_dir>/last.pt)",
+    )
+    train.add_argument(
+        "--perturb",
+        type=float,
+        default=_RUN.perturb,
+        help="Replace each pixel by a random value with this probability (background model "
+        "for the likelihood-ratio outlier score)",
+    )
 
     arch = p.add_argument_group("architecture (stored in the checkpoint)")
     arch.add_argument("--hidden_channels", type=int, default=_ARCH.hidden_channels, help="Hidden channels")
     arch.add_argument("--K", type=int, default=_ARCH.K, help="Number of layers per block")
     arch.add_argument("--L", type=int, default=_ARCH.L, help="Number of blocks")
     arch.add_argument("--actnorm_scale", type=float, default=_ARCH.actnorm_scale, help="Act norm scale")
-    arch.add_argument("--flow_permutation", default=_ARCH.flow_permutation, choices=FLOW_PERMUTATIONS,
-                      help="Flow permutation")
-    arch.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS,
-                      help="Flow coupling")
+    arch.add_argument(
+        "--flow_permutation", default=_ARCH.flow_permutation, choices=FLOW_PERMUTATIONS, help="Flow permutation"
+    )
+    arch.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS, help="Flow coupling")
     arch.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
     arch.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
     arch.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")
-    arch.add_argument("--num_classes", type=int, default=_RUN.num_classes,
-                      help=f"Number of classes (default: the dataset's; {_ARCH.num_classes} if unknown)")
+    arch.add_argument(
+        "--num_classes",
+        type=int,
+        default=_RUN.num_classes,
+        help=f"Number of classes (default: the dataset's; {_ARCH.num_classes} if unknown)",
+    )
 
     out = p.add_argument_group("output and logging")
     out.add_argument("--checkpoint", default=_RUN.checkpoint, help="Checkpoint path")
@@ -81,27 +109,54 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
     out.add_argument("--device", default=_RUN.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     out.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
-    out.add_argument("--amp", default=_RUN.amp, choices=AMP_CHOICES,
-                     help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)")
+    out.add_argument(
+        "--amp",
+        default=_RUN.amp,
+        choices=AMP_CHOICES,
+        help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)",
+    )
 
     sample = p.add_argument_group("sampling and manipulation (--sample)")
     sample.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")
-    sample.add_argument("--temperature", type=float, nargs="+", default=list(_RUN.temperature),
-                        help="One or more sampling temperatures")
-    sample.add_argument("--class", dest="sample_class", type=int, default=_RUN.sample_class,
-                        help="Sample this class (class-conditional models)")
+    sample.add_argument(
+        "--temperature", type=float, nargs="+", default=list(_RUN.temperature), help="One or more sampling temperatures"
+    )
+    sample.add_argument(
+        "--class",
+        dest="sample_class",
+        type=int,
+        default=_RUN.sample_class,
+        help="Sample this class (class-conditional models)",
+    )
     sample.add_argument("--reconstruct", action="store_true", help="Reconstruct test images")
     sample.add_argument("--interpolate", action="store_true", help="Interpolate between pairs of test images")
-    sample.add_argument("--manipulate", type=int, nargs=2, metavar=("SOURCE", "TARGET"), default=_RUN.manipulate,
-                        help="Move SOURCE-class images towards TARGET along the class-mean latent difference")
-    sample.add_argument("--n_interpolation_steps", type=int, default=_RUN.n_interpolation_steps,
-                        help="Images per interpolation / manipulation row")
+    sample.add_argument(
+        "--manipulate",
+        type=int,
+        nargs=2,
+        metavar=("SOURCE", "TARGET"),
+        default=_RUN.manipulate,
+        help="Move SOURCE-class images towards TARGET along the class-mean latent difference",
+    )
+    sample.add_argument(
+        "--n_interpolation_steps",
+        type=int,
+        default=_RUN.n_interpolation_steps,
+        help="Images per interpolation / manipulation row",
+    )
 
     ood = p.add_argument_group("outlier detection (--outlier_detection)")
-    ood.add_argument("--background_checkpoint", default=_RUN.background_checkpoint,
-                     help="Checkpoint of a background model (trained with --perturb) for the likelihood-ratio score")
-    ood.add_argument("--max_eval_images", type=int, default=_RUN.max_eval_images,
-                     help="Use at most this many images of each split (quick looks)")
+    ood.add_argument(
+        "--background_checkpoint",
+        default=_RUN.background_checkpoint,
+        help="Checkpoint of a background model (trained with --perturb) for the likelihood-ratio score",
+    )
+    ood.add_argument(
+        "--max_eval_images",
+        type=int,
+        default=_RUN.max_eval_images,
+        help="Use at most this many images of each split (quick looks)",
+    )
     return p
 
 
@@ -128,10 +183,19 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
     info = dataset_info(run.dataset, image_size=run.image_size, data_root=run.data_root)
     num_classes = run.num_classes if run.num_classes is not None else (info.num_classes or _ARCH.num_classes)
     return GlowConfig(
-        image_shape=tuple(info.image_shape), hidden_channels=args.hidden_channels, K=args.K, L=args.L,
-        actnorm_scale=args.actnorm_scale, flow_permutation=args.flow_permutation, flow_coupling=args.flow_coupling,
-        LU_decomposed=args.LU_decomposed, learn_top=args.learn_top, y_condition=args.y_condition,
-        num_classes=num_classes, y_multilabel=bool(info.multilabel), n_bits=args.n_bits,
+        image_shape=tuple(info.image_shape),
+        hidden_channels=args.hidden_channels,
+        K=args.K,
+        L=args.L,
+        actnorm_scale=args.actnorm_scale,
+        flow_permutation=args.flow_permutation,
+        flow_coupling=args.flow_coupling,
+        LU_decomposed=args.LU_decomposed,
+        learn_top=args.learn_top,
+        y_condition=args.y_condition,
+        num_classes=num_classes,
+        y_multilabel=bool(info.multilabel),
+        n_bits=args.n_bits,
     )
 
 

@@ -5,6 +5,7 @@ depth), everything needed to rebuild it from a checkpoint. ``RunConfig`` holds t
 GenerativeZoo's Glow script (same names, same defaults) plus the ones glowflow adds. The command
 line builds its flags from these fields and choices, so a default changed here changes everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,7 @@ class GlowConfig:
             raise GlowflowError(f"hidden_channels must be at least 1, got {self.hidden_channels}")
         if self.actnorm_scale <= 0:
             raise GlowflowError(f"actnorm_scale must be positive, got {self.actnorm_scale}")
-        factor = 2 ** self.L
+        factor = 2**self.L
         if h % factor or w % factor:
             raise GlowflowError(
                 f"image size {h}x{w} is not divisible by 2**L = {factor} (L={self.L}); "
@@ -89,9 +90,7 @@ class GlowConfig:
                 f"flow_permutation must be one of {', '.join(FLOW_PERMUTATIONS)}, got {self.flow_permutation!r}"
             )
         if self.flow_coupling not in FLOW_COUPLINGS:
-            raise GlowflowError(
-                f"flow_coupling must be one of {', '.join(FLOW_COUPLINGS)}, got {self.flow_coupling!r}"
-            )
+            raise GlowflowError(f"flow_coupling must be one of {', '.join(FLOW_COUPLINGS)}, got {self.flow_coupling!r}")
         if self.y_condition and self.num_classes < 1:
             raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
 
@@ -101,7 +100,7 @@ class GlowConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GlowConfig":
+    def from_dict(cls, d: dict) -> GlowConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

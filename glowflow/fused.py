@@ -9,6 +9,7 @@ convolution, activations stay channels_last, and, in evaluation, the parameter-o
 Under bf16 autocast only the coupling networks drop to bf16: the flow's own maps, every
 log-determinant and every prior stay in the input's precision.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,9 @@ def autocast_off(like: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def full_precision_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        padding: int = 0) -> torch.Tensor:
+def full_precision_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int = 0
+) -> torch.Tensor:
     """``F.conv2d`` outside any autocast region: under bf16 autocast the flow's own maps (ActNorm +
     permutation, split priors) stay in the input's precision; only the coupling networks drop."""
     if _autocast_enabled(x.device.type):
@@ -115,8 +117,10 @@ class FusionCache:
         if owner.training or torch.is_grad_enabled():
             return compute()
         try:
-            key = tuple((t._version, t.data_ptr(), t.dtype, t.device)
-                        for t in itertools.chain(owner.parameters(), owner.buffers()))
+            key = tuple(
+                (t._version, t.data_ptr(), t.dtype, t.device)
+                for t in itertools.chain(owner.parameters(), owner.buffers())
+            )
         except RuntimeError:  # an inference tensor has no version counter: do not cache
             return compute()
         entry = self._entries.get((id(owner), name))
@@ -163,7 +167,7 @@ def folded_coupling_network(coupling: Coupling) -> Params:
     w2, b2 = folded_conv_actnorm(coupling.net[2])
     w3, b3 = folded_zero_conv(coupling.net[4], deinterleave=coupling.affine)
     if coupling.affine:
-        b3 = torch.cat([b3[: b3.shape[0] // 2], b3[b3.shape[0] // 2:] + 2.0])
+        b3 = torch.cat([b3[: b3.shape[0] // 2], b3[b3.shape[0] // 2 :] + 2.0])
     return w1, b1, w2, b2, w3, b3
 
 
@@ -212,6 +216,7 @@ class FusedFlowStep:
     def params(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Params]:
         """(W, b, log|det| per pixel, coupling network): ActNorm then permutation is
         y = M ((x + bias) * s) = (M diag(s)) x + M (bias * s)."""
+
         def compute():
             with autocast_off(self.step.actnorm.log_scale):
                 scale, shift = actnorm_scale_shift(self.step.actnorm)
@@ -220,11 +225,13 @@ class FusedFlowStep:
                 bias = matrix @ shift
                 pixel_logdet = self.step.actnorm.log_scale.sum() + matrix_logdet
                 return weight, bias, pixel_logdet, folded_coupling_network(self.step.coupling)
+
         return self.cache.get(self.step, "forward", compute)
 
     def inverse_params(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(W, b) with x = conv(y', W) + b inverting ActNorm + permutation:
         x = diag(1/s) M^-1 y' - bias. M^-1 is computed in float64 (as InvConv1x1.reverse)."""
+
         def compute():
             with autocast_off(self.step.actnorm.log_scale):
                 matrix, _ = mixing_matrix(self.step)
@@ -234,6 +241,7 @@ class FusedFlowStep:
                     inverse = matrix.double().T
                 inverse = inverse * torch.exp(-self.step.actnorm.log_scale.double()).flatten()[:, None]
                 return inverse.to(matrix.dtype)[:, :, None, None], -self.step.actnorm.bias.flatten()
+
         return self.cache.get(self.step, "reverse", compute)
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +274,9 @@ def _coupling_network(x_a: torch.Tensor, network: Params) -> torch.Tensor:
     return F.conv2d(h, w3, b3, padding=1).to(x_a.dtype)
 
 
-def _coupling_forward(coupling: Coupling, x: torch.Tensor, network: Params,
-                      scratch: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _coupling_forward(
+    coupling: Coupling, x: torch.Tensor, network: Params, scratch: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``Coupling.forward`` from the folded network; log-det None for additive (zero).
     ``scratch``: x is the caller's scratch tensor and no gradient is recorded, so y_b overwrites x_b."""
     # split/chunk rather than slicing: their backward is a cat, which keeps the gradient's memory
@@ -314,7 +323,7 @@ class FusedSplitPrior:
     ``forward`` (x_a, z, log p(z | x_a) (N,)) and ``reverse`` (same random numbers), the result of
     ``reverse`` in the memory format of ``flow``."""
 
-    def __init__(self, split: SplitPrior, flow: "FusedFlow"):
+    def __init__(self, split: SplitPrior, flow: FusedFlow):
         self.layer, self.flow, self.cache = split, flow, flow.cache
 
     def _mean_log_std(self, x_a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

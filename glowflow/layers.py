@@ -5,6 +5,7 @@ Conventions: tensors are (N, C, H, W). ``forward(x) -> (y, logdet)`` where ``log
 are not bijections of their input alone (the split) say so. This is the plain computation the
 tests check against brute-force Jacobians; glowflow/fused.py computes the same maps faster.
 """
+
 from __future__ import annotations
 
 import math
@@ -162,6 +163,7 @@ class Conv2dActNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.actnorm(self.conv(x))[0]
 
+
 class ZeroConv2d(nn.Module):
     """Zero-initialised 3x3 convolution whose output is multiplied by exp(3 * log_scale).
 
@@ -179,6 +181,7 @@ class ZeroConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * torch.exp(self.log_scale * self.log_scale_factor)
+
 
 class ZeroLinear(nn.Module):
     """Zero-initialised linear layer with the same exp(3 * log_scale) output factor: (N, in) -> (N, out)."""
@@ -243,14 +246,22 @@ class Coupling(nn.Module):
         x_b = y_b - shift if scale is None else y_b / scale - shift
         return torch.cat([y_a, x_b], dim=1)
 
+
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv / shuffle / reverse) -> coupling.
 
     Shapes: (N, C, H, W) -> (N, C, H, W). log-det: the sum of the three layers'.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, actnorm_scale: float,
-                 flow_permutation: str, flow_coupling: str, LU_decomposed: bool):
+    def __init__(
+        self,
+        num_channels: int,
+        hidden_channels: int,
+        actnorm_scale: float,
+        flow_permutation: str,
+        flow_coupling: str,
+        LU_decomposed: bool,
+    ):
         super().__init__()
         self.actnorm = ActNorm(num_channels, actnorm_scale)
         if flow_permutation == "invconv":
@@ -270,6 +281,7 @@ class FlowStep(nn.Module):
         y = self.coupling.reverse(y)
         y = self.permute.reverse(y)
         return self.actnorm.reverse(y)
+
 
 # ----------------------------------------------------------------------------- squeeze, split
 

@@ -11,6 +11,7 @@ One loop runs each direction (:meth:`Glow.forward_terms` / :meth:`Glow.encode` f
 :meth:`Glow.decode` in reverse), over the plain layers of glowflow/layers.py or their fused
 counterparts of glowflow/fused.py (``model.fast``, on by default).
 """
+
 from __future__ import annotations
 
 import math
@@ -130,11 +131,19 @@ class Glow(nn.Module):
         self.latent_shapes: List[Tuple[int, int, int]] = []
         for level in range(cfg.L):
             c, h, w = c * 4, h // 2, w // 2
-            self.levels.append(nn.ModuleList(
-                FlowStep(c, cfg.hidden_channels, cfg.actnorm_scale, cfg.flow_permutation, cfg.flow_coupling,
-                         cfg.LU_decomposed)
-                for _ in range(cfg.K)
-            ))
+            self.levels.append(
+                nn.ModuleList(
+                    FlowStep(
+                        c,
+                        cfg.hidden_channels,
+                        cfg.actnorm_scale,
+                        cfg.flow_permutation,
+                        cfg.flow_coupling,
+                        cfg.LU_decomposed,
+                    )
+                    for _ in range(cfg.K)
+                )
+            )
             if level < cfg.L - 1:
                 split = SplitPrior(c)
                 self.splits.append(split)
@@ -153,7 +162,7 @@ class Glow(nn.Module):
         self.fused = FusedFlow(self.levels, self.splits)  # the fast path, with its FusionCache
 
     @classmethod
-    def from_config(cls, config: GlowConfig) -> "Glow":
+    def from_config(cls, config: GlowConfig) -> Glow:
         return cls(config)
 
     @property
@@ -278,8 +287,9 @@ class Glow(nn.Module):
         """Continuous log-density of model-space ``x`` (N, C, H, W), nats per image, shape (N,)."""
         return self.forward_terms(x, y).log_prob
 
-    def bits_per_dim(self, x: torch.Tensor, n_bits: Optional[int] = None,
-                     y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def bits_per_dim(
+        self, x: torch.Tensor, n_bits: Optional[int] = None, y: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Bits/dim of (dequantised) model-space ``x`` at the model's own ``n_bits``, shape (N,).
         ``n_bits``, if given, must be the model's (it is only checked)."""
         if n_bits is not None and n_bits != self.config.n_bits:
@@ -288,8 +298,9 @@ class Glow(nn.Module):
 
     # ------------------------------------------------------------------ latents -> x
 
-    def decode(self, latents: Sequence[Optional[torch.Tensor]], y: Optional[torch.Tensor] = None,
-               temperature: float = 1.0) -> torch.Tensor:
+    def decode(
+        self, latents: Sequence[Optional[torch.Tensor]], y: Optional[torch.Tensor] = None, temperature: float = 1.0
+    ) -> torch.Tensor:
         """The exact inverse of :meth:`encode`. A latent given as None is drawn from its prior
         (conditioned on everything above it) with std scaled by ``temperature``; the top latent
         is drawn too when None, its batch size taken from another latent or from ``y``."""
@@ -334,7 +345,7 @@ class Glow(nn.Module):
 
     # ------------------------------------------------------------------ state
 
-    def train(self, mode: bool = True) -> "Glow":
+    def train(self, mode: bool = True) -> Glow:
         self.fused.cache.clear()
         return super().train(mode)
 

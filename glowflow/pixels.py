@@ -8,6 +8,7 @@ and outlier scoring all add dequantisation noise U(0, 1/n_bins) through
 (:func:`bits_per_dim`). Also here: the input perturbation of a likelihood-ratio background model
 (:func:`perturb`) and saving model-space images as a PNG grid (:func:`save_grid`).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,12 @@ def preprocess(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
     return quantize(images, n_bits) / 2**n_bits - 0.5
 
 
-def dequantization_noise(shape: Sequence[int], n_bits: int = 8, generator: Optional[torch.Generator] = None,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantization_noise(
+    shape: Sequence[int],
+    n_bits: int = 8,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Uniform noise U(0, 1/n_bins) of ``shape``, drawn from ``generator`` on its own device (CPU
     for a default or CPU generator): every caller draws the same numbers for the same generator
     state, whatever device the model is on."""

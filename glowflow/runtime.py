@@ -10,6 +10,7 @@ torch.compile, and the switch to the plain (reference) computation.
   networks run in bf16 while the flow's own activations, every log-determinant and every prior
   stay float32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,6 @@ class Distributed:
             dist.destroy_process_group()
 
 
-
-
 def _glow_of(model: nn.Module) -> nn.Module:
     """The Glow inside a DistributedDataParallel / torch.compile wrapper (or the model itself)."""
     for attr in ("_orig_mod", "module"):
@@ -110,16 +109,19 @@ def compile_model(model: nn.Module, mode: Optional[str] = None, dynamic: bool = 
     ``model`` is the module the training step calls (the Glow, or its DistributedDataParallel
     wrapper); call this after the data-dependent ActNorm initialisation, because the compiled
     graph assumes initialised ActNorms. The first step compiles, which takes minutes; on a CPU it
-    is no faster than the fast path afterwards (benchmarks/README.md), so it is meant for CUDA. Raises GlowflowError when compiling cannot work: ActNorm not yet initialised, or no
-    C++ compiler for the CPU backend.
+    is no faster than the fast path afterwards (benchmarks/README.md), so it is meant for CUDA.
+    Raises GlowflowError when compiling cannot work: ActNorm not yet initialised, or no C++
+    compiler for the CPU backend.
     """
     glow = _glow_of(model)
     if hasattr(glow, "is_initialized") and not glow.is_initialized():
         raise GlowflowError("compile_model: initialise the model (ActNorm data-dependent init) before compiling it")
     device = next(glow.parameters()).device
     if device.type == "cpu" and _cpp_compiler() is None:
-        raise GlowflowError("--compile on CPU needs a C++ compiler (g++ or clang++; set CXX), and none was found; "
-                            "run without --compile (the fast path is already the default)")
+        raise GlowflowError(
+            "--compile on CPU needs a C++ compiler (g++ or clang++; set CXX), and none was found; "
+            "run without --compile (the fast path is already the default)"
+        )
     if not hasattr(torch, "compile"):
         raise GlowflowError(f"--compile needs torch.compile (PyTorch >= 2.0); this is PyTorch {torch.__version__}")
     return torch.compile(model, mode=mode, dynamic=dynamic)

@@ -2,6 +2,7 @@
 interpolations and class-attribute manipulation, and the ``--sample`` command that makes them from
 a checkpoint alone. Every picture is a PNG under the output directory; its path is printed.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
 from glowflow.checkpoint import Checkpoint, check_image_shape
 from glowflow.config import RunConfig
 from glowflow.data import load_dataset
@@ -31,8 +33,14 @@ def _class_condition(model: Glow, cls: int, n: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grids(model: Glow, output_dir: str, n_samples: int, temperatures: Sequence[float],
-                 sample_class: Optional[int] = None, device="cpu") -> List[str]:
+def sample_grids(
+    model: Glow,
+    output_dir: str,
+    n_samples: int,
+    temperatures: Sequence[float],
+    sample_class: Optional[int] = None,
+    device="cpu",
+) -> List[str]:
     """One grid of ``n_samples`` per temperature, one sheet with a row per temperature, and (for a
     class-conditional model without ``sample_class``) one grid per temperature with a row per class."""
     written = []
@@ -45,20 +53,37 @@ def sample_grids(model: Glow, output_dir: str, n_samples: int, temperatures: Seq
     sheet = []
     for t in temperatures:
         x = model.sample(n_samples, temperature=t, y=y)
-        written.append(save_grid(x, model.config.n_bits, os.path.join(output_dir, f"samples_T{t:g}{suffix}.png"), nrow=nrow))
+        written.append(
+            save_grid(x, model.config.n_bits, os.path.join(output_dir, f"samples_T{t:g}{suffix}.png"), nrow=nrow)
+        )
         sheet.append(x[:columns])
-    written.append(save_grid(torch.cat(sheet), model.config.n_bits, os.path.join(output_dir, f"samples_temperatures{suffix}.png"),
-                             nrow=columns))
+    written.append(
+        save_grid(
+            torch.cat(sheet),
+            model.config.n_bits,
+            os.path.join(output_dir, f"samples_temperatures{suffix}.png"),
+            nrow=columns,
+        )
+    )
     if model.config.y_condition and sample_class is None:
         rows = min(model.config.num_classes, MAX_CLASS_ROWS)
         for t in temperatures:
-            per_class = [model.sample(columns, temperature=t, y=_class_condition(model, c, columns, device))
-                         for c in range(rows)]
-            written.append(save_grid(torch.cat(per_class), model.config.n_bits,
-                                     os.path.join(output_dir, f"samples_by_class_T{t:g}.png"), nrow=columns))
+            per_class = [
+                model.sample(columns, temperature=t, y=_class_condition(model, c, columns, device)) for c in range(rows)
+            ]
+            written.append(
+                save_grid(
+                    torch.cat(per_class),
+                    model.config.n_bits,
+                    os.path.join(output_dir, f"samples_by_class_T{t:g}.png"),
+                    nrow=columns,
+                )
+            )
         if rows < model.config.num_classes:
-            print(f"note: the class grid shows the first {rows} of {model.config.num_classes} classes; "
-                  f"use --class for the others")
+            print(
+                f"note: the class grid shows the first {rows} of {model.config.num_classes} classes; "
+                f"use --class for the others"
+            )
     return written
 
 
@@ -79,13 +104,14 @@ def reconstruct(model: Glow, dataset, output_dir: str, n: int = 16, device="cpu"
     latents, _ = model.encode(x)
     x_rec = model.decode(latents)
     error = (x_rec - x).abs().max().item()
-    path = save_grid(torch.cat([x, x_rec]), model.config.n_bits, os.path.join(output_dir, "reconstructions.png"), nrow=len(x))
+    path = save_grid(
+        torch.cat([x, x_rec]), model.config.n_bits, os.path.join(output_dir, "reconstructions.png"), nrow=len(x)
+    )
     return path, error
 
 
 @torch.no_grad()
-def interpolate(model: Glow, dataset, output_dir: str, n_pairs: int = 4, steps: int = 8,
-                device="cpu") -> str:
+def interpolate(model: Glow, dataset, output_dir: str, n_pairs: int = 4, steps: int = 8, device="cpu") -> str:
     """Pairs of test images, a row each: linear interpolation of every level's latents."""
     images = _first_images(dataset, 2 * n_pairs)
     n_pairs = len(images) // 2
@@ -108,8 +134,18 @@ def _class_index(label) -> int:
 
 
 @torch.no_grad()
-def manipulate(model: Glow, dataset, output_dir: str, source: int, target: int, n_images: int = 4,
-               steps: int = 8, max_per_class: int = 1000, device="cpu", batch_size: int = 256) -> str:
+def manipulate(
+    model: Glow,
+    dataset,
+    output_dir: str,
+    source: int,
+    target: int,
+    n_images: int = 4,
+    steps: int = 8,
+    max_per_class: int = 1000,
+    device="cpu",
+    batch_size: int = 256,
+) -> str:
     """Class-attribute manipulation (Glow, section 5): move source-class test images along the
     difference of the class-mean latents (target minus source), scale 0 to 1.5, a row per image.
 
@@ -135,7 +171,9 @@ def manipulate(model: Glow, dataset, output_dir: str, source: int, target: int, 
     sums: Dict[int, List[torch.Tensor]] = {}
     for cls, images in picked.items():
         for start in range(0, len(images), batch_size):  # encoded in batches, summed per level
-            latents, _ = model.encode(preprocess(torch.stack(images[start:start + batch_size]), model.config.n_bits).to(device))
+            latents, _ = model.encode(
+                preprocess(torch.stack(images[start : start + batch_size]), model.config.n_bits).to(device)
+            )
             batch_sums = [z.sum(0, keepdim=True) for z in latents]
             sums[cls] = batch_sums if cls not in sums else [s + z for s, z in zip(sums[cls], batch_sums)]
     chosen = picked[source][:n_images]
@@ -166,8 +204,9 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     written = sample_grids(model, output_dir, run.n_samples, run.temperature, run.sample_class, device)
     if run.reconstruct or run.interpolate or run.manipulate is not None:
         image_size = checkpoint.image_size if dataset_name == checkpoint.dataset else None
-        test_set = load_dataset(dataset_name, "test", data_root=run.data_root, image_size=image_size,
-                                divisor=2 ** model.config.L)
+        test_set = load_dataset(
+            dataset_name, "test", data_root=run.data_root, image_size=image_size, divisor=2**model.config.L
+        )
         check_image_shape(model, test_set.info.image_shape, run.checkpoint, dataset_name)
         if run.reconstruct:
             path, error = reconstruct(model, test_set, output_dir, device=device)
@@ -177,8 +216,9 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
             written.append(interpolate(model, test_set, output_dir, steps=run.n_interpolation_steps, device=device))
         if run.manipulate is not None:
             source, target = run.manipulate
-            written.append(manipulate(model, test_set, output_dir, source, target,
-                                      steps=run.n_interpolation_steps, device=device))
+            written.append(
+                manipulate(model, test_set, output_dir, source, target, steps=run.n_interpolation_steps, device=device)
+            )
     for path in written:
         print(f"saved {path}")
     return written

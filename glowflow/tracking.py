@@ -4,6 +4,7 @@ wandb never crashes or hangs a run: where it is not installed the run goes on wi
 API key is configured (not logged in) it runs in offline mode; where an online start fails
 (no network) it falls back to offline mode. Each fallback prints one line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,15 @@ def start_wandb(project: str, run_name: str, config: Dict[str, Any], folder: str
 class Tracker:
     """Writes one metrics.csv row per epoch and forwards scalars to wandb / TensorBoard."""
 
-    def __init__(self, output_dir: str, use_wandb: bool, use_tensorboard: bool, run_name: str,
-                 config: Dict[str, Any], resume: bool = False):
+    def __init__(
+        self,
+        output_dir: str,
+        use_wandb: bool,
+        use_tensorboard: bool,
+        run_name: str,
+        config: Dict[str, Any],
+        resume: bool = False,
+    ):
         self.csv_path = os.path.join(output_dir, "metrics.csv")
         if not (resume and os.path.exists(self.csv_path)):
             with open(self.csv_path, "w", newline="") as handle:
@@ -85,8 +93,10 @@ class Tracker:
     def log_epoch(self, row: Dict[str, Any]) -> None:
         with open(self.csv_path, "a", newline="") as handle:
             csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
-        self.log(int(row["step"]), {f"epoch/{k}": v for k, v in row.items()
-                                    if k not in ("epoch", "step") and isinstance(v, (int, float))})
+        self.log(
+            int(row["step"]),
+            {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))},
+        )
 
     def log_image(self, step: int, key: str, path: str) -> None:
         if self.wandb_run is not None:

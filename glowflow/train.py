@@ -15,6 +15,7 @@ Per epoch: a progress bar, the test split's bits/dim (fixed noise seed), a metri
 ``last.pt``, ``Glow_<dataset>.pt`` when the test bits/dim improves, and a sample grid every
 ``sample_and_save_freq`` epochs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,8 +107,9 @@ class Trainer:
 
     # -------------------------------------------------------------- assembling a run
 
-    def _restore_run(self, run: RunConfig, model_config: Optional[GlowConfig]
-                     ) -> Tuple[RunConfig, GlowConfig, Optional[Checkpoint]]:
+    def _restore_run(
+        self, run: RunConfig, model_config: Optional[GlowConfig]
+    ) -> Tuple[RunConfig, GlowConfig, Optional[Checkpoint]]:
         """The run configuration and architecture to train, and the checkpoint resumed from (if any).
 
         A fresh run takes ``run`` and ``model_config`` as given. With ``--resume`` both come from
@@ -126,11 +128,13 @@ class Trainer:
     def _load_data(self, model_config: GlowConfig):
         """Both splits of --dataset, checked against the model's image shape."""
         run = self.run
-        divisor = 2 ** model_config.L
-        train_set = data_module.load_dataset(run.dataset, "train", data_root=run.data_root,
-                                             image_size=run.image_size, divisor=divisor)
-        test_set = data_module.load_dataset(run.dataset, "test", data_root=run.data_root,
-                                            image_size=run.image_size, divisor=divisor)
+        divisor = 2**model_config.L
+        train_set = data_module.load_dataset(
+            run.dataset, "train", data_root=run.data_root, image_size=run.image_size, divisor=divisor
+        )
+        test_set = data_module.load_dataset(
+            run.dataset, "test", data_root=run.data_root, image_size=run.image_size, divisor=divisor
+        )
         data_shape = tuple(train_set.info.image_shape)
         if tuple(model_config.image_shape) != data_shape:
             raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
@@ -144,11 +148,13 @@ class Trainer:
     def _build_sampler(self) -> Tuple[EpochSampler, int]:
         """The sampler of the training batches (this process's share of each global batch) and the
         number of optimizer steps per epoch."""
-        sampler = EpochSampler(len(self.train_set), self.run.batch_size, self.run.seed,
-                               self.dist.rank, self.dist.world_size)
+        sampler = EpochSampler(
+            len(self.train_set), self.run.batch_size, self.run.seed, self.dist.rank, self.dist.world_size
+        )
         if sampler.global_batch % self.dist.world_size:
-            raise GlowflowError(f"batch size {sampler.global_batch} is not divisible by the "
-                                f"{self.dist.world_size} processes")
+            raise GlowflowError(
+                f"batch size {sampler.global_batch} is not divisible by the {self.dist.world_size} processes"
+            )
         return sampler, sampler.batches_per_epoch
 
     def _build_optimizer(self):
@@ -158,7 +164,8 @@ class Trainer:
         optimizer = torch.optim.Adamax(self.model.parameters(), lr=run.lr, weight_decay=run.decay)
         warmup_steps = run.warmup * self.steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        )
         return optimizer, scheduler
 
     def _restore_training_state(self, payload: Dict) -> None:
@@ -192,14 +199,26 @@ class Trainer:
         every world_size-th test image)."""
         run = self.run
         train_loader = data_module.make_loader(
-            self.train_set, batch_size=self.sampler.global_batch // self.dist.world_size, shuffle=False,
-            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=self.sampler)
+            self.train_set,
+            batch_size=self.sampler.global_batch // self.dist.world_size,
+            shuffle=False,
+            num_workers=run.num_workers,
+            seed=run.seed,
+            device=self.device,
+            sampler=self.sampler,
+        )
         test_sampler = None
         if self.dist.enabled:
-            test_sampler = list(range(len(self.test_set)))[self.dist.rank::self.dist.world_size]
+            test_sampler = list(range(len(self.test_set)))[self.dist.rank :: self.dist.world_size]
         test_loader = data_module.make_loader(
-            self.test_set, batch_size=run.eval_batch_size, shuffle=False,
-            num_workers=run.num_workers, seed=run.seed, device=self.device, sampler=test_sampler)
+            self.test_set,
+            batch_size=run.eval_batch_size,
+            shuffle=False,
+            num_workers=run.num_workers,
+            seed=run.seed,
+            device=self.device,
+            sampler=test_sampler,
+        )
         return train_loader, test_loader
 
     # -------------------------------------------------------------- the loop
@@ -217,13 +236,20 @@ class Trainer:
         except KeyboardInterrupt:
             path = self.save("last.pt")
             if path:
-                print(f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr)
+                print(
+                    f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr
+                )
             raise
         finally:
             if self.tracker is not None:
                 self.tracker.close()
-        summary = {"epoch": self.epoch, "step": self.step, "best_test_bpd": self.best_test_bpd,
-                   "nonfinite_steps": self.nonfinite_total, "output_dir": self.output_dir}
+        summary = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_test_bpd": self.best_test_bpd,
+            "nonfinite_steps": self.nonfinite_total,
+            "output_dir": self.output_dir,
+        }
         self.dist.barrier()
         return summary
 
@@ -262,8 +288,14 @@ class Trainer:
         started = time.perf_counter()
         bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         steps_done, images_done, consecutive_bad = 0, 0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{run.n_epochs}", total=len(self.train_loader),
-                   disable=not self.dist.is_main, mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {self.epoch + 1}/{run.n_epochs}",
+            total=len(self.train_loader),
+            disable=not self.dist.is_main,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         stopped_early = False
         for images, labels in bar:
             bpd = self.train_step(images, labels)
@@ -276,7 +308,8 @@ class Trainer:
                     raise NonFiniteLoss(
                         f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: "
                         f"training diverged; the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
-                        f"--max_grad_norm or --flow_coupling additive)")
+                        f"--max_grad_norm or --flow_coupling additive)"
+                    )
                 continue
             consecutive_bad = 0
             steps_done += 1
@@ -293,40 +326,65 @@ class Trainer:
 
     def evaluate(self) -> float:
         """The test split's bits/dim (noise seeded by --eval_seed, at most --max_eval_images images)."""
-        return evaluate_bpd(self.model, self.test_loader, self.device, self.run.eval_seed,
-                            use_labels=self.model.config.y_condition, dist_ctx=self.dist,
-                            max_images=self.run.max_eval_images, desc="test bits/dim")
+        return evaluate_bpd(
+            self.model,
+            self.test_loader,
+            self.device,
+            self.run.eval_seed,
+            use_labels=self.model.config.y_condition,
+            dist_ctx=self.dist,
+            max_images=self.run.max_eval_images,
+            desc="test bits/dim",
+        )
 
     def _metrics_row(self, totals: StepLoopTotals, train_bpd: float, test_bpd: float) -> Dict:
         """The epoch's metrics.csv row (and tracker entry)."""
-        return {"epoch": self.epoch, "step": self.step, "train_bpd": round(train_bpd, 6),
-                "test_bpd": round(test_bpd, 6), "lr": self.optimizer.param_groups[0]["lr"],
-                "images_per_s": round(totals.images / max(totals.seconds, 1e-9), 2),
-                "seconds": round(totals.seconds, 3)}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_bpd": round(train_bpd, 6),
+            "test_bpd": round(test_bpd, 6),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": round(totals.images / max(totals.seconds, 1e-9), 2),
+            "seconds": round(totals.seconds, 3),
+        }
 
     def _print_header(self) -> None:
         """The run's one-line introduction: data, model size, device, processes, output folder."""
         c, h, w = self.model.config.image_shape
         n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
-              f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
-              f"{self.dist.world_size} process(es), output {self.output_dir}")
+        print(
+            f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
+            f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
+            f"{self.dist.world_size} process(es), output {self.output_dir}"
+        )
 
-    def _print_epoch(self, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float,
-                     improved: bool) -> None:
+    def _print_epoch(
+        self, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float, improved: bool
+    ) -> None:
         """The epoch's line on stdout, after a note on stderr when steps have been skipped."""
         if self.nonfinite_total:
-            print(f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
-                  file=sys.stderr)
-        print(f"epoch {self.epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
-              f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
-              f"{row['images_per_s']:.0f} img/s  {totals.seconds:.1f} s")
+            print(
+                f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
+                file=sys.stderr,
+            )
+        print(
+            f"epoch {self.epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
+            f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
+            f"{row['images_per_s']:.0f} img/s  {totals.seconds:.1f} s"
+        )
 
     def _make_tracker(self) -> Tracker:
         """metrics.csv, plus wandb and/or TensorBoard as the flags say; appends when resuming."""
         config = {**self.run.to_dict(), **{f"model/{k}": v for k, v in self.model.config.to_dict().items()}}
-        return Tracker(self.output_dir, use_wandb=not self.run.no_wandb, use_tensorboard=self.run.tensorboard,
-                       run_name=f"Glow_{self.dataset_name}", config=config, resume=bool(self.run.resume))
+        return Tracker(
+            self.output_dir,
+            use_wandb=not self.run.no_wandb,
+            use_tensorboard=self.run.tensorboard,
+            run_name=f"Glow_{self.dataset_name}",
+            config=config,
+            resume=bool(self.run.resume),
+        )
 
     # -------------------------------------------------------------- one step
 
@@ -407,10 +465,15 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return dict(rng=rng,
-            run_config=self.run.to_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
-            best_test_bpd=self.best_test_bpd, nonfinite_steps=self.nonfinite_total,
+        return dict(
+            rng=rng,
+            run_config=self.run.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            epoch=self.epoch,
+            step=self.step,
+            best_test_bpd=self.best_test_bpd,
+            nonfinite_steps=self.nonfinite_total,
         )
 
     def save_samples(self) -> str:
@@ -433,8 +496,21 @@ class Trainer:
 
 
 # What a resumed run may change; everything else (data, seed, optimisation, n_bits) is the stored run's.
-RESUME_OVERRIDES = ("n_epochs", "max_steps", "output_dir", "device", "num_workers", "no_wandb", "tensorboard",
-                    "resume", "data_root", "sample_and_save_freq", "max_eval_images", "compile", "amp")
+RESUME_OVERRIDES = (
+    "n_epochs",
+    "max_steps",
+    "output_dir",
+    "device",
+    "num_workers",
+    "no_wandb",
+    "tensorboard",
+    "resume",
+    "data_root",
+    "sample_and_save_freq",
+    "max_eval_images",
+    "compile",
+    "amp",
+)
 
 
 def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
@@ -520,9 +596,16 @@ def _stack_labels(labels) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_bpd(model: Glow, loader: DataLoader, device: torch.device, seed: int = 0,
-                 use_labels: bool = False, dist_ctx: Optional[Distributed] = None,
-                 max_images: Optional[int] = None, desc: str = "eval") -> float:
+def evaluate_bpd(
+    model: Glow,
+    loader: DataLoader,
+    device: torch.device,
+    seed: int = 0,
+    use_labels: bool = False,
+    dist_ctx: Optional[Distributed] = None,
+    max_images: Optional[int] = None,
+    desc: str = "eval",
+) -> float:
     """Mean bits/dim of ``loader``'s images, dequantised with noise from a generator seeded ``seed``."""
     was_training = model.training
     model.eval()

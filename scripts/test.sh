@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Set-up (scripts/setup.sh) then the whole test suite.
+# Set-up (scripts/setup.sh), the linter and formatter (ruff, configured in pyproject.toml), then
+# the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec ${PYTHON:-python3} -m pytest -q "$@"
+PY=${PYTHON:-python3}
+$PY -m ruff check .
+$PY -m ruff format --check .
+exec $PY -m pytest -q "$@"

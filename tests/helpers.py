@@ -1,4 +1,5 @@
 """Shared test utilities: every architecture combination, and randomised float64 models."""
+
 import itertools
 
 import torch
@@ -13,9 +14,14 @@ def architecture_combinations():
     for perm, coupling, learn_top, y_condition in itertools.product(
         ("invconv", "shuffle", "reverse"), ("additive", "affine"), (False, True), (False, True)
     ):
-        for lu in ((False, True) if perm == "invconv" else (False,)):
-            yield dict(flow_permutation=perm, flow_coupling=coupling, LU_decomposed=lu,
-                       learn_top=learn_top, y_condition=y_condition)
+        for lu in (False, True) if perm == "invconv" else (False,):
+            yield dict(
+                flow_permutation=perm,
+                flow_coupling=coupling,
+                LU_decomposed=lu,
+                learn_top=learn_top,
+                y_condition=y_condition,
+            )
 
 
 def combo_id(combo):

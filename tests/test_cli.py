@@ -1,4 +1,5 @@
 """The command line end to end on a tiny dataset, through the real entry point."""
+
 import json
 import os
 import signal
@@ -12,15 +13,33 @@ import torch
 from glowflow.cli import main
 from tests.helpers import write_noise_npz, write_smooth_npz
 
-TINY = ["--n_epochs", "2", "--batch_size", "16", "--hidden_channels", "8", "--K", "2", "--L", "2",
-        "--no_wandb", "--sample_and_save_freq", "1", "--warmup", "1"]
+TINY = [
+    "--n_epochs",
+    "2",
+    "--batch_size",
+    "16",
+    "--hidden_channels",
+    "8",
+    "--K",
+    "2",
+    "--L",
+    "2",
+    "--no_wandb",
+    "--sample_and_save_freq",
+    "1",
+    "--warmup",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    return {"in": write_smooth_npz(folder / "smooth.npz"), "noise": write_noise_npz(folder / "noise.npz"),
-            "big": write_smooth_npz(folder / "big.npz", n=8, size=32)}
+    return {
+        "in": write_smooth_npz(folder / "smooth.npz"),
+        "noise": write_noise_npz(folder / "noise.npz"),
+        "big": write_smooth_npz(folder / "big.npz", n=8, size=32),
+    }
 
 
 def _weights(path):
@@ -49,11 +68,35 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
 
     # sampling needs only the checkpoint: no architecture flag repeated
     samples = tmp_path / "samples"
-    assert main(["--sample", "--checkpoint", str(full / "Glow_smooth.pt"), "--output_dir", str(samples),
-                 "--temperature", "0", "0.7", "1.0", "--n_samples", "9", "--reconstruct", "--interpolate"]) == 0
+    assert (
+        main(
+            [
+                "--sample",
+                "--checkpoint",
+                str(full / "Glow_smooth.pt"),
+                "--output_dir",
+                str(samples),
+                "--temperature",
+                "0",
+                "0.7",
+                "1.0",
+                "--n_samples",
+                "9",
+                "--reconstruct",
+                "--interpolate",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for name in ("samples_T0.png", "samples_T0.7.png", "samples_T1.png", "samples_temperatures.png",
-                 "reconstructions.png", "interpolations.png"):
+    for name in (
+        "samples_T0.png",
+        "samples_T0.7.png",
+        "samples_T1.png",
+        "samples_temperatures.png",
+        "reconstructions.png",
+        "interpolations.png",
+    ):
         assert (samples / name).exists(), name
         assert f"saved {samples / name}" in out
     error = float(out.split("max |x - decode(encode(x))| = ")[1].split()[0])
@@ -61,8 +104,16 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
 
     # outlier detection from the checkpoint alone, against a file set and a built-in set
     ood = tmp_path / "ood"
-    argv = ["--outlier_detection", "--checkpoint", str(full / "Glow_smooth.pt"), "--out_dataset", tiny["noise"],
-            "constant", "--output_dir", str(ood)]
+    argv = [
+        "--outlier_detection",
+        "--checkpoint",
+        str(full / "Glow_smooth.pt"),
+        "--out_dataset",
+        tiny["noise"],
+        "constant",
+        "--output_dir",
+        str(ood),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "AUROC" in out and "wrote" in out
@@ -72,10 +123,12 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
     assert report["scores"]["nll"]["auroc"] > 0.9  # noise is far from smooth gradients, even after 2 epochs
     for name in ("ood_smooth_vs_noise_histograms.png", "ood_smooth_vs_noise_roc.png", "ood_smooth_vs_constant.json"):
         assert (ood / name).exists(), name
-    summary = json.loads((ood / "ood_smooth_summary.json").read_text())   # two outlier sets: one summary
+    summary = json.loads((ood / "ood_smooth_summary.json").read_text())  # two outlier sets: one summary
     assert set(summary["auroc"]) == {tiny["noise"], "constant"}
-    assert summary["auroc"]["constant"]["dos"] == json.loads((ood / "ood_smooth_vs_constant.json").read_text())[
-        "scores"]["dos"]["auroc"]
+    assert (
+        summary["auroc"]["constant"]["dos"]
+        == json.loads((ood / "ood_smooth_vs_constant.json").read_text())["scores"]["dos"]["auroc"]
+    )
     assert "(in) against each outlier set" in out
     assert main(argv) == 0  # the training statistics are cached beside the checkpoint and reused
     assert "reusing the training statistics" in capsys.readouterr().out
@@ -83,16 +136,61 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
 
 def test_class_conditional_sampling_and_manipulation(tiny, tmp_path, capsys):
     run = tmp_path / "cond"
-    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--y_condition", "--y_weight", "0.5",
-                 "--n_epochs", "1", *TINY[2:]]) == 0
+    assert (
+        main(
+            [
+                "--train",
+                "--dataset",
+                tiny["in"],
+                "--output_dir",
+                str(run),
+                "--y_condition",
+                "--y_weight",
+                "0.5",
+                "--n_epochs",
+                "1",
+                *TINY[2:],
+            ]
+        )
+        == 0
+    )
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["model_config"]["y_condition"] and payload["model_config"]["num_classes"] == 3
-    assert main(["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"),
-                 "--n_samples", "4", "--manipulate", "0", "1"]) == 0
+    assert (
+        main(
+            [
+                "--sample",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output_dir",
+                str(run / "s"),
+                "--n_samples",
+                "4",
+                "--manipulate",
+                "0",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (run / "s" / "samples_by_class_T0.7.png").exists()
     assert (run / "s" / "manipulation_0_to_1.png").exists()
-    assert main(["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"),
-                 "--n_samples", "4", "--class", "2"]) == 0
+    assert (
+        main(
+            [
+                "--sample",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--output_dir",
+                str(run / "s"),
+                "--n_samples",
+                "4",
+                "--class",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (run / "s" / "samples_T0.7_class2.png").exists()
 
 
@@ -102,21 +200,24 @@ def _error_of(argv, capsys):
     return code, err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dataset", "no_such_dataset"], "unknown dataset"),
-    (["--L", "5"], "not divisible by 2**L"),
-    (["--image_size", "18"], "not divisible"),
-    (["--K", "0"], "K (steps of flow per level) must be at least 1"),
-    (["--L", "0"], "L (number of levels) must be at least 1"),
-    (["--n_bits", "0"], "n_bits must be between 1 and 8"),
-    (["--n_bits", "9"], "n_bits must be between 1 and 8"),
-    (["--batch_size", "0"], "batch_size must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "no_such_dataset"], "unknown dataset"),
+        (["--L", "5"], "not divisible by 2**L"),
+        (["--image_size", "18"], "not divisible"),
+        (["--K", "0"], "K (steps of flow per level) must be at least 1"),
+        (["--L", "0"], "L (number of levels) must be at least 1"),
+        (["--n_bits", "0"], "n_bits must be between 1 and 8"),
+        (["--n_bits", "9"], "n_bits must be between 1 and 8"),
+        (["--batch_size", "0"], "batch_size must be at least 1"),
+    ],
+)
 def test_bad_training_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
     out = tmp_path / "never"
     argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY]
     for i in range(0, len(flags), 2):  # the bad flag given last wins
-        argv += flags[i:i + 2]
+        argv += flags[i : i + 2]
     code, err = _error_of(argv, capsys)
     assert code == 2
     assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
@@ -149,8 +250,20 @@ def test_checkpoint_for_another_image_shape(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--max_steps", "1", *TINY]) == 0
     capsys.readouterr()
-    code, err = _error_of(["--outlier_detection", "--checkpoint", str(run / "last.pt"), "--dataset", tiny["big"],
-                           "--out_dataset", tiny["noise"], "--output_dir", str(run)], capsys)
+    code, err = _error_of(
+        [
+            "--outlier_detection",
+            "--checkpoint",
+            str(run / "last.pt"),
+            "--dataset",
+            tiny["big"],
+            "--out_dataset",
+            tiny["noise"],
+            "--output_dir",
+            str(run),
+        ],
+        capsys,
+    )
     assert code == 2 and "1x16x16" in err and "1x32x32" in err, err
 
 
@@ -159,8 +272,25 @@ def test_wandb_falls_back_to_offline_without_network_or_login(tiny, tmp_path):
     env["HOME"] = str(tmp_path)  # no ~/.netrc: not logged in
     run = tmp_path / "wb"
     argv = [a for a in TINY if a != "--no_wandb"]
-    proc = subprocess.run([sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir",
-                           str(run), "--max_steps", "2", *argv], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glowflow",
+            "--train",
+            "--dataset",
+            tiny["in"],
+            "--output_dir",
+            str(run),
+            "--max_steps",
+            "2",
+            *argv,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wandb is not logged in; logging offline" in proc.stderr
     assert (run / "last.pt").exists()
@@ -169,9 +299,24 @@ def test_wandb_falls_back_to_offline_without_network_or_login(tiny, tmp_path):
 
 def test_ctrl_c_saves_last_checkpoint(tiny, tmp_path):
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir",
-                             str(run), "--n_epochs", "1000", *TINY[2:]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "glowflow",
+            "--train",
+            "--dataset",
+            tiny["in"],
+            "--output_dir",
+            str(run),
+            "--n_epochs",
+            "1000",
+            *TINY[2:],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run / "metrics.csv"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -212,8 +357,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, capsys,
 
     monkeypatch.setattr(Glow, "forward", lambda self, x, y=None: (real_forward(self, x, y)[0] * float("nan"), None))
     before = (run / "last.pt").read_bytes()
-    code = main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "2",
-                 "--resume"])
+    code = main(
+        ["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "2", "--resume"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "5 non-finite losses or gradients in a row" in err and "last good checkpoint" in err
     assert (run / "last.pt").read_bytes() == before  # the last good checkpoint is kept
@@ -233,8 +379,23 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped(tiny, tmp_path, monk
 
     run = tmp_path / "infgrad"
     _alter_log_prob_on_second_call(monkeypatch, InfiniteGradient.apply)
-    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
-                 "--sample_and_save_freq", "0"]) == 0
+    assert (
+        main(
+            [
+                "--train",
+                "--dataset",
+                tiny["in"],
+                "--output_dir",
+                str(run),
+                *TINY[2:],
+                "--n_epochs",
+                "1",
+                "--sample_and_save_freq",
+                "0",
+            ]
+        )
+        == 0
+    )
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["nonfinite_steps"] == 1 and payload["step"] == 6
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
@@ -253,15 +414,48 @@ def test_max_abs_without_get_total_norm(monkeypatch):
 
 def test_tensorboard_logs(tiny, tmp_path):
     run = tmp_path / "tb"
-    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
-                 "--tensorboard", "--sample_and_save_freq", "0"]) == 0
+    assert (
+        main(
+            [
+                "--train",
+                "--dataset",
+                tiny["in"],
+                "--output_dir",
+                str(run),
+                *TINY[2:],
+                "--n_epochs",
+                "1",
+                "--tensorboard",
+                "--sample_and_save_freq",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
 
 
 def test_bf16_autocast_training_runs_on_cpu(tiny, tmp_path):
     run = tmp_path / "amp"
-    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY[2:], "--n_epochs", "1",
-                 "--amp", "bf16", "--sample_and_save_freq", "0"]) == 0
+    assert (
+        main(
+            [
+                "--train",
+                "--dataset",
+                tiny["in"],
+                "--output_dir",
+                str(run),
+                *TINY[2:],
+                "--n_epochs",
+                "1",
+                "--amp",
+                "bf16",
+                "--sample_and_save_freq",
+                "0",
+            ]
+        )
+        == 0
+    )
     payload = torch.load(run / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
     assert all(v.dtype != torch.bfloat16 for v in payload["model"].values())  # weights stay float32
@@ -269,8 +463,22 @@ def test_bf16_autocast_training_runs_on_cpu(tiny, tmp_path):
 
 def test_compiled_training_matches_eager_training(tiny, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    common = ["--train", "--dataset", tiny["in"], *TINY[2:], "--n_epochs", "1", "--max_steps", "2",
-              "--sample_and_save_freq", "0", "--K", "1", "--L", "1"]  # a small graph: compiling is slow
+    common = [
+        "--train",
+        "--dataset",
+        tiny["in"],
+        *TINY[2:],
+        "--n_epochs",
+        "1",
+        "--max_steps",
+        "2",
+        "--sample_and_save_freq",
+        "0",
+        "--K",
+        "1",
+        "--L",
+        "1",
+    ]  # a small graph: compiling is slow
     assert main([*common, "--output_dir", str(eager)]) == 0
     assert main([*common, "--output_dir", str(compiled), "--compile"]) == 0
     a, b = _weights(eager / "last.pt"), _weights(compiled / "last.pt")

@@ -5,6 +5,7 @@ CIFAR pickles, SVHN .mat, medmnist .npz, the Tiny-ImageNet / Places365 / DTD / I
 under a temporary data root, loaded through load_dataset exactly as a user's run loads it.
 The real Fashion-MNIST comes from Debian's dataset-fashion-mnist (scripts/setup.sh installs it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,9 @@ from glowflow.data import (
     load_dataset,
     make_loader,
     match_shape,
+    readers,
+    specs,
 )
-from glowflow.data import readers, specs
 from glowflow.errors import GlowflowError
 
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -108,10 +110,18 @@ def no_user_medmnist(monkeypatch, tmp_path_factory):
 def test_names_and_infos():
     assert len(DATASET_NAMES) == 13
     expected = {
-        "mnist": ((1, 32, 32), 10), "fashionmnist": ((1, 32, 32), 10), "cifar10": ((3, 32, 32), 10),
-        "cifar100": ((3, 32, 32), 100), "svhn": ((3, 32, 32), 10), "chestmnist": ((1, 32, 32), 14),
-        "octmnist": ((1, 32, 32), 4), "tissuemnist": ((1, 32, 32), 8), "pneumoniamnist": ((1, 32, 32), 2),
-        "tinyimagenet": ((3, 64, 64), 200), "places365": ((3, 128, 128), 365), "dtd": ((3, 128, 128), 47),
+        "mnist": ((1, 32, 32), 10),
+        "fashionmnist": ((1, 32, 32), 10),
+        "cifar10": ((3, 32, 32), 10),
+        "cifar100": ((3, 32, 32), 100),
+        "svhn": ((3, 32, 32), 10),
+        "chestmnist": ((1, 32, 32), 14),
+        "octmnist": ((1, 32, 32), 4),
+        "tissuemnist": ((1, 32, 32), 8),
+        "pneumoniamnist": ((1, 32, 32), 2),
+        "tinyimagenet": ((3, 64, 64), 200),
+        "places365": ((3, 128, 128), 365),
+        "dtd": ((3, 128, 128), 47),
         "imagenet": ((3, 128, 128), 1000),
     }
     assert set(expected) == set(DATASET_NAMES)
@@ -152,7 +162,11 @@ def test_idx_datasets(tmp_path, name, folder):
     native = load_dataset(name, "train", data_root=str(tmp_path), image_size=28, download=False)
     assert torch.equal((all_items(native)[0] * 255).round().to(torch.uint8)[:, 0], torch.from_numpy(arrays["train"][0]))
     assert native[0][0].shape == (1, 28, 28)
-    assert load_dataset(name, "train", data_root=str(tmp_path), image_size=64, download=False)[0][0].shape == (1, 64, 64)
+    assert load_dataset(name, "train", data_root=str(tmp_path), image_size=64, download=False)[0][0].shape == (
+        1,
+        64,
+        64,
+    )
 
 
 def cifar_files(root, folder, n_classes, label_key):
@@ -229,7 +243,9 @@ def test_svhn(tmp_path):
         assert 0 in labels.tolist() and 10 not in labels.tolist()
 
 
-@pytest.mark.parametrize("flag,classes", [("chestmnist", 14), ("octmnist", 4), ("tissuemnist", 8), ("pneumoniamnist", 2)])
+@pytest.mark.parametrize(
+    "flag,classes", [("chestmnist", 14), ("octmnist", 4), ("tissuemnist", 8), ("pneumoniamnist", 2)]
+)
 def test_medmnist(tmp_path, flag, classes):
     """medmnist's 28-pixel .npz: <flag>.npz with {train,val,test}_{images,labels}."""
     rng = np.random.default_rng(3)
@@ -292,8 +308,11 @@ def test_tinyimagenet(tmp_path):
     assert labels.tolist() == val_labels  # from val_annotations.txt, not all 0 as in GenerativeZoo's script
     assert_colours_match_labels(images, labels)
     assert val.info.num_classes == 200
-    assert load_dataset("tinyimagenet", "test", data_root=str(tmp_path), image_size=32,
-                        download=False)[0][0].shape == (3, 32, 32)
+    assert load_dataset("tinyimagenet", "test", data_root=str(tmp_path), image_size=32, download=False)[0][0].shape == (
+        3,
+        32,
+        32,
+    )
 
 
 def test_places365(tmp_path):
@@ -542,8 +561,10 @@ def test_custom_npz(tmp_path):
 
     wide = rng.integers(0, 256, (2, 20, 24), dtype=np.uint8)  # not square: the centre 20x20 is kept
     np.savez(tmp_path / "wide.npz", images=wide)
-    assert torch.equal(all_items(load_dataset(str(tmp_path / "wide.npz"), "train"))[0][:, 0],
-                       torch.from_numpy(wide[:, :, 2:22]).float() / 255)
+    assert torch.equal(
+        all_items(load_dataset(str(tmp_path / "wide.npz"), "train"))[0][:, 0],
+        torch.from_numpy(wide[:, :, 2:22]).float() / 255,
+    )
 
     hot = rng.integers(0, 2, (4, 5))
     np.savez(tmp_path / "multi.npz", images=rgb, labels=hot)
@@ -584,8 +605,12 @@ def test_errors_are_clear(tmp_path):
     # a corrupt file where a dataset's layout expects it: named, not downloaded over
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"\x00\x00\x08")
     with pytest.raises(GlowflowError, match=r"mnist: the files in .*data could not be read"):
         load_dataset("mnist", "train", data_root=str(tmp_path / "data"))
@@ -656,7 +681,10 @@ def test_make_loader_is_seeded():
     assert make_loader(ds, 8, shuffle=False, device="cuda").pin_memory is True
     assert len(make_loader(ds, 8, shuffle=True, drop_last=True)) == 6
     sampler = torch.utils.data.SequentialSampler(range(10))
-    assert [y.tolist() for _, y in make_loader(ds, 5, shuffle=True, sampler=sampler)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [y.tolist() for _, y in make_loader(ds, 5, shuffle=True, sampler=sampler)] == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+    ]
     workers = make_loader(ds, 25, shuffle=False, num_workers=2)
     assert torch.cat([y for _, y in workers]).tolist() == list(range(50))
 

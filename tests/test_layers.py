@@ -1,6 +1,7 @@
 """Every invertible layer, plain and fused, through one shared checker: reverse(forward(x)) == x,
 the log-det is (N,) and equals the brute-force Jacobian's log|det| in float64, and the fused
 layer computes what the plain one does."""
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -19,8 +20,10 @@ def check_flow_layer(layer, x, atol=1e-10):
         assert y.shape == x.shape and logdet.shape == (x.shape[0],)
         assert (layer.reverse(y.clone()) - x).abs().max().item() < atol
     for i in range(x.shape[0]):
+
         def f(v):
             return layer.forward(v.view(1, *x.shape[1:]))[0].reshape(-1)
+
         jac = jacobian(f, x[i].reshape(-1))
         expected = torch.linalg.slogdet(jac)[1]
         assert abs(logdet[i].item() - expected.item()) < 1e-8, (type(layer).__name__, logdet[i].item(), expected.item())
@@ -65,8 +68,12 @@ def test_each_layer(name):
     check_flow_layer(layer, x)
 
 
-STEPS = [(perm, coupling, lu) for perm in ("invconv", "shuffle", "reverse") for coupling in ("additive", "affine")
-         for lu in ((False, True) if perm == "invconv" else (False,))]
+STEPS = [
+    (perm, coupling, lu)
+    for perm in ("invconv", "shuffle", "reverse")
+    for coupling in ("additive", "affine")
+    for lu in ((False, True) if perm == "invconv" else (False,))
+]
 
 
 @pytest.mark.parametrize("perm,coupling,lu", STEPS)

@@ -3,6 +3,7 @@ numbers and pictures: log_prob and bits/dim within 1e-6 relative, identical samp
 same outlier scores to float32 rounding (1e-5: the density-of-states score is a mixture density of
 standardised statistics, which turns the 1e-7 relative float32 rounding of the level bits/dim into
 a few 1e-6). The files and the generator are in tests/legacy/."""
+
 import json
 import math
 import os

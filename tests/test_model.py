@@ -1,4 +1,5 @@
 """Exactness of the flow: invertibility, log-determinants, normalisation, state, sampling, bits/dim."""
+
 import io
 import math
 
@@ -7,8 +8,8 @@ import torch
 from torch.autograd.functional import jacobian
 
 from glowflow import Glow, bits_per_dim, dequantize, preprocess
-from glowflow.model import classification_loss
 from glowflow.layers import squeeze2x
+from glowflow.model import classification_loss
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
 COMBOS = list(architecture_combinations())
@@ -40,6 +41,7 @@ def _flat_latents(model):
     def f(x_flat, shape):
         latents, _ = model.encode(x_flat.view(1, *shape))
         return torch.cat([z.reshape(-1) for z in latents])
+
     return f
 
 
@@ -53,7 +55,7 @@ def test_logdet_matches_brute_force_jacobian(combo):
         model = randomised_model(shape, L, combo, K=2, hidden=4)
         x = torch.rand(1, *shape, dtype=torch.float64) - 0.5
         f = _flat_latents(model)
-        jac = jacobian(lambda v: f(v, shape), x.reshape(-1), vectorize=True)
+        jac = jacobian(lambda v, f=f, shape=shape: f(v, shape), x.reshape(-1), vectorize=True)
         expected = torch.linalg.slogdet(jac)[1]
         _, logdet = model.encode(x)
         assert abs(logdet.item() - expected.item()) < 1e-8, (shape, L, logdet.item(), expected.item())
@@ -61,10 +63,18 @@ def test_logdet_matches_brute_force_jacobian(combo):
         assert torch.allclose(model.forward_terms(x, labels_for(model, 1)).logdet, logdet, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("combo", [
-    dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=False, y_condition=False),
-    dict(flow_permutation="shuffle", flow_coupling="additive", LU_decomposed=False, learn_top=True, y_condition=True),
-], ids=["affine-invconv", "additive-shuffle-learntop-ycond-marginal"])
+@pytest.mark.parametrize(
+    "combo",
+    [
+        dict(
+            flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=False, y_condition=False
+        ),
+        dict(
+            flow_permutation="shuffle", flow_coupling="additive", LU_decomposed=False, learn_top=True, y_condition=True
+        ),
+    ],
+    ids=["affine-invconv", "additive-shuffle-learntop-ycond-marginal"],
+)
 def test_log_prob_integrates_to_one(combo):
     """Importance sampling: E_q[p(x) / q(x)] = integral of p = 1, q a wide Gaussian."""
     shape = (1, 2, 2)
@@ -75,7 +85,8 @@ def test_log_prob_integrates_to_one(combo):
     with torch.no_grad():
         located = model.sample(20_000).flatten(1)
     proposal = torch.distributions.Independent(
-        torch.distributions.StudentT(2.0, located.median(0).values, 1.5 * located.std(0)), 1)
+        torch.distributions.StudentT(2.0, located.median(0).values, 1.5 * located.std(0)), 1
+    )
     x = proposal.sample((400_000,))
     with torch.no_grad():
         log_p = torch.cat([model.log_prob(chunk.view(-1, *shape)) for chunk in x.split(50_000)])
@@ -86,8 +97,11 @@ def test_log_prob_integrates_to_one(combo):
     assert abs(estimate - 1.0) < 0.03, estimate
 
 
-@pytest.mark.parametrize("combo", [c for c in COMBOS if c["flow_permutation"] != "reverse"][:8] + [COMBOS[-1]],
-                         ids=[combo_id(c) for c in ([c for c in COMBOS if c["flow_permutation"] != "reverse"][:8] + [COMBOS[-1]])])
+@pytest.mark.parametrize(
+    "combo",
+    [c for c in COMBOS if c["flow_permutation"] != "reverse"][:8] + [COMBOS[-1]],
+    ids=[combo_id(c) for c in ([c for c in COMBOS if c["flow_permutation"] != "reverse"][:8] + [COMBOS[-1]])],
+)
 def test_state_dict_round_trip_is_bit_exact(combo):
     shape = (2, 8, 8)
     model = randomised_model(shape, 2, combo, dtype=torch.float32, seed=1)
@@ -129,8 +143,9 @@ def test_actnorm_initialises_once_from_data():
 
 @pytest.mark.parametrize("y_condition,multilabel", [(False, False), (True, False), (True, True)])
 def test_sample_shapes_and_temperature_zero_is_prior_mean(y_condition, multilabel):
-    combo = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=True, learn_top=True,
-                 y_condition=y_condition)
+    combo = dict(
+        flow_permutation="invconv", flow_coupling="affine", LU_decomposed=True, learn_top=True, y_condition=y_condition
+    )
     shape = (3, 8, 8)
     # a gentle perturbation: the inverse of a random, untrained flow can overflow far from its data
     model = randomised_model(shape, 3, combo, scale=0.03)
@@ -138,7 +153,11 @@ def test_sample_shapes_and_temperature_zero_is_prior_mean(y_condition, multilabe
     for temperature in (0.0, 0.5, 0.7, 1.0):
         assert model.sample(6, temperature).shape == (6, *shape)
     if y_condition:
-        y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64) if multilabel else torch.tensor([0, 2])
+        y = (
+            torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+            if multilabel
+            else torch.tensor([0, 2])
+        )
         x0 = model.sample(2, 0.0, y=y)
         assert x0.shape == (2, *shape)
         assert torch.equal(x0, model.sample(2, 0.0, y=y))  # deterministic at temperature 0
@@ -170,7 +189,9 @@ def test_sample_rejects_mismatched_labels():
 
 
 def test_conditional_log_prob_without_labels_is_the_class_mixture():
-    combo = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=False, y_condition=True)
+    combo = dict(
+        flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=False, y_condition=True
+    )
     model = randomised_model((1, 4, 4), 2, combo, scale=0.5)
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64) - 0.5
     with torch.no_grad():
@@ -197,9 +218,9 @@ def test_bits_per_dim_equals_hand_formula():
     with torch.no_grad():
         latents, logdet = model.encode(x)
         # freshly built: split and top priors are standard normal (zero-initialised)
-        log_prior = sum((-0.5 * (z ** 2 + math.log(2 * math.pi))).sum(dim=(1, 2, 3)) for z in latents)
+        log_prior = sum((-0.5 * (z**2 + math.log(2 * math.pi))).sum(dim=(1, 2, 3)) for z in latents)
         D = 64
-        hand = -(log_prior + logdet - D * math.log(2 ** n_bits)) / (D * math.log(2))
+        hand = -(log_prior + logdet - D * math.log(2**n_bits)) / (D * math.log(2))
         assert torch.allclose(model.bits_per_dim(x), hand, atol=1e-12)  # the model's own n_bits
         assert torch.allclose(model.bits_per_dim(x, n_bits), hand, atol=1e-12)
         assert torch.allclose(bits_per_dim(model.log_prob(x), D, n_bits), hand, atol=1e-12)

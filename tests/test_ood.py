@@ -1,5 +1,6 @@
 """Outlier detection: metrics against hand-computed values, the scores' definitions and
 orientation, the training-reference cache, and an end-to-end run on a briefly trained Glow."""
+
 import copy
 import io
 import json
@@ -12,8 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, preprocess
-from glowflow import ood
+from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, ood, preprocess
 from glowflow.ood.codecs import _to_pil
 from tests.helpers import randomised_model
 
@@ -61,7 +61,7 @@ def test_metrics_with_ties_by_hand():
 def test_fpr95_tie_rule_by_hand():
     # 20 outliers 1..20: 95% = 19 of them, so the threshold is the 19th largest, 2.
     out = np.arange(1, 21, dtype=float)
-    assert ood.fpr_at_tpr([0, 1, 2, 2, 3, 25], out) == pytest.approx(4 / 6)    # 2, 2, 3, 25 flagged
+    assert ood.fpr_at_tpr([0, 1, 2, 2, 3, 25], out) == pytest.approx(4 / 6)  # 2, 2, 3, 25 flagged
     assert ood.fpr_at_tpr([0, 1, 1.999], out) == 0.0
     # Outliers tied at the threshold are all caught: 18 fives and two ones -> the 19th largest is 1,
     # the achieved TPR is 1, and every in-distribution score >= 1 is a false positive.
@@ -70,7 +70,7 @@ def test_fpr95_tie_rule_by_hand():
     # 10 outliers: ceil(9.5) = 10, the threshold is the smallest outlier score
     assert ood.fpr_at_tpr([0.5, 1.0, 2.0], np.arange(1, 11, dtype=float)) == pytest.approx(2 / 3)
     # 40 outliers: exactly 38 (no float rounding up to 39)
-    assert ood.fpr_at_tpr([2.5, 3.0], np.arange(1, 41, dtype=float)) == 0.5   # threshold 3
+    assert ood.fpr_at_tpr([2.5, 3.0], np.arange(1, 41, dtype=float)) == 0.5  # threshold 3
 
 
 def test_metrics_agree_with_a_roc_curve_on_tied_random_scores():
@@ -93,7 +93,7 @@ def test_metrics_rank_non_finite_scores_as_outlying():
     with pytest.warns(RuntimeWarning, match="non-finite"):
         m = ood.outlier_metrics([0.0, 1.0, -np.inf], [np.nan, np.inf, 2.0])
     assert m["auroc"] == 1.0
-    with pytest.warns(RuntimeWarning):     # a NaN in-distribution score outranks every finite outlier
+    with pytest.warns(RuntimeWarning):  # a NaN in-distribution score outranks every finite outlier
         assert ood.outlier_metrics([np.nan, 0.0], [5.0])["auroc"] == 0.5
     with pytest.raises(GlowflowError):
         ood.outlier_metrics([], [1.0])
@@ -107,11 +107,11 @@ def test_perturb_replaces_values_with_other_values_at_the_rate():
     images = torch.randint(0, 256, (40, 3, 32, 32), generator=g).float() / 255
     assert torch.equal(ood.perturb(images, 0.0, g), images)
     every = ood.perturb(images, 1.0, g)
-    assert (torch.round(every * 255) != torch.round(images * 255)).all()   # always a different value
+    assert (torch.round(every * 255) != torch.round(images * 255)).all()  # always a different value
     p = ood.perturb(images, 0.25, torch.Generator().manual_seed(1))
     changed = torch.round(p * 255) != torch.round(images * 255)
     assert abs(changed.float().mean().item() - 0.25) < 0.01
-    assert torch.equal(p * 255, torch.round(p * 255))                      # stays on the 8-bit grid
+    assert torch.equal(p * 255, torch.round(p * 255))  # stays on the 8-bit grid
     assert p.min() >= 0 and p.max() <= 1 and p.dtype == images.dtype and p.shape == images.shape
     # the substitutes are uniform over the other 255 values: the offsets cover 1..255 evenly
     offsets = ((torch.round(every * 255) - torch.round(images * 255)) % 256).long().flatten()
@@ -137,7 +137,8 @@ def test_png_codec_counts_the_image_data_of_a_real_png():
     # the count is the IDAT payload: the whole file minus signature and chunk framing (57 bytes)
     buffer = io.BytesIO()
     Image.fromarray(np.round(noise[0, 0].numpy() * 255).astype(np.uint8)).save(
-        buffer, format="PNG", optimize=True, compress_level=9)
+        buffer, format="PNG", optimize=True, compress_level=9
+    )
     assert bpd[2] == 8 * (len(buffer.getvalue()) - 57) / 256
     # lossless, with the layouts for C = 1, 3 and other C
     for c in (1, 2, 3):
@@ -157,7 +158,7 @@ def _encode(pil):
 def test_codec_sees_the_models_bit_depth_and_webp_works():
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (3, 3, 8, 8), generator=g).float() / 255
-    five_bit = torch.floor(torch.round(images * 255) / 8) / 255      # the 5-bit integers as 8-bit samples
+    five_bit = torch.floor(torch.round(images * 255) / 8) / 255  # the 5-bit integers as 8-bit samples
     assert np.array_equal(ood.codec_bits_per_dim(images, 5, "png"), ood.codec_bits_per_dim(five_bit, 8, "png"))
     webp = ood.codec_bits_per_dim(torch.cat([torch.full((1, 3, 8, 8), 0.2), images]), 8, "webp")
     assert webp[0] < webp[1] and "WebP lossless" in ood.codec_description("webp")
@@ -168,8 +169,7 @@ def test_codec_sees_the_models_bit_depth_and_webp_works():
 # ----------------------------------------------------------------------------- statistics of a model
 
 
-COMBO = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=True,
-             y_condition=False)
+COMBO = dict(flow_permutation="invconv", flow_coupling="affine", LU_decomposed=False, learn_top=True, y_condition=False)
 
 
 def _loader(images, batch_size=4):
@@ -178,11 +178,11 @@ def _loader(images, batch_size=4):
 
 def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     shape = (1, 8, 8)
-    model = randomised_model(shape, 3, dict(COMBO, n_bits=5), K=2, hidden=8)   # float64, 5-bit
+    model = randomised_model(shape, 3, dict(COMBO, n_bits=5), K=2, hidden=8)  # float64, 5-bit
     images = torch.randint(0, 256, (10, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     model.train()
     stats = ood.compute_statistics(model, _loader(images), n_bits=5, seed=3, codec=None, progress=False)
-    assert model.training                                             # the training flag is restored
+    assert model.training  # the training flag is restored
     assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms"}
     assert stats["level_bpd"].shape == (10, 3) and stats["latent_rms"].shape == (10, 3)
     np.testing.assert_allclose(stats["level_bpd"].sum(1), stats["bpd"], rtol=0, atol=1e-10)
@@ -210,14 +210,15 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     assert np.array_equal(default["level_bpd"], stats["level_bpd"])
     with pytest.raises(GlowflowError, match="5-bit"):
         ood.compute_statistics(model, _loader(images), 8, progress=False)
-    capped = ood.compute_statistics(model, [images[:4], images[4:8], images[8:]], 5, seed=3, max_images=6,
-                                    codec="png", progress=False)
+    capped = ood.compute_statistics(
+        model, [images[:4], images[4:8], images[8:]], 5, seed=3, max_images=6, codec="png", progress=False
+    )
     assert capped["bpd"].shape == (6,) and capped["codec_bpd"].shape == (6,)
     np.testing.assert_allclose(capped["bpd"], stats["bpd"][:6], rtol=0, atol=1e-10)
     # a class-conditional model is scored with its class-marginal prior (labels are ignored)
     conditional = randomised_model(shape, 2, dict(COMBO, y_condition=True), K=1, hidden=4)
     cstats = ood.compute_statistics(conditional, _loader(images), 8, codec=None, progress=False)
-    g8 = torch.Generator().manual_seed(0)                               # compute_statistics' default seed
+    g8 = torch.Generator().manual_seed(0)  # compute_statistics' default seed
     x8 = torch.cat([dequantize(preprocess(b, 8), 8, g8) for b in images.split(4)]).double()
     with torch.no_grad():
         np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8, 8).numpy(), rtol=0, atol=1e-10)
@@ -238,24 +239,42 @@ def test_statistics_reject_bad_inputs():
 
 
 def test_scores_definitions_on_given_statistics():
-    stats = {"bpd": np.array([3.0, 5.0]), "level_bpd": np.array([[1.0, 1.5, 0.5], [2.0, 2.0, 1.0]]),
-             "logdet": np.array([10.0, 12.0]), "latent_rms": np.ones((2, 3)), "codec_bpd": np.array([4.0, 4.5])}
+    stats = {
+        "bpd": np.array([3.0, 5.0]),
+        "level_bpd": np.array([[1.0, 1.5, 0.5], [2.0, 2.0, 1.0]]),
+        "logdet": np.array([10.0, 12.0]),
+        "latent_rms": np.ones((2, 3)),
+        "codec_bpd": np.array([4.0, 4.5]),
+    }
     rng = np.random.default_rng(0)
     level_bpd = rng.normal([1.5, 2.0, 0.5], 0.2, (60, 3))
     level_bpd[:, 2] = 0.5  # a constant statistic keeps std 1
-    train = {"bpd": level_bpd.sum(1), "level_bpd": level_bpd, "logdet": rng.normal(11, 1, 60),
-             "latent_rms": rng.normal(1, 0.1, (60, 3))}
+    train = {
+        "bpd": level_bpd.sum(1),
+        "level_bpd": level_bpd,
+        "logdet": rng.normal(11, 1, 60),
+        "latent_rms": rng.normal(1, 0.1, (60, 3)),
+    }
     ref = ood.fit_reference(train)
     assert ref.bpd_mean == pytest.approx(train["bpd"].mean(), abs=1e-12)
     typical = np.abs(stats["bpd"] - train["bpd"].mean())
     s = ood.outlier_scores(stats, ref, background_stats={"bpd": np.array([2.5, 6.0])})
-    assert list(s) == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "level_3_bpd",
-                       "hierarchy_ratio", "dos", "likelihood_ratio"]
+    assert list(s) == [
+        "nll",
+        "complexity",
+        "typicality",
+        "level_1_bpd",
+        "level_2_bpd",
+        "level_3_bpd",
+        "hierarchy_ratio",
+        "dos",
+        "likelihood_ratio",
+    ]
     np.testing.assert_array_equal(s["nll"], [3.0, 5.0])
     np.testing.assert_array_equal(s["complexity"], [-1.0, 0.5])
     np.testing.assert_allclose(s["typicality"], typical, rtol=1e-12)
     np.testing.assert_array_equal(s["level_2_bpd"], [1.5, 2.0])
-    np.testing.assert_array_equal(s["hierarchy_ratio"], [2.0, 3.0])           # levels 2 + 3
+    np.testing.assert_array_equal(s["hierarchy_ratio"], [2.0, 3.0])  # levels 2 + 3
     np.testing.assert_array_equal(s["likelihood_ratio"], [0.5, -1.0])
     # dos: minus the log-density of the standardised statistics under a full-covariance Gaussian
     # mixture fitted on the training statistics (checked against scikit-learn's own evaluation)
@@ -287,22 +306,27 @@ def test_scores_definitions_on_given_statistics():
     std[std < 1e-9] = 1
     mixture = GaussianMixture(len(ref_codec.dos_log_weights), covariance_type="full", reg_covar=1e-6, random_state=0)
     mixture.fit((train_m - mean) / std)
-    np.testing.assert_allclose(ood.outlier_scores(stats, ref_codec)["dos"],
-                               -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
+    np.testing.assert_allclose(
+        ood.outlier_scores(stats, ref_codec)["dos"], -mixture.score_samples((test_m - mean) / std), rtol=1e-8
+    )
     with pytest.raises(GlowflowError, match="codec"):
         ood.outlier_scores({k: v for k, v in stats.items() if k != "codec_bpd"}, ref_codec)
 
 
 def test_reference_round_trip_without_pickle(tmp_path):
     rng = np.random.default_rng(0)
-    train = {"bpd": rng.normal(3, 0.2, 50), "level_bpd": rng.normal(1, 0.1, (50, 2)),
-             "logdet": rng.normal(0, 1, 50), "latent_rms": rng.normal(1, 0.1, (50, 2))}
+    train = {
+        "bpd": rng.normal(3, 0.2, 50),
+        "level_bpd": rng.normal(1, 0.1, (50, 2)),
+        "logdet": rng.normal(0, 1, 50),
+        "latent_rms": rng.normal(1, 0.1, (50, 2)),
+    }
     ref = ood.fit_reference(train, key="k1", max_dos_points=40)
     assert ref.dos_means.shape == (6, 2) and ref.dos_precision_cholesky.shape == (6, 2, 2) and ref.n_train == 50
     path = tmp_path / "ref.npz"
     ood.save_reference(str(path), ref)
-    assert os.listdir(tmp_path) == ["ref.npz"]                         # no temporary left behind
-    with np.load(path, allow_pickle=False) as data:                     # plain arrays only
+    assert os.listdir(tmp_path) == ["ref.npz"]  # no temporary left behind
+    with np.load(path, allow_pickle=False) as data:  # plain arrays only
         assert str(data["key"]) == "k1"
     back = ood.load_reference(str(path))
     for field in ("key", "num_levels", "n_train", "bpd_mean", "bpd_std", "dos_features"):
@@ -347,7 +371,7 @@ def smooth_images(n, g):
     cx, cy = torch.rand(2, n, 1, 1, generator=g) * 1.6 - 0.8
     width = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
     height = (torch.rand(n, 1, 1, generator=g) - 0.5) * 0.6
-    img = img + height * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width ** 2))
+    img = img + height * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
     return (torch.round(img.clamp(0, 1) * 255) / 255).unsqueeze(1)
 
 
@@ -376,10 +400,14 @@ def train_glow(data, steps=100, perturb_rate=None, seed=0):
 @pytest.fixture(scope="module")
 def trained():
     g = torch.Generator().manual_seed(0)
-    data = dict(train=smooth_images(1024, g), test=smooth_images(200, g), noise=noise_images(200, g),
-                noise2=noise_images(100, g))
+    data = dict(
+        train=smooth_images(1024, g),
+        test=smooth_images(200, g),
+        noise=noise_images(200, g),
+        noise2=noise_images(100, g),
+    )
     model = train_glow(data["train"])
-    background = train_glow(data["train"], perturb_rate=0.3, seed=5)   # Ren et al.'s recipe
+    background = train_glow(data["train"], perturb_rate=0.3, seed=5)  # Ren et al.'s recipe
     return model, background, data
 
 
@@ -392,8 +420,16 @@ def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(t
         bg = ood.compute_statistics(background, _loader(data[name], 64), 8, codec=None, progress=False)
         sets[name] = ood.outlier_scores(stats, ref, bg)
     names = list(sets["test"])
-    assert names == ["nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio",
-                     "dos", "likelihood_ratio"]
+    assert names == [
+        "nll",
+        "complexity",
+        "typicality",
+        "level_1_bpd",
+        "level_2_bpd",
+        "hierarchy_ratio",
+        "dos",
+        "likelihood_ratio",
+    ]
     for name in names:
         m = ood.outlier_metrics(sets["test"][name], sets["noise"][name])
         assert m["auroc"] > 0.9, (name, m)
@@ -407,15 +443,32 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     cache = str(tmp_path / "ckpt" / "glow.ood_reference_smooth_8bit.npz")
     out_dir = str(tmp_path / "out")
     outs = {"noise": _loader(data["noise"], 64), "more/noise2": _loader(data["noise2"], 64)}
-    settings = ood.OutlierDetectionSettings(output_dir=out_dir, in_name="smooth", reference_cache_path=cache,
-                                            statistics=ood.StatisticsSettings(progress=False))
-    kwargs = dict(model=model, in_test_loader=_loader(data["test"], 64), out_loaders=outs, settings=settings,
-                  background_model=background)
+    settings = ood.OutlierDetectionSettings(
+        output_dir=out_dir,
+        in_name="smooth",
+        reference_cache_path=cache,
+        statistics=ood.StatisticsSettings(progress=False),
+    )
+    kwargs = dict(
+        model=model,
+        in_test_loader=_loader(data["test"], 64),
+        out_loaders=outs,
+        settings=settings,
+        background_model=background,
+    )
     reports = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
     printed = capsys.readouterr().out
     assert set(reports) == {"noise", "more/noise2"}
-    every = {"nll", "complexity", "typicality", "level_1_bpd", "level_2_bpd", "hierarchy_ratio", "dos",
-             "likelihood_ratio"}
+    every = {
+        "nll",
+        "complexity",
+        "typicality",
+        "level_1_bpd",
+        "level_2_bpd",
+        "hierarchy_ratio",
+        "dos",
+        "likelihood_ratio",
+    }
     for out_name, stem in (("noise", "ood_smooth_vs_noise"), ("more/noise2", "ood_smooth_vs_noise2")):
         path = os.path.join(out_dir, stem + ".json")
         with open(path) as f:
@@ -465,10 +518,16 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
 
 def test_summary_table_marks_each_sets_best_score():
     def report(out, aurocs):
-        return {"in_dataset": "fmnist", "out_dataset": out, "bits_per_dim": {"in": 3.5, "out": 2.8},
-                "scores": {k: {"auroc": v} for k, v in aurocs.items()}}
-    table = ood.format_summary({"mnist": report("mnist", {"nll": 0.2, "dos": 0.98}),
-                                "noise": report("noise", {"nll": 1.0, "dos": None})})
+        return {
+            "in_dataset": "fmnist",
+            "out_dataset": out,
+            "bits_per_dim": {"in": 3.5, "out": 2.8},
+            "scores": {k: {"auroc": v} for k, v in aurocs.items()},
+        }
+
+    table = ood.format_summary(
+        {"mnist": report("mnist", {"nll": 0.2, "dos": 0.98}), "noise": report("noise", {"nll": 1.0, "dos": None})}
+    )
     lines = table.splitlines()
     assert lines[0] == "AUROC, fmnist (in) against each outlier set"
     assert lines[1].split() == ["score", "mnist", "noise"]
@@ -477,8 +536,13 @@ def test_summary_table_marks_each_sets_best_score():
 
 
 def test_dos_statistics_can_be_chosen_by_group():
-    stats = {"bpd": np.full(4, 3.0), "level_bpd": np.arange(8.0).reshape(4, 2), "logdet": np.arange(4.0),
-             "latent_rms": np.ones((4, 2)), "codec_bpd": np.full(4, 4.0)}
+    stats = {
+        "bpd": np.full(4, 3.0),
+        "level_bpd": np.arange(8.0).reshape(4, 2),
+        "logdet": np.arange(4.0),
+        "latent_rms": np.ones((4, 2)),
+        "codec_bpd": np.full(4, 4.0),
+    }
     assert ood.dos_features(stats)[0] == ["level_1_bpd", "level_2_bpd", "codec_bpd"]
     names, matrix = ood.dos_features(stats, ("codec_bpd", "latent_rms", "logdet", "level_bpd"))
     assert names == ["level_1_bpd", "level_2_bpd", "logdet", "latent_rms_1", "latent_rms_2", "codec_bpd"]
@@ -491,9 +555,13 @@ def test_dos_statistics_can_be_chosen_by_group():
     with pytest.raises(GlowflowError, match="none of"):
         ood.dos_features(no_codec, ("codec_bpd",))
     rng = np.random.default_rng(1)
-    train = {"bpd": rng.normal(3, 0.2, 80), "level_bpd": rng.normal(1, 0.1, (80, 2)), "logdet": rng.normal(0, 1, 80),
-             "latent_rms": rng.normal(1, 0.1, (80, 2))}
+    train = {
+        "bpd": rng.normal(3, 0.2, 80),
+        "level_bpd": rng.normal(1, 0.1, (80, 2)),
+        "logdet": rng.normal(0, 1, 80),
+        "latent_rms": rng.normal(1, 0.1, (80, 2)),
+    }
     ref = ood.fit_reference(train, statistics=("logdet",))
     assert ref.dos_features == ("logdet",)
-    far = dict(train, logdet=train["logdet"] + 100.0)     # only the chosen statistic moves: dos sees it
+    far = dict(train, logdet=train["logdet"] + 100.0)  # only the chosen statistic moves: dos sees it
     assert ood.outlier_scores(far, ref)["dos"].min() > ood.outlier_scores(train, ref)["dos"].max()

@@ -13,6 +13,7 @@ names), ``custom`` (the user's files) and ``devsets`` (development sets); ``spec
 ``readers`` (one per on-disk format); all of them import ``datasets`` (the dataset classes, image
 crop and resize). ``loaders`` (DataLoader, training sampler) imports none of them.
 """
+
 from glowflow.data.datasets import DatasetInfo, ImageFileDataset, ImageTensorDataset, match_shape
 from glowflow.data.devsets import SYNTHETIC, is_derived
 from glowflow.data.loaders import EpochSampler, make_loader
@@ -20,6 +21,16 @@ from glowflow.data.resolve import SPLITS, dataset_info, load_dataset
 from glowflow.data.specs import DATASET_NAMES
 
 __all__ = [
-    "DATASET_NAMES", "SPLITS", "SYNTHETIC", "DatasetInfo", "EpochSampler", "ImageFileDataset",
-    "ImageTensorDataset", "dataset_info", "is_derived", "load_dataset", "make_loader", "match_shape",
+    "DATASET_NAMES",
+    "SPLITS",
+    "SYNTHETIC",
+    "DatasetInfo",
+    "EpochSampler",
+    "ImageFileDataset",
+    "ImageTensorDataset",
+    "dataset_info",
+    "is_derived",
+    "load_dataset",
+    "make_loader",
+    "match_shape",
 ]

@@ -3,6 +3,7 @@
 :func:`custom_dataset` gives (DatasetInfo, build(data_root, download) -> Dataset) for a path,
 reading no more than it needs for the info (the first image of a folder; a .npz's arrays).
 """
+
 from __future__ import annotations
 
 import os
@@ -58,13 +59,16 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
     if any(split_dirs.values()):
         folder = split_dirs[split]
         if folder is None:
-            raise GlowflowError(f"{path} has a {'test (or val)' if split == 'train' else 'train'} folder but no "
-                                f"{'train' if split == 'train' else 'test (or val)'} folder")
+            raise GlowflowError(
+                f"{path} has a {'test (or val)' if split == 'train' else 'train'} folder but no "
+                f"{'train' if split == 'train' else 'test (or val)'} folder"
+            )
         tops = [d for d in split_dirs.values() if d]
     else:
         folder, tops = path, [path]
-    classes = sorted({d for top in tops for d in os.listdir(top)
-                      if not d.startswith(".") and os.path.isdir(os.path.join(top, d))})
+    classes = sorted(
+        {d for top in tops for d in os.listdir(top) if not d.startswith(".") and os.path.isdir(os.path.join(top, d))}
+    )
     if classes:
         samples = [(p, i) for i, c in enumerate(classes) for p in list_images(os.path.join(folder, c))]
     else:
@@ -115,8 +119,10 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
     if labels is None:
         labels, num_classes = np.zeros(n, dtype=np.int64), 1
     elif labels.ndim not in (1, 2) or len(labels) != n or not np.issubdtype(labels.dtype, np.number):
-        raise GlowflowError(f"{path}: labels must be {n} integers or {n} multi-hot rows, got {labels.dtype} "
-                            f"array of shape {labels.shape}")
+        raise GlowflowError(
+            f"{path}: labels must be {n} integers or {n} multi-hot rows, got {labels.dtype} "
+            f"array of shape {labels.shape}"
+        )
     elif labels.ndim == 2 and labels.shape[1] > 1:
         multilabel, num_classes = True, labels.shape[1]
     else:
@@ -129,6 +135,8 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
 
     def build(data_root: str, download: bool) -> Dataset:
         pixels = square_resize(torch.from_numpy(np.ascontiguousarray(images)), size)
-        return ImageTensorDataset(pixels, torch.from_numpy(labels).to(torch.float32 if multilabel else torch.int64), info)
+        return ImageTensorDataset(
+            pixels, torch.from_numpy(labels).to(torch.float32 if multilabel else torch.int64), info
+        )
 
     return info, build

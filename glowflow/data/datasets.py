@@ -9,6 +9,7 @@ Every dataset yields ``(image, label)``: ``image`` a float32 tensor (C, H, W) in
 torchvision's ``ToTensor`` of the preprocessed uint8 pixels, ``label`` an int64 scalar (a float32
 multi-hot vector (K,) for multi-label data).
 """
+
 from __future__ import annotations
 
 import os
@@ -197,8 +198,10 @@ def match_shape(dataset: Dataset, image_shape: Sequence[int]) -> Dataset:
         how.append("grey replicated to RGB" if target[0] == 3 else "RGB to luminance")
     if source[1:] != target[1:]:
         how.append(f"resized {source[1]}x{source[2]} -> {target[1]}x{target[2]}")
-    print(f"note: {name} images are {'x'.join(map(str, source))}, the in-distribution images "
-          f"{'x'.join(map(str, target))}: {name} converted ({', '.join(how)})")
+    print(
+        f"note: {name} images are {'x'.join(map(str, source))}, the in-distribution images "
+        f"{'x'.join(map(str, target))}: {name} converted ({', '.join(how)})"
+    )
     new_info = replace(info, image_shape=target) if info is not None else DatasetInfo(name, target, 1)
     return _Reshaped(dataset, target, new_info)
 

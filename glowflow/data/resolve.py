@@ -14,6 +14,7 @@ to get the files. Resizing is torchvision's bilinear ``Resize`` of the PIL image
 overrides the side); for the in-memory sets it runs once, when the dataset is loaded, not at
 every item read.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -9,6 +9,7 @@ be in (``data_root`` in torchvision's and medmnist's own layouts, then the place
 the library itself keeps them), the files that must exist there, and the reader; plus the expected
 layout and how to get the files offline, quoted in the error when nothing is found.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,19 @@ from glowflow.data.readers import (
 )
 
 DATASET_NAMES = (
-    "mnist", "fashionmnist", "cifar10", "cifar100", "svhn",
-    "chestmnist", "octmnist", "tissuemnist", "pneumoniamnist",
-    "tinyimagenet", "places365", "dtd", "imagenet",
+    "mnist",
+    "fashionmnist",
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "chestmnist",
+    "octmnist",
+    "tissuemnist",
+    "pneumoniamnist",
+    "tinyimagenet",
+    "places365",
+    "dtd",
+    "imagenet",
 )
 
 # Where an OS package installs a dataset (folders of the original IDX .gz files).
@@ -88,7 +99,9 @@ def _tiny_files(folder: str, split: str) -> Sequence[str]:
 
 
 def _places_files(folder: str, split: str) -> Sequence[str]:
-    own = ["places365_train_standard.txt", "data_256_standard"] if split == "train" else ["places365_val.txt", "val_256"]
+    own = (
+        ["places365_train_standard.txt", "data_256_standard"] if split == "train" else ["places365_val.txt", "val_256"]
+    )
     return [os.path.join(folder, f) for f in ["categories_places365.txt"] + own]
 
 
@@ -100,7 +113,9 @@ def _mnist_source(cls_name: str) -> Source:
 
 def _cifar_spec(cls_name: str, folder: str, files: Sequence[str], classes: int, archive: str) -> DatasetSpec:
     return DatasetSpec(
-        3, 32, classes,
+        3,
+        32,
+        classes,
         (Source(_data_root, _files(*[f"{folder}/{f}" for f in files]), partial(read_cifar, cls_name)),),
         layout=f"{{root}}/{folder}/{{{','.join(files)}}} (torchvision's layout; Python pickles, which "
         f"torchvision unpickles: use trusted copies only)",
@@ -111,7 +126,9 @@ def _cifar_spec(cls_name: str, folder: str, files: Sequence[str], classes: int, 
 def _medmnist_spec(flag: str, classes: int, multilabel: bool = False) -> DatasetSpec:
     files, read = _files(f"{flag}.npz"), partial(read_medmnist, flag)
     return DatasetSpec(
-        1, 32, classes,
+        1,
+        32,
+        classes,
         (Source(_data_root, files, read), Source(lambda root: [os.path.expanduser(MEDMNIST_HOME)], files, read)),
         layout=f"{{root}}/{flag}.npz (medmnist's 28-pixel file)",
         get=f"download {MEDMNIST_URL.format(flag=flag)} into {{root}}",
@@ -123,28 +140,44 @@ _IDX_LAYOUT = "{root}/%s/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torch
 
 SPECS = {
     "mnist": DatasetSpec(
-        1, 32, 10, (_mnist_source("MNIST"),),
+        1,
+        32,
+        10,
+        (_mnist_source("MNIST"),),
         layout=_IDX_LAYOUT % "MNIST",
         get="download the four .gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ into "
         "{root}/MNIST/raw/ and gunzip them",
     ),
     "fashionmnist": DatasetSpec(
-        1, 32, 10,
-        (_mnist_source("FashionMNIST"),
-         Source(lambda root: SYSTEM_LOCATIONS.get("fashionmnist", ()),
-                _files("{idx}-images-idx3-ubyte.gz", "{idx}-labels-idx1-ubyte.gz"), read_idx_gz)),
+        1,
+        32,
+        10,
+        (
+            _mnist_source("FashionMNIST"),
+            Source(
+                lambda root: SYSTEM_LOCATIONS.get("fashionmnist", ()),
+                _files("{idx}-images-idx3-ubyte.gz", "{idx}-labels-idx1-ubyte.gz"),
+                read_idx_gz,
+            ),
+        ),
         layout=_IDX_LAYOUT % "FashionMNIST",
         get="`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; installs /usr/share/datasets/fashion-mnist), "
         "or download the four .gz files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ into "
         "{root}/FashionMNIST/raw/ and gunzip them",
     ),
     "cifar10": _cifar_spec(
-        "CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"], 10,
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
+        10,
         "cifar-10-python.tar.gz",
     ),
     "cifar100": _cifar_spec("CIFAR100", "cifar-100-python", ["train", "test", "meta"], 100, "cifar-100-python.tar.gz"),
     "svhn": DatasetSpec(
-        3, 32, 10, (Source(_data_root, _files("{split}_32x32.mat"), read_svhn),),
+        3,
+        32,
+        10,
+        (Source(_data_root, _files("{split}_32x32.mat"), read_svhn),),
         layout="{root}/{train,test}_32x32.mat (torchvision's layout)",
         get="download http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat into {root}",
     ),
@@ -153,14 +186,20 @@ SPECS = {
     "tissuemnist": _medmnist_spec("tissuemnist", 8),
     "pneumoniamnist": _medmnist_spec("pneumoniamnist", 2),
     "tinyimagenet": DatasetSpec(
-        3, 64, 200, (Source(_data_root, _tiny_files, read_tinyimagenet),),
+        3,
+        64,
+        200,
+        (Source(_data_root, _tiny_files, read_tinyimagenet),),
         layout="{root}/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
         "val/val_annotations.txt}",
         get=f"download {TINY_IMAGENET_URL} (md5 {TINY_IMAGENET_MD5}) and unzip it into {{root}}",
         test_split="val",
     ),
     "places365": DatasetSpec(
-        3, 128, 365, (Source(_data_root, _places_files, read_places365),),
+        3,
+        128,
+        365,
+        (Source(_data_root, _places_files, read_places365),),
         layout="{root}/{categories_places365.txt, places365_train_standard.txt, places365_val.txt, "
         "data_256_standard/, val_256/} (torchvision's layout, small images)",
         get="download filelist_places365-standard.tar, train_256_places365standard.tar and val_256.tar from "
@@ -169,13 +208,19 @@ SPECS = {
         test_split="val",
     ),
     "dtd": DatasetSpec(
-        3, 128, 47, (Source(_data_root, _files("dtd/dtd/images", "dtd/dtd/labels/{split}1.txt"), read_dtd),),
+        3,
+        128,
+        47,
+        (Source(_data_root, _files("dtd/dtd/images", "dtd/dtd/labels/{split}1.txt"), read_dtd),),
         layout="{root}/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt} (torchvision's layout)",
         get="download https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz and extract it "
         "into {root}/dtd",
     ),
     "imagenet": DatasetSpec(
-        3, 128, 1000, (Source(_data_root, _files("imagenet/{split}"), read_imagenet),),
+        3,
+        128,
+        1000,
+        (Source(_data_root, _files("imagenet/{split}"), read_imagenet),),
         layout="{root}/imagenet/{train,val}/<wnid>/*.JPEG (torchvision's ImageNet layout, read as an ImageFolder)",
         get="get ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from "
         "https://image-net.org/download-images.php into {root}/imagenet and unpack them once with "

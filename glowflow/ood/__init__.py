@@ -5,12 +5,24 @@ Modules, each importing only those below it: ``command`` (a run, and ``glowflow
 --outlier_detection``) -> ``report`` -> ``scores`` -> ``reference`` -> ``statistics`` ->
 ``codecs`` and ``metrics``. What each score means and where it comes from: docs/outlier_scores.md.
 """
+
 from glowflow.ood.codecs import CODECS, codec_bits_per_dim, codec_description
 from glowflow.ood.command import OutlierDetectionSettings, run_outlier_detection, run_outlier_detection_command
 from glowflow.ood.metrics import fpr_at_tpr, outlier_metrics
 from glowflow.ood.reference import (
-    DOS_COMPONENTS, DOS_STATISTICS, REFERENCE_FORMAT, STATISTIC_GROUPS, Reference, dos_features, dos_log_density,
-    fit_reference, load_reference, model_fingerprint, reference_cache_path_for, reference_for, reference_key,
+    DOS_COMPONENTS,
+    DOS_STATISTICS,
+    REFERENCE_FORMAT,
+    STATISTIC_GROUPS,
+    Reference,
+    dos_features,
+    dos_log_density,
+    fit_reference,
+    load_reference,
+    model_fingerprint,
+    reference_cache_path_for,
+    reference_for,
+    reference_key,
     save_reference,
 )
 from glowflow.ood.report import format_summary, format_table, save_histograms, save_roc_curves
@@ -19,11 +31,38 @@ from glowflow.ood.statistics import StatisticsSettings, compute_statistics, stat
 from glowflow.pixels import perturb  # re-exported: glowflow.ood.perturb predates glowflow.pixels
 
 __all__ = [
-    "CODECS", "DOS_COMPONENTS", "DOS_STATISTICS", "REFERENCE_FORMAT", "SCORE_DEFINITIONS", "STATISTIC_GROUPS",
-    "OutlierDetectionSettings", "Reference", "ScoredSet", "StatisticsSettings",
-    "codec_bits_per_dim", "codec_description", "compute_statistics", "dos_features", "dos_log_density",
-    "fit_reference", "format_summary", "format_table", "fpr_at_tpr", "load_reference", "model_fingerprint",
-    "outlier_metrics", "outlier_scores", "perturb", "reference_cache_path_for", "reference_for", "reference_key",
-    "run_outlier_detection", "run_outlier_detection_command", "save_histograms", "save_reference",
-    "save_roc_curves", "score_definition", "statistic_columns",
+    "CODECS",
+    "DOS_COMPONENTS",
+    "DOS_STATISTICS",
+    "REFERENCE_FORMAT",
+    "SCORE_DEFINITIONS",
+    "STATISTIC_GROUPS",
+    "OutlierDetectionSettings",
+    "Reference",
+    "ScoredSet",
+    "StatisticsSettings",
+    "codec_bits_per_dim",
+    "codec_description",
+    "compute_statistics",
+    "dos_features",
+    "dos_log_density",
+    "fit_reference",
+    "format_summary",
+    "format_table",
+    "fpr_at_tpr",
+    "load_reference",
+    "model_fingerprint",
+    "outlier_metrics",
+    "outlier_scores",
+    "perturb",
+    "reference_cache_path_for",
+    "reference_for",
+    "reference_key",
+    "run_outlier_detection",
+    "run_outlier_detection_command",
+    "save_histograms",
+    "save_reference",
+    "save_roc_curves",
+    "score_definition",
+    "statistic_columns",
 ]

@@ -1,5 +1,6 @@
 """Lossless codecs as a measure of image complexity: the bits/dim PNG or WebP lossless needs
 for an image (payload only, container framing excluded), and a line describing the codec."""
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,8 @@ def _png_payload_bytes(data: bytes) -> int:
         raise GlowflowError("not a PNG file")
     pos, total = 8, 0
     while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        if data[pos + 4:pos + 8] == b"IDAT":
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IDAT":
             total += length
         pos += 12 + length
     return total
@@ -38,8 +39,8 @@ def _webp_payload_bytes(data: bytes) -> int:
         raise GlowflowError("not a WebP file")
     pos, total = 12, 0
     while pos + 8 <= len(data):
-        size = int.from_bytes(data[pos + 4:pos + 8], "little")
-        if data[pos:pos + 4] == b"VP8L":
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"VP8L":
             total += size
         pos += 8 + size + (size & 1)
     if total == 0:
@@ -53,10 +54,14 @@ def codec_description(codec: str) -> str:
 
     check_codec(codec)
     if codec == "png":
-        return (f"PNG (Pillow {PIL.__version__}, zlib; optimize=True, compress_level=9; "
-                f"bits of the IDAT payload, container framing excluded)")
-    return (f"WebP lossless (Pillow {PIL.__version__}, libwebp; lossless=True, quality=100, method=6; "
-            f"bits of the VP8L payload, RIFF framing excluded)")
+        return (
+            f"PNG (Pillow {PIL.__version__}, zlib; optimize=True, compress_level=9; "
+            f"bits of the IDAT payload, container framing excluded)"
+        )
+    return (
+        f"WebP lossless (Pillow {PIL.__version__}, libwebp; lossless=True, quality=100, method=6; "
+        f"bits of the VP8L payload, RIFF framing excluded)"
+    )
 
 
 def _to_pil(pixels: np.ndarray):

@@ -1,6 +1,7 @@
 """Running outlier detection: one model (and an optional background model) against several
 outlier sets, with every score, metric, table, report and figure; and the
 ``glowflow --outlier_detection`` command that loads the checkpoint and the datasets for it."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,14 @@ class OutlierDetectionSettings:
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
 
 
-def run_outlier_detection(model, in_test_loader: Iterable, train_loader: Optional[Iterable],
-                          out_loaders: Mapping[str, Iterable], settings: OutlierDetectionSettings,
-                          background_model=None) -> Dict[str, dict]:
+def run_outlier_detection(
+    model,
+    in_test_loader: Iterable,
+    train_loader: Optional[Iterable],
+    out_loaders: Mapping[str, Iterable],
+    settings: OutlierDetectionSettings,
+    background_model=None,
+) -> Dict[str, dict]:
     """Every score, metric, table, JSON report and figure for one model and several outlier sets.
 
     ``model`` (and ``background_model``, trained at the same ``n_bits`` on images of the same
@@ -62,12 +68,16 @@ def run_outlier_detection(model, in_test_loader: Iterable, train_loader: Optiona
         raise GlowflowError("outlier detection needs at least one outlier dataset (--out_dataset)")
     os.makedirs(settings.output_dir, exist_ok=True)
     description = codec_description(settings.statistics.codec)
-    reference, reused = reference_for(model, train_loader, settings.in_name, settings.statistics,
-                                      settings.reference_cache_path)
+    reference, reused = reference_for(
+        model, train_loader, settings.in_name, settings.statistics, settings.reference_cache_path
+    )
     scorer = _Scorer(model, background_model, reference, settings.statistics)
     in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
-    header = dict(n_bits=model.config.n_bits, codec=description,
-                  reference=reference_summary(reference, settings.reference_cache_path, reused))
+    header = dict(
+        n_bits=model.config.n_bits,
+        codec=description,
+        reference=reference_summary(reference, settings.reference_cache_path, reused),
+    )
     reports: Dict[str, dict] = {}
     for out_name, loader in out_loaders.items():
         out_set = scorer.score(loader, out_name, out_name)
@@ -85,11 +95,15 @@ def _check_models(model, background_model) -> None:
     if background_model is None:
         return
     if tuple(background_model.config.image_shape) != tuple(model.config.image_shape):
-        raise GlowflowError(f"the background model is for images of shape {background_model.config.image_shape}, "
-                            f"the model for {model.config.image_shape}")
+        raise GlowflowError(
+            f"the background model is for images of shape {background_model.config.image_shape}, "
+            f"the model for {model.config.image_shape}"
+        )
     if background_model.config.n_bits != model.config.n_bits:
-        raise GlowflowError(f"the background model was trained at n_bits {background_model.config.n_bits}, "
-                            f"the model at {model.config.n_bits}: the likelihood ratio needs the same bit depth")
+        raise GlowflowError(
+            f"the background model was trained at n_bits {background_model.config.n_bits}, "
+            f"the model at {model.config.n_bits}: the likelihood ratio needs the same bit depth"
+        )
 
 
 @dataclass(frozen=True)
@@ -107,11 +121,14 @@ class _Scorer:
         stats = self.statistics.compute(self.model, loader, desc)
         background = None
         if self.background_model is not None:
-            background = replace(self.statistics, codec=None).compute(self.background_model, loader,
-                                                                      f"{desc} (background)")
+            background = replace(self.statistics, codec=None).compute(
+                self.background_model, loader, f"{desc} (background)"
+            )
             if background["bpd"].shape != stats["bpd"].shape:
-                raise GlowflowError(f"the {desc} loader gave {stats['bpd'].size} images to the model and "
-                                    f"{background['bpd'].size} to the background model; it must be deterministic")
+                raise GlowflowError(
+                    f"the {desc} loader gave {stats['bpd'].size} images to the model and "
+                    f"{background['bpd'].size} to the background model; it must be deterministic"
+                )
         return ScoredSet(name, stats, background, outlier_scores(stats, self.reference, background))
 
 
@@ -128,7 +145,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     model = checkpoint.load_model(device)
     in_name = dataset or checkpoint.dataset or run.dataset
     image_size = checkpoint.image_size if in_name == checkpoint.dataset else None
-    divisor = 2 ** model.config.L
+    divisor = 2**model.config.L
     test_set = data.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
     check_image_shape(model, test_set.info.image_shape, run.checkpoint, in_name)
     train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
@@ -136,15 +153,23 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     if run.background_checkpoint:
         background = Checkpoint.read(run.background_checkpoint).load_model(device)
         _check_models(model, background)
-    out_loaders = {name: _loader(_outlier_set(name, run, tuple(model.config.image_shape)), run, device)
-                   for name in run.out_dataset}
+    out_loaders = {
+        name: _loader(_outlier_set(name, run, tuple(model.config.image_shape)), run, device) for name in run.out_dataset
+    }
     settings = OutlierDetectionSettings(
         output_dir=run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir(),
         in_name=in_name,
         reference_cache_path=reference_cache_path_for(run.checkpoint, in_name, model.config.n_bits),
-        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images))
-    return run_outlier_detection(model, _loader(test_set, run, device), _loader(train_set, run, device),
-                                 out_loaders, settings, background_model=background)
+        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
+    )
+    return run_outlier_detection(
+        model,
+        _loader(test_set, run, device),
+        _loader(train_set, run, device),
+        out_loaders,
+        settings,
+        background_model=background,
+    )
 
 
 def _outlier_set(name: str, run: RunConfig, shape: tuple):
@@ -156,5 +181,11 @@ def _outlier_set(name: str, run: RunConfig, shape: tuple):
 
 def _loader(dataset, run: RunConfig, device):
     """A loader over ``dataset`` in a fixed order, at the evaluation batch size."""
-    return data.make_loader(dataset, batch_size=run.eval_batch_size, shuffle=False,
-                            num_workers=run.num_workers, seed=run.seed, device=device)
+    return data.make_loader(
+        dataset,
+        batch_size=run.eval_batch_size,
+        shuffle=False,
+        num_workers=run.num_workers,
+        seed=run.seed,
+        device=device,
+    )

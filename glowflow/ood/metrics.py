@@ -1,5 +1,6 @@
 """Metrics of an outlier score (higher = more outlying, outliers the positives): AUROC,
 AUPR-in, AUPR-out and the false-positive rate at 95% true-positive rate."""
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,17 @@ def _clean_pair(scores_in, scores_out) -> Tuple[np.ndarray, np.ndarray]:
     both = np.concatenate([a, b])
     bad = ~np.isfinite(both)
     if bad.any():
-        warnings.warn(f"{int(bad.sum())} non-finite score(s): NaN and +inf ranked most outlying, -inf least",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{int(bad.sum())} non-finite score(s): NaN and +inf ranked most outlying, -inf least",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         finite = both[~bad]
         hi = finite.max() + 1.0 if finite.size else 1.0
         lo = finite.min() - 1.0 if finite.size else -1.0
         both[np.isnan(both) | (both == np.inf)] = hi
         both[both == -np.inf] = lo
-        a, b = both[:a.size], both[a.size:]
+        a, b = both[: a.size], both[a.size :]
     return a, b
 
 
@@ -47,7 +51,7 @@ def fpr_at_tpr(scores_in: np.ndarray, scores_out: np.ndarray, tpr: float = 0.95)
         raise GlowflowError("FPR at TPR needs at least one in-distribution and one outlier score")
     percent = round(tpr * 100)
     if abs(percent - tpr * 100) < 1e-9:
-        k = (percent * s_out.size + 99) // 100   # exact ceil(tpr * n) for whole percentages
+        k = (percent * s_out.size + 99) // 100  # exact ceil(tpr * n) for whole percentages
     else:
         k = int(math.ceil(tpr * s_out.size - 1e-12))
     k = min(max(k, 1), s_out.size)

@@ -1,5 +1,6 @@
 """The training-set reference of the scores: the typicality mean, the density-of-states mixture
 fitted on the training images' statistics, its .npz cache (no pickle) and the cache's key."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,9 @@ DOS_COMPONENTS = 8
 """Components of the density-of-states Gaussian mixture by default."""
 
 
-def dos_features(stats: Mapping[str, np.ndarray],
-                 statistics: Sequence[str] = DOS_STATISTICS) -> Tuple[List[str], np.ndarray]:
+def dos_features(
+    stats: Mapping[str, np.ndarray], statistics: Sequence[str] = DOS_STATISTICS
+) -> Tuple[List[str], np.ndarray]:
     """The statistics the density of states is fitted on: names and an (N, d) matrix.
 
     ``stats``: :func:`compute_statistics` output for N images. ``statistics`` are groups of
@@ -40,11 +42,17 @@ def dos_features(stats: Mapping[str, np.ndarray],
     """
     unknown = [g for g in statistics if g not in STATISTIC_GROUPS]
     if unknown:
-        raise GlowflowError(f"unknown density-of-states statistic {unknown[0]!r}; "
-                            f"choose from {', '.join(STATISTIC_GROUPS)}")
+        raise GlowflowError(
+            f"unknown density-of-states statistic {unknown[0]!r}; choose from {', '.join(STATISTIC_GROUPS)}"
+        )
     columns = statistic_columns(stats)
-    names = [name for group in STATISTIC_GROUPS if group in statistics
-             for name in columns if re.sub(r"_\d+", "", name) == group]  # level_2_bpd -> level_bpd
+    names = [
+        name
+        for group in STATISTIC_GROUPS
+        if group in statistics
+        for name in columns
+        if re.sub(r"_\d+", "", name) == group
+    ]  # level_2_bpd -> level_bpd
     if not names:
         raise GlowflowError(f"the statistics have none of {list(statistics)}")
     return names, np.column_stack([columns[n] for n in names])
@@ -76,9 +84,14 @@ class Reference:
     dos_precision_cholesky: np.ndarray
 
 
-def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_points: int = 60_000,
-                  seed: int = 0, components: int = DOS_COMPONENTS,
-                  statistics: Sequence[str] = DOS_STATISTICS) -> Reference:
+def fit_reference(
+    train_stats: Mapping[str, np.ndarray],
+    key: str = "",
+    max_dos_points: int = 60_000,
+    seed: int = 0,
+    components: int = DOS_COMPONENTS,
+    statistics: Sequence[str] = DOS_STATISTICS,
+) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
     Typicality: the mean (and std) of the training bits/dim.
@@ -100,10 +113,17 @@ def fit_reference(train_stats: Mapping[str, np.ndarray], key: str = "", max_dos_
     std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
     mixture = _fit_mixture((matrix - mean) / std, components, max_dos_points, seed)
     return Reference(
-        key=key, num_levels=int(np.asarray(train_stats["level_bpd"]).shape[1]), n_train=int(bpd.size),
-        bpd_mean=float(bpd.mean()), bpd_std=float(bpd.std()), dos_features=tuple(names),
-        dos_mean=mean, dos_std=std, dos_log_weights=np.log(mixture.weights_),
-        dos_means=mixture.means_, dos_precision_cholesky=mixture.precisions_cholesky_,
+        key=key,
+        num_levels=int(np.asarray(train_stats["level_bpd"]).shape[1]),
+        n_train=int(bpd.size),
+        bpd_mean=float(bpd.mean()),
+        bpd_std=float(bpd.std()),
+        dos_features=tuple(names),
+        dos_mean=mean,
+        dos_std=std,
+        dos_log_weights=np.log(mixture.weights_),
+        dos_means=mixture.means_,
+        dos_precision_cholesky=mixture.precisions_cholesky_,
     )
 
 
@@ -112,11 +132,16 @@ def _finite_rows(matrix: np.ndarray, bpd: np.ndarray) -> np.ndarray:
     bits/dim (N,) are all finite; enough of them to fit, and a warning about the others."""
     finite = np.isfinite(matrix).all(1) & np.isfinite(bpd)
     if finite.sum() < 2 * matrix.shape[1] + 2:
-        raise GlowflowError("fitting the outlier reference needs more training images with finite statistics "
-                            f"(have {int(finite.sum())})")
+        raise GlowflowError(
+            "fitting the outlier reference needs more training images with finite statistics "
+            f"(have {int(finite.sum())})"
+        )
     if not finite.all():
-        warnings.warn(f"{int((~finite).sum())} training image(s) with non-finite statistics left out of "
-                      f"the outlier reference", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{int((~finite).sum())} training image(s) with non-finite statistics left out of the outlier reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return finite
 
 
@@ -140,11 +165,15 @@ def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np
     columns = statistic_columns(stats)
     missing = [n for n in reference.dos_features if n not in columns]
     if missing == ["codec_bpd"]:
-        raise GlowflowError("the outlier reference was fitted with the codec's bits/dim: compute the "
-                            "statistics with the same codec (compute_statistics(..., codec=...))")
+        raise GlowflowError(
+            "the outlier reference was fitted with the codec's bits/dim: compute the "
+            "statistics with the same codec (compute_statistics(..., codec=...))"
+        )
     if missing:
-        raise GlowflowError(f"the statistics lack {missing} of the reference's {list(reference.dos_features)} "
-                            f"(a model with another number of levels?)")
+        raise GlowflowError(
+            f"the statistics lack {missing} of the reference's {list(reference.dos_features)} "
+            f"(a model with another number of levels?)"
+        )
     matrix = np.column_stack([columns[n] for n in reference.dos_features])
     z = (matrix - reference.dos_mean) / reference.dos_std
     d = z.shape[1]
@@ -162,12 +191,18 @@ def save_reference(path: str, reference: Reference) -> None:
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     arrays = dict(
-        format=np.array(REFERENCE_FORMAT), key=np.array(reference.key),
-        num_levels=np.array(reference.num_levels, dtype=np.int64), n_train=np.array(reference.n_train, dtype=np.int64),
-        bpd_mean=np.array(reference.bpd_mean), bpd_std=np.array(reference.bpd_std),
+        format=np.array(REFERENCE_FORMAT),
+        key=np.array(reference.key),
+        num_levels=np.array(reference.num_levels, dtype=np.int64),
+        n_train=np.array(reference.n_train, dtype=np.int64),
+        bpd_mean=np.array(reference.bpd_mean),
+        bpd_std=np.array(reference.bpd_std),
         dos_features=np.array(list(reference.dos_features), dtype=str),
-        dos_mean=reference.dos_mean, dos_std=reference.dos_std, dos_log_weights=reference.dos_log_weights,
-        dos_means=reference.dos_means, dos_precision_cholesky=reference.dos_precision_cholesky,
+        dos_mean=reference.dos_mean,
+        dos_std=reference.dos_std,
+        dos_log_weights=reference.dos_log_weights,
+        dos_means=reference.dos_means,
+        dos_precision_cholesky=reference.dos_precision_cholesky,
     )
     try:
         with open(tmp, "wb") as f:
@@ -188,11 +223,16 @@ def load_reference(path: str) -> Reference:
             if str(data["format"]) != REFERENCE_FORMAT:
                 raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
             return Reference(
-                key=str(data["key"]), num_levels=int(data["num_levels"]), n_train=int(data["n_train"]),
-                bpd_mean=float(data["bpd_mean"]), bpd_std=float(data["bpd_std"]),
+                key=str(data["key"]),
+                num_levels=int(data["num_levels"]),
+                n_train=int(data["n_train"]),
+                bpd_mean=float(data["bpd_mean"]),
+                bpd_std=float(data["bpd_std"]),
                 dos_features=tuple(str(s) for s in data["dos_features"]),
-                dos_mean=np.array(data["dos_mean"]), dos_std=np.array(data["dos_std"]),
-                dos_log_weights=np.array(data["dos_log_weights"]), dos_means=np.array(data["dos_means"]),
+                dos_mean=np.array(data["dos_mean"]),
+                dos_std=np.array(data["dos_std"]),
+                dos_log_weights=np.array(data["dos_log_weights"]),
+                dos_means=np.array(data["dos_means"]),
                 dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
             )
     except GlowflowError:
@@ -215,16 +255,26 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def reference_key(model, n_bits: int, dataset: str, seed: int = 0, max_images: Optional[int] = None,
-                  codec: Optional[str] = "png") -> str:
+def reference_key(
+    model, n_bits: int, dataset: str, seed: int = 0, max_images: Optional[int] = None, codec: Optional[str] = "png"
+) -> str:
     """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
     dataset's name, the noise seed, the image cap and the codec. A cached reference is reused only
     when its key is identical, so a changed checkpoint (weights or architecture), bit depth,
     dataset, seed, cap or codec recomputes it. (Changed *contents* under the same dataset name
     are not detected.)"""
-    return json.dumps({"format": REFERENCE_FORMAT, "model_sha256": model_fingerprint(model), "n_bits": int(n_bits),
-                       "dataset": str(dataset), "seed": int(seed), "max_images": max_images, "codec": codec},
-                      sort_keys=True)
+    return json.dumps(
+        {
+            "format": REFERENCE_FORMAT,
+            "model_sha256": model_fingerprint(model),
+            "n_bits": int(n_bits),
+            "dataset": str(dataset),
+            "seed": int(seed),
+            "max_images": max_images,
+            "codec": codec,
+        },
+        sort_keys=True,
+    )
 
 
 def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
@@ -234,8 +284,13 @@ def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) ->
     return f"{stem}.ood_reference_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
 
 
-def reference_for(model, train_loader: Optional[Iterable], dataset: str, settings: StatisticsSettings,
-                  cache_path: Optional[str] = None) -> Tuple[Reference, bool]:
+def reference_for(
+    model,
+    train_loader: Optional[Iterable],
+    dataset: str,
+    settings: StatisticsSettings,
+    cache_path: Optional[str] = None,
+) -> Tuple[Reference, bool]:
     """The reference of ``model`` on ``dataset``'s training images, and whether it came from the cache.
 
     With ``cache_path``, a reference stored there under the same :func:`reference_key` is
@@ -268,8 +323,7 @@ def _cached_reference(path: Optional[str], key: str) -> Optional[Reference]:
         print(f"ignoring the outlier reference cache: {exc}")
         return None
     if cached.key != key:
-        print(f"the cached training statistics in {path} are for another "
-              f"checkpoint or settings; recomputing")
+        print(f"the cached training statistics in {path} are for another checkpoint or settings; recomputing")
         return None
     print(f"reusing the training statistics cached in {path}")
     return cached

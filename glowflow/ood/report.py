@@ -1,5 +1,6 @@
 """What a run shows and writes: the printed tables, the histogram and ROC figures (PNG), and the
 JSON reports (one per outlier set, and a summary), each written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def format_summary(reports: Mapping[str, Mapping]) -> str:
     scores = list(next(iter(reports.values()))["scores"])
     width = max(12, *(len(n) + 1 for n in names))
     in_name = next(iter(reports.values()))["in_dataset"]
-    lines = [f"AUROC, {in_name} (in) against each outlier set",
-             f"{'score':<18}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = [
+        f"AUROC, {in_name} (in) against each outlier set",
+        f"{'score':<18}" + "".join(f"{n:>{width}}" for n in names),
+    ]
     best = {}
     for n in names:
         values = {k: reports[n]["scores"][k]["auroc"] for k in scores if reports[n]["scores"][k]["auroc"] is not None}
@@ -47,8 +50,13 @@ def format_summary(reports: Mapping[str, Mapping]) -> str:
             v = reports[n]["scores"][k]["auroc"]
             cells.append(f"{'-' if v is None else f'{v:.4f}' + ('*' if best[n] == k else ' '):>{width}}")
         lines.append(f"{k:<18}" + "".join(cells))
-    lines.append(f"{'bits/dim in/out':<18}" + "".join(
-        f"{reports[n]['bits_per_dim']['in']:.2f}/{reports[n]['bits_per_dim']['out']:.2f} ".rjust(width) for n in names))
+    lines.append(
+        f"{'bits/dim in/out':<18}"
+        + "".join(
+            f"{reports[n]['bits_per_dim']['in']:.2f}/{reports[n]['bits_per_dim']['out']:.2f} ".rjust(width)
+            for n in names
+        )
+    )
     return "\n".join(lines)
 
 
@@ -82,14 +90,22 @@ def _histogram_bins(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, np.ndar
         scale = (hi - lo) / 1000.0
     if hi - lo > 200 * scale:
         # bins even in t(v) = sign(v) log1p(|v| / scale), close to matplotlib's symlog
-        t = lambda v: np.sign(v) * np.log1p(np.abs(v) / scale)
+        def t(v):
+            return np.sign(v) * np.log1p(np.abs(v) / scale)
+
         u = np.linspace(t(lo), t(hi), 41)
         return lo, hi, np.sign(u) * np.expm1(np.abs(u)) * scale, scale
     return lo, hi, np.linspace(lo, hi, 41), None
 
 
-def save_histograms(path: str, scores_in: Mapping[str, np.ndarray], scores_out: Mapping[str, np.ndarray],
-                    in_name: str, out_name: str, metrics: Optional[Mapping] = None) -> None:
+def save_histograms(
+    path: str,
+    scores_in: Mapping[str, np.ndarray],
+    scores_out: Mapping[str, np.ndarray],
+    in_name: str,
+    out_name: str,
+    metrics: Optional[Mapping] = None,
+) -> None:
     """One panel per score: histograms of the in-distribution and outlier scores (Agg, PNG).
 
     Bars are the fraction of each set per bin. The bins span the 0.5-99.5 percentiles of both
@@ -104,10 +120,12 @@ def save_histograms(path: str, scores_in: Mapping[str, np.ndarray], scores_out: 
         lo, hi, bins, symlog = _histogram_bins(a, b)
         if symlog is not None:
             ax.set_xscale("symlog", linthresh=symlog)
-        ax.hist(np.clip(a, lo, hi), bins=bins, weights=np.full(a.size, 1.0 / a.size), alpha=0.55,
-                label=f"{in_name} (in)")
-        ax.hist(np.clip(b, lo, hi), bins=bins, weights=np.full(b.size, 1.0 / b.size), alpha=0.55,
-                label=f"{out_name} (out)")
+        ax.hist(
+            np.clip(a, lo, hi), bins=bins, weights=np.full(a.size, 1.0 / a.size), alpha=0.55, label=f"{in_name} (in)"
+        )
+        ax.hist(
+            np.clip(b, lo, hi), bins=bins, weights=np.full(b.size, 1.0 / b.size), alpha=0.55, label=f"{out_name} (out)"
+        )
         title = name if metrics is None else f"{name}  AUROC {metrics[name]['auroc']:.3f}"
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -119,10 +137,11 @@ def save_histograms(path: str, scores_in: Mapping[str, np.ndarray], scores_out: 
     fig.savefig(path)
 
 
-def save_roc_curves(path: str, scores_in: Mapping[str, np.ndarray], scores_out: Mapping[str, np.ndarray],
-                    in_name: str, out_name: str) -> None:
+def save_roc_curves(
+    path: str, scores_in: Mapping[str, np.ndarray], scores_out: Mapping[str, np.ndarray], in_name: str, out_name: str
+) -> None:
     """The ROC curves of every score on one axis (outliers positive), AUROC in the legend (Agg, PNG)."""
-    from sklearn.metrics import roc_curve, roc_auc_score
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, (ax,) = _figure(1, cols=1)
     fig.set_size_inches(6.5, 6.0)
@@ -176,12 +195,25 @@ def report_files(output_dir: str, in_name: str, out_name: str) -> Dict[str, str]
 def reference_summary(reference: Reference, cache_path: Optional[str], reused: bool) -> dict:
     """The ``"reference"`` entry of a report: training images used, their bits/dim mean and std,
     the cache file and whether it was reused."""
-    return {"n_train": reference.n_train, "train_bits_per_dim_mean": reference.bpd_mean,
-            "train_bits_per_dim_std": reference.bpd_std, "cache": cache_path, "reused_cache": reused}
+    return {
+        "n_train": reference.n_train,
+        "train_bits_per_dim_mean": reference.bpd_mean,
+        "train_bits_per_dim_std": reference.bpd_std,
+        "cache": cache_path,
+        "reused_cache": reused,
+    }
 
 
-def build_report(in_set: ScoredSet, out_set: ScoredSet, metrics: Mapping[str, Mapping[str, float]], *,
-                 n_bits: int, codec: str, reference: dict, files: Mapping[str, str]) -> dict:
+def build_report(
+    in_set: ScoredSet,
+    out_set: ScoredSet,
+    metrics: Mapping[str, Mapping[str, float]],
+    *,
+    n_bits: int,
+    codec: str,
+    reference: dict,
+    files: Mapping[str, str],
+) -> dict:
     """The report of one comparison, as written to its JSON: ``in_dataset``, ``out_dataset``,
     ``n_in``, ``n_out``, ``n_bits``, ``codec`` (:func:`codec_description`), ``bits_per_dim``
     ``{"in", "out"}`` (means), ``scores`` ``{name: {"auroc", "aupr_in", "aupr_out", "fpr95"}}``
@@ -202,8 +234,10 @@ def build_report(in_set: ScoredSet, out_set: ScoredSet, metrics: Mapping[str, Ma
         "files": dict(files),
     }
     if in_set.background_stats is not None:
-        report["background_bits_per_dim"] = {"in": _mean(in_set.background_stats["bpd"]),
-                                             "out": _mean(out_set.background_stats["bpd"])}
+        report["background_bits_per_dim"] = {
+            "in": _mean(in_set.background_stats["bpd"]),
+            "out": _mean(out_set.background_stats["bpd"]),
+        }
     return report
 
 
@@ -223,9 +257,11 @@ def write_summary(reports: Mapping[str, Mapping], output_dir: str, in_name: str)
     """Write ``<output_dir>/ood_<in>_summary.json`` (``{"in_dataset", "auroc": {out: {score:
     auroc}}, "reports": {out: json path}}``), print :func:`format_summary`, return the path."""
     path = os.path.join(output_dir, f"ood_{dataset_slug(in_name)}_summary.json")
-    summary = {"in_dataset": in_name, "auroc": {out: {k: m["auroc"] for k, m in r["scores"].items()}
-                                                for out, r in reports.items()},
-               "reports": {out: r["files"]["json"] for out, r in reports.items()}}
+    summary = {
+        "in_dataset": in_name,
+        "auroc": {out: {k: m["auroc"] for k, m in r["scores"].items()} for out, r in reports.items()},
+        "reports": {out: r["files"]["json"] for out, r in reports.items()},
+    }
     _write_json(path, summary)
     print()
     print(format_summary(reports))

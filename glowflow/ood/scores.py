@@ -1,6 +1,7 @@
 """The outlier scores computed from per-image statistics and the training reference, each
 oriented so that higher = more outlying, and their one-line definitions (the literature behind
 them: docs/outlier_scores.md)."""
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,9 @@ SCORE_DEFINITIONS: Dict[str, str] = {
 }
 
 
-def outlier_scores(stats: Mapping[str, np.ndarray], reference: Reference,
-                   background_stats: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+def outlier_scores(
+    stats: Mapping[str, np.ndarray], reference: Reference, background_stats: Optional[Mapping[str, np.ndarray]] = None
+) -> Dict[str, np.ndarray]:
     """Every outlier score (N,) from :func:`compute_statistics` output for N images (and, for
     the likelihood ratio, a background model's on the same images); higher = more outlying.
 

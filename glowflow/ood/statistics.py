@@ -1,5 +1,6 @@
 """The per-image statistics of one pass of a model over a loader (bits/dim, each level's share of
 it, log-determinant, latent RMS, a codec's bits/dim): what every outlier score is computed from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,7 @@ def _model_n_bits(model, n_bits: Optional[int]) -> int:
     """The model's bit depth; ``n_bits``, when given, must be the same."""
     own = int(model.config.n_bits)
     if n_bits is not None and int(n_bits) != own:
-        raise GlowflowError(f"the model sees {own}-bit pixels, but its statistics were asked for at "
-                            f"n_bits {n_bits}")
+        raise GlowflowError(f"the model sees {own}-bit pixels, but its statistics were asked for at n_bits {n_bits}")
     return own
 
 
@@ -89,8 +89,9 @@ def _check_ready(model, codec: Optional[str]) -> None:
     if codec is not None:
         check_codec(codec)
     if not model.is_initialized():
-        raise GlowflowError("the model was never initialised from data (ActNorm); "
-                            "outlier detection needs a trained checkpoint")
+        raise GlowflowError(
+            "the model was never initialised from data (ActNorm); outlier detection needs a trained checkpoint"
+        )
 
 
 def _progress_bar(loader: Iterable, max_images: Optional[int], desc: str, progress: bool):
@@ -115,8 +116,9 @@ def _images_of(batch):
     return batch
 
 
-def _checked_images(loader: Iterable, image_shape: tuple, max_images: Optional[int],
-                    desc: str) -> Iterator[torch.Tensor]:
+def _checked_images(
+    loader: Iterable, image_shape: tuple, max_images: Optional[int], desc: str
+) -> Iterator[torch.Tensor]:
     """The loader's images as float32 (n, C, H, W) in [0, 1], at most ``max_images`` in all."""
     seen = 0
     for batch in loader:
@@ -128,12 +130,15 @@ def _checked_images(loader: Iterable, image_shape: tuple, max_images: Optional[i
         if max_images is not None:
             images = images[: max_images - seen]
         if tuple(images.shape[1:]) != image_shape:
-            raise GlowflowError(f"the {desc} images have shape {tuple(images.shape[1:])} but the model "
-                                f"expects {image_shape}")
+            raise GlowflowError(
+                f"the {desc} images have shape {tuple(images.shape[1:])} but the model expects {image_shape}"
+            )
         images = images.to(torch.float32)
         if images.numel() and (images.min().item() < 0.0 or images.max().item() > 1.0):
-            raise GlowflowError(f"the {desc} images must lie in [0, 1] (uint8 / 255), got values in "
-                                f"[{images.min().item():.3g}, {images.max().item():.3g}]")
+            raise GlowflowError(
+                f"the {desc} images must lie in [0, 1] (uint8 / 255), got values in "
+                f"[{images.min().item():.3g}, {images.max().item():.3g}]"
+            )
         seen += images.shape[0]
         yield images
 
@@ -156,14 +161,16 @@ def _batch_statistics(model, x: torch.Tensor, n_bits: int) -> Dict[str, np.ndarr
     }
 
 
-def _level_bits_per_dim(level_log_probs: torch.Tensor, latent_dims: Sequence[int], dims: int,
-                        n_bits: int) -> torch.Tensor:
+def _level_bits_per_dim(
+    level_log_probs: torch.Tensor, latent_dims: Sequence[int], dims: int, n_bits: int
+) -> torch.Tensor:
     """Each level's share of the image's bits/dim, (n, L), from the levels' log-densities (n, L):
     level ``i``'s own bits/dim over its ``D_i`` latent dimensions, weighted by ``D_i / D``
     (``D = dims``, the image's size, which the latents' sizes sum to). So each level carries
     ``D_i / D`` of the discretisation constant and the columns sum to the image's bits/dim."""
-    return torch.stack([bits_per_dim(level_log_probs[:, i], d, n_bits) * (d / dims)
-                        for i, d in enumerate(latent_dims)], 1)
+    return torch.stack(
+        [bits_per_dim(level_log_probs[:, i], d, n_bits) * (d / dims) for i, d in enumerate(latent_dims)], 1
+    )
 
 
 def statistic_columns(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -196,5 +203,13 @@ class StatisticsSettings:
     def compute(self, model, loader: Iterable, desc: str) -> Dict[str, np.ndarray]:
         """:func:`compute_statistics` of ``model`` over ``loader`` with these settings, at the
         model's bit depth."""
-        return compute_statistics(model, loader, device=self.device, seed=self.seed, max_images=self.max_images,
-                                  codec=self.codec, desc=desc, progress=self.progress)
+        return compute_statistics(
+            model,
+            loader,
+            device=self.device,
+            seed=self.seed,
+            max_images=self.max_images,
+            codec=self.codec,
+            desc=desc,
+            progress=self.progress,
+        )

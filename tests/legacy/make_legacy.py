@@ -7,6 +7,7 @@ tests/test_legacy_checkpoints.py checks: log_prob and bits/dim of fixed images (
 path), reconstructions, samples at a seed, the command line's sample sheet, and the outlier
 statistics and scores.
 """
+
 import json
 import os
 import shutil
@@ -29,9 +30,26 @@ KINDS = {
     # the default architecture (hidden 64, K 8, L 3, affine, invconv), unconditional
     "uncond_default": dict(size=32, flags=[]),
     # y_condition + LU + shuffle + additive + learn_top + n_bits 5, small
-    "cond_lu_shuffle_additive_5bit": dict(size=16, flags=[
-        "--y_condition", "--LU_decomposed", "--flow_permutation", "shuffle", "--flow_coupling", "additive",
-        "--learn_top", "--n_bits", "5", "--hidden_channels", "16", "--K", "2", "--L", "2"]),
+    "cond_lu_shuffle_additive_5bit": dict(
+        size=16,
+        flags=[
+            "--y_condition",
+            "--LU_decomposed",
+            "--flow_permutation",
+            "shuffle",
+            "--flow_coupling",
+            "additive",
+            "--learn_top",
+            "--n_bits",
+            "5",
+            "--hidden_channels",
+            "16",
+            "--K",
+            "2",
+            "--L",
+            "2",
+        ],
+    ),
 }
 
 
@@ -72,8 +90,23 @@ def measure(checkpoint, size):
     arrays = {"samples_T0.7_seed0": (samples * 255).round().to(torch.uint8).numpy()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        assert main(["--sample", "--checkpoint", checkpoint, "--output_dir", tmp, "--n_samples", "4",
-                     "--temperature", "0", "0.7"]) == 0
+        assert (
+            main(
+                [
+                    "--sample",
+                    "--checkpoint",
+                    checkpoint,
+                    "--output_dir",
+                    tmp,
+                    "--n_samples",
+                    "4",
+                    "--temperature",
+                    "0",
+                    "0.7",
+                ]
+            )
+            == 0
+        )
         arrays["cli_samples_temperatures"] = np.asarray(Image.open(os.path.join(tmp, "samples_temperatures.png")))
 
     train_images, _ = fixed_images(size, n=64, seed=7)
@@ -104,9 +137,32 @@ def build():
             data = write_smooth_npz(os.path.join(tmp, f"{name}.npz"), n=64, size=kind["size"])
             out = os.path.join(tmp, name)
             torch.manual_seed(0)
-            assert main(["--train", "--dataset", data, "--output_dir", out, "--no_wandb", "--batch_size", "16",
-                         "--n_epochs", "1", "--max_steps", "3", "--lr", "1e-3", "--warmup", "1",
-                         "--sample_and_save_freq", "0", *kind["flags"]]) == 0
+            assert (
+                main(
+                    [
+                        "--train",
+                        "--dataset",
+                        data,
+                        "--output_dir",
+                        out,
+                        "--no_wandb",
+                        "--batch_size",
+                        "16",
+                        "--n_epochs",
+                        "1",
+                        "--max_steps",
+                        "3",
+                        "--lr",
+                        "1e-3",
+                        "--warmup",
+                        "1",
+                        "--sample_and_save_freq",
+                        "0",
+                        *kind["flags"],
+                    ]
+                )
+                == 0
+            )
             target = os.path.join(HERE, f"{name}.pt")
             shutil.copy(os.path.join(out, "last.pt"), target)
             record(name, target, kind["size"])
