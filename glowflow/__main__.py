@@ -1,3 +1,5 @@
+"""``python -m glowflow``: the same program as the ``glowflow`` command."""
+
 from glowflow.cli import main
 
 if __name__ == "__main__":

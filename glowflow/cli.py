@@ -8,6 +8,7 @@ user-fixable problem prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -24,58 +25,71 @@ DATASET_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag, in groups; defaults and choices from glowflow.config."""
     p = argparse.ArgumentParser(
         prog="glowflow",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Glow (Kingma & Dhariwal, 2018): train, sample and detect outliers.",
     )
-    mode = p.add_argument_group("what to do")
-    mode.add_argument("--train", action="store_true", help="Train model")
-    mode.add_argument("--sample", action="store_true", help="Sample from model (needs --checkpoint)")
-    mode.add_argument("--outlier_detection", action="store_true", help="Outlier detection (needs --checkpoint)")
+    _add_command_flags(p.add_argument_group("what to do"))
+    _add_data_flags(p.add_argument_group("data"))
+    _add_training_flags(p.add_argument_group("training"))
+    _add_architecture_flags(p.add_argument_group("architecture (stored in the checkpoint)"))
+    _add_output_flags(p.add_argument_group("output and logging"))
+    _add_sampling_flags(p.add_argument_group("sampling and manipulation (--sample)"))
+    _add_outlier_flags(p.add_argument_group("outlier detection (--outlier_detection)"))
+    return p
 
-    data = p.add_argument_group("data")
-    data.add_argument(
+
+def _add_command_flags(group) -> None:
+    group.add_argument("--train", action="store_true", help="Train model")
+    group.add_argument("--sample", action="store_true", help="Sample from model (needs --checkpoint)")
+    group.add_argument("--outlier_detection", action="store_true", help="Outlier detection (needs --checkpoint)")
+
+
+def _add_data_flags(group) -> None:
+    group.add_argument(
         "--dataset",
         default=None,
         help=f"Dataset name: {DATASET_HELP} (default: {_RUN.dataset} for --train, the "
         f"checkpoint's own dataset for --sample and --outlier_detection)",
     )
-    data.add_argument(
+    group.add_argument(
         "--out_dataset", nargs="+", default=list(_RUN.out_dataset), help="Outlier dataset name(s) or path(s)"
     )
-    data.add_argument("--data_root", default=_RUN.data_root, help="Where datasets are read from / downloaded to")
-    data.add_argument(
+    group.add_argument("--data_root", default=_RUN.data_root, help="Where datasets are read from / downloaded to")
+    group.add_argument(
         "--image_size",
         type=int,
         default=_RUN.image_size,
         help="Override the dataset's image size (must be divisible by 2**L)",
     )
-    data.add_argument("--num_workers", type=int, default=_RUN.num_workers, help="Number of workers for Dataloader")
+    group.add_argument("--num_workers", type=int, default=_RUN.num_workers, help="Number of workers for Dataloader")
 
-    train = p.add_argument_group("training")
-    train.add_argument("--batch_size", type=int, default=_RUN.batch_size, help="Batch size")
-    train.add_argument("--n_epochs", type=int, default=_RUN.n_epochs, help="Number of epochs")
-    train.add_argument("--lr", type=float, default=_RUN.lr, help="Learning rate (Adamax)")
-    train.add_argument("--warmup", type=int, default=_RUN.warmup, help="Number of warmup epochs (linear, per batch)")
-    train.add_argument("--decay", type=float, default=_RUN.decay, help="Weight decay of Adamax")
-    train.add_argument("--max_grad_clip", type=float, default=_RUN.max_grad_clip, help="Max Grad clip (value; 0 = off)")
-    train.add_argument("--max_grad_norm", type=float, default=_RUN.max_grad_norm, help="Max Grad Norm (0 = off)")
-    train.add_argument("--n_bits", type=int, default=_ARCH.n_bits, help="Number of bits per pixel (1..8)")
-    train.add_argument("--y_weight", type=float, default=_RUN.y_weight, help="Weight of class condition loss")
-    train.add_argument(
+
+def _add_training_flags(group) -> None:
+    group.add_argument("--batch_size", type=int, default=_RUN.batch_size, help="Batch size")
+    group.add_argument("--n_epochs", type=int, default=_RUN.n_epochs, help="Number of epochs")
+    group.add_argument("--lr", type=float, default=_RUN.lr, help="Learning rate (Adamax)")
+    group.add_argument("--warmup", type=int, default=_RUN.warmup, help="Number of warmup epochs (linear, per batch)")
+    group.add_argument("--decay", type=float, default=_RUN.decay, help="Weight decay of Adamax")
+    group.add_argument("--max_grad_clip", type=float, default=_RUN.max_grad_clip, help="Max Grad clip (value; 0 = off)")
+    group.add_argument("--max_grad_norm", type=float, default=_RUN.max_grad_norm, help="Max Grad Norm (0 = off)")
+    group.add_argument("--n_bits", type=int, default=_ARCH.n_bits, help="Number of bits per pixel (1..8)")
+    group.add_argument("--y_weight", type=float, default=_RUN.y_weight, help="Weight of class condition loss")
+    group.add_argument(
         "--sample_and_save_freq", type=int, default=_RUN.sample_and_save_freq, help="Sample and save frequency (epochs)"
     )
-    train.add_argument("--seed", type=int, default=_RUN.seed, help="Random seed")
-    train.add_argument("--max_steps", type=int, default=_RUN.max_steps, help="Stop after this many optimizer steps")
-    train.add_argument(
+    group.add_argument("--seed", type=int, default=_RUN.seed, help="Random seed")
+    group.add_argument("--max_steps", type=int, default=_RUN.max_steps, help="Stop after this many optimizer steps")
+    group.add_argument(
         "--resume",
         nargs="?",
         const="last",
         default=_RUN.resume,
         help="Resume from a checkpoint (alone: <output_dir>/last.pt)",
     )
-    train.add_argument(
+    group.add_argument(
         "--perturb",
         type=float,
         default=_RUN.perturb,
@@ -83,54 +97,57 @@ def build_parser() -> argparse.ArgumentParser:
         "for the likelihood-ratio outlier score)",
     )
 
-    arch = p.add_argument_group("architecture (stored in the checkpoint)")
-    arch.add_argument("--hidden_channels", type=int, default=_ARCH.hidden_channels, help="Hidden channels")
-    arch.add_argument("--K", type=int, default=_ARCH.K, help="Number of layers per block")
-    arch.add_argument("--L", type=int, default=_ARCH.L, help="Number of blocks")
-    arch.add_argument("--actnorm_scale", type=float, default=_ARCH.actnorm_scale, help="Act norm scale")
-    arch.add_argument(
+
+def _add_architecture_flags(group) -> None:
+    group.add_argument("--hidden_channels", type=int, default=_ARCH.hidden_channels, help="Hidden channels")
+    group.add_argument("--K", type=int, default=_ARCH.K, help="Number of layers per block")
+    group.add_argument("--L", type=int, default=_ARCH.L, help="Number of blocks")
+    group.add_argument("--actnorm_scale", type=float, default=_ARCH.actnorm_scale, help="Act norm scale")
+    group.add_argument(
         "--flow_permutation", default=_ARCH.flow_permutation, choices=FLOW_PERMUTATIONS, help="Flow permutation"
     )
-    arch.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS, help="Flow coupling")
-    arch.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
-    arch.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
-    arch.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")
-    arch.add_argument(
+    group.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS, help="Flow coupling")
+    group.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
+    group.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
+    group.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")
+    group.add_argument(
         "--num_classes",
         type=int,
         default=_RUN.num_classes,
         help=f"Number of classes (default: the dataset's; {_ARCH.num_classes} if unknown)",
     )
 
-    out = p.add_argument_group("output and logging")
-    out.add_argument("--checkpoint", default=_RUN.checkpoint, help="Checkpoint path")
-    out.add_argument("--output_dir", default=_RUN.output_dir, help="Output folder (default outputs/Glow_<dataset>)")
-    out.add_argument("--no_wandb", action="store_true", help="Disable Wandb")
-    out.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
-    out.add_argument("--device", default=_RUN.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    out.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
-    out.add_argument(
+
+def _add_output_flags(group) -> None:
+    group.add_argument("--checkpoint", default=_RUN.checkpoint, help="Checkpoint path")
+    group.add_argument("--output_dir", default=_RUN.output_dir, help="Output folder (default outputs/Glow_<dataset>)")
+    group.add_argument("--no_wandb", action="store_true", help="Disable Wandb")
+    group.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
+    group.add_argument("--device", default=_RUN.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
+    group.add_argument(
         "--amp",
         default=_RUN.amp,
         choices=AMP_CHOICES,
         help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)",
     )
 
-    sample = p.add_argument_group("sampling and manipulation (--sample)")
-    sample.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")
-    sample.add_argument(
+
+def _add_sampling_flags(group) -> None:
+    group.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")
+    group.add_argument(
         "--temperature", type=float, nargs="+", default=list(_RUN.temperature), help="One or more sampling temperatures"
     )
-    sample.add_argument(
+    group.add_argument(
         "--class",
         dest="sample_class",
         type=int,
         default=_RUN.sample_class,
         help="Sample this class (class-conditional models)",
     )
-    sample.add_argument("--reconstruct", action="store_true", help="Reconstruct test images")
-    sample.add_argument("--interpolate", action="store_true", help="Interpolate between pairs of test images")
-    sample.add_argument(
+    group.add_argument("--reconstruct", action="store_true", help="Reconstruct test images")
+    group.add_argument("--interpolate", action="store_true", help="Interpolate between pairs of test images")
+    group.add_argument(
         "--manipulate",
         type=int,
         nargs=2,
@@ -138,26 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=_RUN.manipulate,
         help="Move SOURCE-class images towards TARGET along the class-mean latent difference",
     )
-    sample.add_argument(
+    group.add_argument(
         "--n_interpolation_steps",
         type=int,
         default=_RUN.n_interpolation_steps,
         help="Images per interpolation / manipulation row",
     )
 
-    ood = p.add_argument_group("outlier detection (--outlier_detection)")
-    ood.add_argument(
+
+def _add_outlier_flags(group) -> None:
+    group.add_argument(
         "--background_checkpoint",
         default=_RUN.background_checkpoint,
         help="Checkpoint of a background model (trained with --perturb) for the likelihood-ratio score",
     )
-    ood.add_argument(
+    group.add_argument(
         "--max_eval_images",
         type=int,
         default=_RUN.max_eval_images,
         help="Use at most this many images of each split (quick looks)",
     )
-    return p
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -169,8 +186,6 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         values["manipulate"] = tuple(values["manipulate"])
     run = RunConfig(**values)
     if run.resume == "last":
-        import os
-
         run.resume = os.path.join(run.resolved_output_dir(), "last.pt")
     run.validate()
     return run

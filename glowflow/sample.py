@@ -32,6 +32,10 @@ def _class_condition(model: Glow, cls: int, n: int, device) -> torch.Tensor:
     return torch.full((n,), cls, dtype=torch.long, device=device)
 
 
+def _save(model: Glow, x: torch.Tensor, output_dir: str, name: str, nrow: int) -> str:
+    return save_grid(x, model.config.n_bits, os.path.join(output_dir, name), nrow=nrow)
+
+
 @torch.no_grad()
 def sample_grids(
     model: Glow,
@@ -43,47 +47,37 @@ def sample_grids(
 ) -> List[str]:
     """One grid of ``n_samples`` per temperature, one sheet with a row per temperature, and (for a
     class-conditional model without ``sample_class``) one grid per temperature with a row per class."""
-    written = []
-    nrow = max(1, int(math.ceil(math.sqrt(n_samples))))
     if sample_class is not None and not model.config.y_condition:
         raise GlowflowError("--class needs a class-conditional model (trained with --y_condition)")
     y = _class_condition(model, sample_class, n_samples, device) if sample_class is not None else None
     suffix = f"_class{sample_class}" if sample_class is not None else ""
+    nrow = max(1, int(math.ceil(math.sqrt(n_samples))))
     columns = min(n_samples, 10)
-    sheet = []
+    written, sheet = [], []
     for t in temperatures:
         x = model.sample(n_samples, temperature=t, y=y)
-        written.append(
-            save_grid(x, model.config.n_bits, os.path.join(output_dir, f"samples_T{t:g}{suffix}.png"), nrow=nrow)
-        )
+        written.append(_save(model, x, output_dir, f"samples_T{t:g}{suffix}.png", nrow))
         sheet.append(x[:columns])
-    written.append(
-        save_grid(
-            torch.cat(sheet),
-            model.config.n_bits,
-            os.path.join(output_dir, f"samples_temperatures{suffix}.png"),
-            nrow=columns,
-        )
-    )
+    written.append(_save(model, torch.cat(sheet), output_dir, f"samples_temperatures{suffix}.png", columns))
     if model.config.y_condition and sample_class is None:
-        rows = min(model.config.num_classes, MAX_CLASS_ROWS)
-        for t in temperatures:
-            per_class = [
-                model.sample(columns, temperature=t, y=_class_condition(model, c, columns, device)) for c in range(rows)
-            ]
-            written.append(
-                save_grid(
-                    torch.cat(per_class),
-                    model.config.n_bits,
-                    os.path.join(output_dir, f"samples_by_class_T{t:g}.png"),
-                    nrow=columns,
-                )
-            )
-        if rows < model.config.num_classes:
-            print(
-                f"note: the class grid shows the first {rows} of {model.config.num_classes} classes; "
-                f"use --class for the others"
-            )
+        written += _class_grids(model, output_dir, temperatures, columns, device)
+    return written
+
+
+def _class_grids(model: Glow, output_dir: str, temperatures: Sequence[float], columns: int, device) -> List[str]:
+    """One grid per temperature, a row of ``columns`` samples per class (the first MAX_CLASS_ROWS)."""
+    rows = min(model.config.num_classes, MAX_CLASS_ROWS)
+    written = []
+    for t in temperatures:
+        per_class = [
+            model.sample(columns, temperature=t, y=_class_condition(model, c, columns, device)) for c in range(rows)
+        ]
+        written.append(_save(model, torch.cat(per_class), output_dir, f"samples_by_class_T{t:g}.png", columns))
+    if rows < model.config.num_classes:
+        print(
+            f"note: the class grid shows the first {rows} of {model.config.num_classes} classes; "
+            f"use --class for the others"
+        )
     return written
 
 
@@ -156,37 +150,44 @@ def manipulate(
     for cls in (source, target):
         if not 0 <= cls < model.config.num_classes:
             raise GlowflowError(f"class {cls} is outside 0..{model.config.num_classes - 1}")
-    picked: Dict[int, List[torch.Tensor]] = {source: [], target: []}
+    picked = _images_of_classes(dataset, (source, target), max_per_class)
+    means = {cls: _mean_latents(model, images, batch_size, device) for cls, images in picked.items()}
+    direction = [t - s for s, t in zip(means[source], means[target])]
+    chosen = picked[source][:n_images]
+    latents, _ = model.encode(preprocess(torch.stack(chosen), model.config.n_bits).to(device))
+    scales = torch.linspace(0, 1.5, steps, device=device)
+    rows = []
+    for i in range(len(chosen)):
+        moved = [torch.stack([z[i] + s * d for s in scales]) for z, d in zip(latents, direction)]
+        rows.append(model.decode(moved))
+    return _save(model, torch.cat(rows), output_dir, f"manipulation_{source}_to_{target}.png", steps)
+
+
+def _images_of_classes(dataset, classes: Sequence[int], max_per_class: int) -> Dict[int, List[torch.Tensor]]:
+    """The first ``max_per_class`` images of each class in ``classes``, in dataset order."""
+    picked: Dict[int, List[torch.Tensor]] = {cls: [] for cls in classes}
     for index in range(len(dataset)):
+        if all(len(images) >= max_per_class for images in picked.values()):
+            break
         image, label = dataset[index]
         cls = _class_index(label)
         if cls in picked and len(picked[cls]) < max_per_class:
             picked[cls].append(image)
-        elif all(len(images) >= max_per_class for images in picked.values()):
-            break
-    missing = [c for c in (source, target) if not picked[c]]
+    missing = [cls for cls, images in picked.items() if not images]
     if missing:
         raise GlowflowError(f"no test images of class {missing[0]} to estimate its mean latent")
-    counts = {cls: len(images) for cls, images in picked.items()}
-    sums: Dict[int, List[torch.Tensor]] = {}
-    for cls, images in picked.items():
-        for start in range(0, len(images), batch_size):  # encoded in batches, summed per level
-            latents, _ = model.encode(
-                preprocess(torch.stack(images[start : start + batch_size]), model.config.n_bits).to(device)
-            )
-            batch_sums = [z.sum(0, keepdim=True) for z in latents]
-            sums[cls] = batch_sums if cls not in sums else [s + z for s, z in zip(sums[cls], batch_sums)]
-    chosen = picked[source][:n_images]
-    direction = [t / counts[target] - s / counts[source] for s, t in zip(sums[source], sums[target])]
-    x = preprocess(torch.stack(chosen), model.config.n_bits).to(device)
-    latents, _ = model.encode(x)
-    rows = []
-    for i in range(len(chosen)):
-        scales = torch.linspace(0, 1.5, steps, device=device)
-        moved = [torch.stack([z[i] + s * d[0] for s in scales]) for z, d in zip(latents, direction)]
-        rows.append(model.decode(moved))
-    name = f"manipulation_{source}_to_{target}.png"
-    return save_grid(torch.cat(rows), model.config.n_bits, os.path.join(output_dir, name), nrow=steps)
+    return picked
+
+
+def _mean_latents(model: Glow, images: List[torch.Tensor], batch_size: int, device) -> List[torch.Tensor]:
+    """The mean latent of each level over ``images``, each (C_i, H_i, W_i), encoded ``batch_size`` at a time."""
+    sums = None
+    for start in range(0, len(images), batch_size):
+        x = preprocess(torch.stack(images[start : start + batch_size]), model.config.n_bits).to(device)
+        latents, _ = model.encode(x)
+        batch_sums = [z.sum(0) for z in latents]
+        sums = batch_sums if sums is None else [s + z for s, z in zip(sums, batch_sums)]
+    return [s / len(images) for s in sums]
 
 
 def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
