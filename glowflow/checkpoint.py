@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any, Dict, Optional
 
@@ -25,6 +24,7 @@ import torch
 
 from glowflow.config import GlowConfig
 from glowflow.errors import GlowflowError
+from glowflow.files import atomic_write
 from glowflow.model import Glow
 
 FORMAT = "glowflow-checkpoint"
@@ -40,20 +40,7 @@ def save_checkpoint(path: str, model: Glow, **fields: Any) -> str:
         "model": model.state_dict(),
     }
     payload.update(fields)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 class Checkpoint:

@@ -6,18 +6,18 @@ torchvision's ``ToTensor`` gives). With ``n_bits`` < 8 they become ``floor(p / 2
 and outlier scoring all add dequantisation noise U(0, 1/n_bins) through
 :func:`dequantization_noise`. Bits/dim is ``-(log_prob - D log n_bins) / (D ln 2)``
 (:func:`bits_per_dim`). Also here: the input perturbation of a likelihood-ratio background model
-(:func:`perturb`) and saving model-space images as a PNG grid (:func:`save_grid`).
+(:func:`perturb`) and saving model-space images as a PNG grid (:func:`save_grid`, written atomically).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from glowflow.errors import GlowflowError
+from glowflow.files import atomic_write
 
 LN2 = math.log(2.0)
 
@@ -93,6 +93,7 @@ def save_grid(x: torch.Tensor, n_bits: int, path: str, nrow: int = 8) -> str:
     """Save model-space images (N, C, H, W) as one PNG grid with ``nrow`` images per row."""
     from torchvision.utils import save_image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(postprocess(x.detach().float().cpu(), n_bits), path, nrow=nrow, padding=2, pad_value=1.0)
-    return path
+    images = postprocess(x.detach().float().cpu(), n_bits)
+    return atomic_write(
+        path, lambda handle: save_image(images, handle, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    )

@@ -17,6 +17,7 @@ import torch
 
 from glowflow.config import dataset_slug
 from glowflow.errors import GlowflowError
+from glowflow.files import atomic_write
 from glowflow.ood.statistics import StatisticsSettings, statistic_columns
 
 REFERENCE_FORMAT = "glowflow-ood-reference-v4"
@@ -187,9 +188,6 @@ def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np
 
 def save_reference(path: str, reference: Reference) -> None:
     """Write ``reference`` to ``path`` as a .npz of plain arrays (no pickle), atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     arrays = dict(
         format=np.array(REFERENCE_FORMAT),
         key=np.array(reference.key),
@@ -204,13 +202,7 @@ def save_reference(path: str, reference: Reference) -> None:
         dos_means=reference.dos_means,
         dos_precision_cholesky=reference.dos_precision_cholesky,
     )
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_reference(path: str) -> Reference:

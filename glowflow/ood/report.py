@@ -11,6 +11,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from glowflow.config import dataset_slug
+from glowflow.files import atomic_write, atomic_write_text
 from glowflow.ood.metrics import _clean_pair
 from glowflow.ood.reference import Reference
 from glowflow.ood.scores import ScoredSet, score_definition
@@ -134,7 +135,7 @@ def save_histograms(
         axes[0].set_ylabel("fraction of images", fontsize=8)
     fig.suptitle(f"Outlier scores (higher = more outlying): {in_name} vs {out_name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
 
 
 def save_roc_curves(
@@ -158,7 +159,7 @@ def save_roc_curves(
     ax.set_title(f"ROC: {in_name} (in) vs {out_name} (out)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
 
 
 def _json_float(v: float) -> Optional[float]:
@@ -173,12 +174,8 @@ def _mean(a: np.ndarray) -> Optional[float]:
 
 
 def _write_json(path: str, payload) -> None:
-    """``payload`` as indented JSON at ``path``, written to a temporary file and renamed."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """``payload`` as indented JSON at ``path``, written atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def report_files(output_dir: str, in_name: str, out_name: str) -> Dict[str, str]:
