@@ -277,6 +277,10 @@ class FlowStep(nn.Module):
         x, ld = self.coupling(x)
         return x, logdet + ld
 
+    def is_initialized(self) -> bool:
+        """True once the step's three ActNorms (its own and the coupling network's two) are initialised."""
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         y = self.coupling.reverse(y)
         y = self.permute.reverse(y)

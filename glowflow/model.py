@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from glowflow.config import GlowConfig
 from glowflow.fused import FusedFlow, autocast_off, gaussian_log_density_sum
@@ -114,7 +115,8 @@ class Glow(nn.Module):
     Speed: ``fast`` (default True) runs every method through the fused layers of
     glowflow/fused.py, the same mathematics with fewer operations; ``model.fast = False`` (or
     ``glowflow.runtime.eager(model)``) runs the plain layers. ``channels_last`` (default True)
-    keeps the fast path's activations channels_last.
+    keeps the fast path's activations channels_last. Memory: ``grad_checkpoint`` (default False)
+    keeps only each flow step's input during training and recomputes the rest in the backward pass.
     """
 
     def __init__(self, config: Optional[GlowConfig] = None, **fields):
@@ -158,6 +160,7 @@ class Glow(nn.Module):
         else:
             self.y_prior = self.classifier = None
         self.fast = True
+        self.grad_checkpoint = False  # recompute each flow step's activations in the backward pass
         self.plain = PlainFlow(self.levels, self.splits)  # the reference computation
         self.fused = FusedFlow(self.levels, self.splits)  # the fast path, with its FusionCache
 
@@ -246,7 +249,7 @@ class Glow(nn.Module):
             x = flow.squeeze(x)
             logdet = x.new_zeros(x.shape[0])
             for step in steps:
-                x, step_logdet = step(x)
+                x, step_logdet = self._run_step(step, x)
                 logdet = logdet + step_logdet
             logdets.append(logdet)
             if index < len(flow.splits):
@@ -258,6 +261,15 @@ class Glow(nn.Module):
                 latents.append(z)
         latents.append(x)
         return latents, logdets, log_priors
+
+    def _run_step(self, step, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One flow step forward. With ``grad_checkpoint`` (and gradients on), its activations are
+        not kept but recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant):
+        the same gradients for a step's input alone in memory. A step whose ActNorms are not
+        initialised yet runs as usual, so the data-dependent initialisation happens once."""
+        if self.grad_checkpoint and torch.is_grad_enabled() and step.is_initialized():
+            return checkpoint(step, x, use_reentrant=False)
+        return step(x)
 
     def forward_terms(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> FlowTerms:
         """One pass from model-space ``x`` (N, C, H, W) to every latent and log-density term.
