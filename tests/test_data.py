@@ -749,6 +749,104 @@ def test_custom_npz(tmp_path):
     assert ds[1][1].dtype == torch.float32 and ds[1][1].tolist() == hot[1].tolist()
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """16-bit grey (PNG's I;16, TIFF's 32-bit I) -> round(v * 255 / 65535), then as 8-bit grey."""
+    gradient = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    Image.fromarray(gradient).save(tmp_path / "a_gradient.png")
+    assert Image.open(tmp_path / "a_gradient.png").mode == "I;16"
+    eight_bit = (np.arange(32 * 32) % 256).astype(np.uint16).reshape(32, 32)
+    Image.fromarray(eight_bit * 257).save(tmp_path / "b_eight_bit_as_16.png")  # 8-bit k stored as 257 k
+    wide = gradient.astype(np.int32)
+    wide[0, :2] = [-5, 70000]  # beyond 16 bits: clipped
+    Image.fromarray(wide).save(tmp_path / "c_int32.tif")
+    assert Image.open(tmp_path / "c_int32.tif").mode == "I"
+    ds = load_dataset(str(tmp_path), "train")
+    assert ds.info.image_shape == (1, 32, 32)
+    images, _ = all_items(ds)
+    check_images(images, (1, 32, 32))
+    pixels = (images[:, 0] * 255).round().to(torch.int64).numpy()
+    expected = np.round(gradient.astype(np.float64) * 255 / 65535).astype(np.int64)
+    assert np.array_equal(pixels[0], expected)
+    assert pixels[0].min() == 0 and pixels[0].max() == 255 and len(np.unique(pixels[0])) == 256
+    assert np.array_equal(pixels[1], eight_bit)
+    assert pixels[2, 0, 0] == 0 and pixels[2, 0, 1] == 255 and np.array_equal(pixels[2, 1:], expected[1:])
+    # an RGB dataset reads a 16-bit grey image as the same grey in all three channels
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "0_rgb.png")
+    rgb = all_items(load_dataset(str(tmp_path), "train"))[0]
+    assert rgb.shape[1] == 3 and torch.equal(rgb[1], images[0].expand(3, -1, -1))
+
+
+def test_symbolic_link_loops_list_each_image_once(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((8, 8), 60 * k, np.uint8)).save(flat / f"{k}.png")
+    os.symlink(".", flat / "loop")  # a link to itself: no class, nothing listed twice
+    listed = readers.list_images(str(flat))
+    assert [os.path.basename(p) for p in listed] == ["0.png", "1.png", "2.png", "3.png"], listed
+    ds = load_dataset(str(flat), "train")
+    assert len(ds) == 4 and ds.info.num_classes == 1
+    means = [round(float(ds[i][0].mean()) * 255) for i in range(len(ds))]
+    assert means == [0, 60, 120, 180] and all(int(ds[i][1]) == 0 for i in range(4))
+
+    pets = tmp_path / "pets"
+    for label, cls in enumerate(("cat", "dog")):
+        (pets / cls / "more").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 100 * label, np.uint8)).save(pets / cls / "a.png")
+        Image.fromarray(np.full((8, 8), 100 * label + 10, np.uint8)).save(pets / cls / "more" / "b.png")
+    os.symlink(".", pets / "loop")  # a link to the top folder: no class
+    os.symlink("..", pets / "cat" / "up")  # a link above the class folder: a loop, not followed
+    os.symlink("..", pets / "dog" / "more" / "up")  # a link back to the class folder
+    os.symlink(str(pets / "dog" / "more"), pets / "dog" / "same")  # the same folder twice: listed once
+    ds = load_dataset(str(pets), "train")
+    assert ds.info.num_classes == 2 and len(ds) == 4
+    assert [int(ds[i][1]) for i in range(4)] == [0, 0, 1, 1]
+    assert [round(float(ds[i][0].mean()) * 255) for i in range(4)] == [0, 10, 100, 110]
+
+
+def bomb_png(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, in a few hundred bytes:
+    the first rows are real zlib data, the rest left out (PIL refuses such a size at open)."""
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bomb = bomb_png(folder / "a_bomb.png", 20000, 20000)
+    assert bomb.stat().st_size < 1000
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b_fine.png")
+    with pytest.raises(GlowflowError) as err:
+        load_dataset(str(folder), "train")
+    message = str(err.value)
+    assert f"refused image {bomb}" in message and "pixels" in message and "\n" not in message
+
+    bomb.rename(folder / "c_bomb.png")  # not the first image: refused when it is read
+    ds = load_dataset(str(folder), "train")
+    assert ds[0][0].shape == (1, 8, 8)
+    with pytest.raises(GlowflowError, match=f"refused image {folder / 'c_bomb.png'}"):
+        ds[1]
+
+    # PIL only warns between its limit and twice its limit: refused all the same
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    warned = folder / "d_warned.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(warned)  # 1600 pixels
+    (folder / "c_bomb.png").unlink()
+    ds = load_dataset(str(folder), "train")
+    with pytest.raises(GlowflowError, match=f"refused image {warned}: .*1600 pixels"):
+        ds[1]
+
+
 def test_errors_are_clear(tmp_path):
     cases = []
     cases.append((str(tmp_path / "missing" / "images"), "does not exist"))

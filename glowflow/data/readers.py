@@ -316,10 +316,12 @@ def read_places365(root: str, split: str, download: bool) -> Dataset:
 
 
 def read_dtd(root: str, split: str, download: bool) -> Dataset:
-    """torchvision's DTD (partition 1) under ``root``."""
+    """torchvision's DTD (partition 1) under ``root``: its file list, each image opened by
+    :func:`open_image` (PIL's pixel limit enforced)."""
     from torchvision.datasets import DTD
 
-    return DTD(root, split=split, partition=1, download=download)
+    ds = DTD(root, split=split, partition=1, download=download)
+    return ImageList([(str(path), label) for path, label in zip(ds._image_files, ds._labels)])
 
 
 def read_imagenet(root: str, split: str, download: bool) -> Dataset:
