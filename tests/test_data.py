@@ -8,6 +8,7 @@ The real Fashion-MNIST comes from Debian's dataset-fashion-mnist (scripts/setup.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import http.server
@@ -15,6 +16,7 @@ import os
 import pickle
 import socket
 import struct
+import tarfile
 import threading
 import zipfile
 
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from glowflow.cli import main
 from glowflow.data import (
     DATASET_NAMES,
     DatasetInfo,
@@ -221,6 +224,146 @@ def test_cifar100(tmp_path):
     assert torch.equal(images, torch.from_numpy(batches["train"][0]).float() / 255)
     assert labels.tolist() == batches["train"][1] and max(labels.tolist()) > 90
     assert len(load_dataset("cifar100", "test", data_root=str(tmp_path), download=False)) == 4
+
+
+class RunsCode:
+    """A pickled object whose unpickling calls ``function(*args)``: what a crafted CIFAR file holds."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def crafted_payloads(marker):
+    """Objects that, if unpickled, create ``marker``: through os.system, and through exec."""
+    return {
+        "os.system": RunsCode(os.system, f"touch '{marker}'"),
+        "exec": RunsCode(exec, f"open({str(marker)!r}, 'w').close()"),
+    }
+
+
+@pytest.fixture
+def no_plain_unpickling(monkeypatch):
+    """Any call of pickle.load or pickle.loads (torchvision's way to read CIFAR) fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle.load called: CIFAR files must go through the restricted unpickler")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+def cifar10_tree(root, crafted=None, payload=None):
+    """A small real-format CIFAR-10 folder; ``crafted`` names a file that holds ``payload`` instead."""
+    dump, _ = cifar_files(root, "cifar-10-batches-py", 10, "labels")
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", 2, i)
+    dump("test_batch", 3, 0)
+    with open(root / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": 2}, f)
+    if crafted is not None:
+        with open(root / "cifar-10-batches-py" / crafted, "wb") as f:
+            pickle.dump({"data": payload, "labels": [0, 1]}, f)
+
+
+@pytest.mark.parametrize("how", ["os.system", "exec"])
+@pytest.mark.parametrize("crafted,split", [("data_batch_1", "train"), ("test_batch", "test"), ("batches.meta", "test")])
+def test_crafted_cifar_pickle_is_refused_and_never_run(tmp_path, how, crafted, split, no_plain_unpickling):
+    marker = tmp_path / "ran"
+    cifar10_tree(tmp_path, crafted, crafted_payloads(marker)[how])
+    with pytest.raises(GlowflowError) as err:
+        load_dataset("cifar10", split, data_root=str(tmp_path), download=False)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "cifar-10-batches-py" / crafted) in message
+    assert "not loaded" in message and ("posix.system" in message or "builtins.exec" in message), message
+    assert not marker.exists()
+    # the untouched split still loads
+    other = "test" if split == "train" and crafted != "batches.meta" else None
+    if other:
+        assert len(load_dataset("cifar10", other, data_root=str(tmp_path), download=False)) == 3
+
+
+def test_crafted_cifar_files_would_run_code_if_unpickled(tmp_path):
+    """The payloads of the test above are live: a plain pickle.load runs them (so it can fail)."""
+    for how, payload in crafted_payloads(tmp_path / "ran").items():
+        (tmp_path / "ran").unlink(missing_ok=True)
+        pickle.loads(pickle.dumps(payload))
+        assert (tmp_path / "ran").exists(), how
+
+
+def test_crafted_cifar100_and_the_command_line_exit_2(tmp_path, capsys, no_plain_unpickling):
+    marker = tmp_path / "ran"
+    dump, _ = cifar_files(tmp_path, "cifar-100-python", 100, "fine_labels")
+    dump("test", 4, 3)
+    with open(tmp_path / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f)
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({"data": crafted_payloads(marker)["os.system"], "fine_labels": [0]}, f)
+    with pytest.raises(GlowflowError, match="not loaded"):
+        load_dataset("cifar100", "train", data_root=str(tmp_path), download=False)
+    assert len(load_dataset("cifar100", "test", data_root=str(tmp_path), download=False)) == 4
+
+    cifar10_tree(tmp_path, "data_batch_1", crafted_payloads(marker)["os.system"])
+    argv = ["--dataset", "cifar10", "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "run")]
+    tiny = ["--n_epochs", "1", "--batch_size", "2", "--hidden_channels", "4", "--K", "1", "--L", "1", "--no_wandb"]
+    assert main(["--train", *argv, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("glowflow: error: ") and err.count("\n") == 1, err
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_corrupt_cifar_files_are_one_line_errors_naming_the_file(tmp_path, no_plain_unpickling):
+    cifar10_tree(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    cases = [
+        (b"\x80\x04garbage", "cannot read .* as a CIFAR pickle"),
+        (pickle.dumps([1, 2, 3]), "is not a CIFAR batch"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}), "uint8 array"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "2 integer labels"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]}), "2 integer labels"),
+    ]
+    for content, pattern in cases:
+        batch.write_bytes(content)
+        with pytest.raises(GlowflowError, match=pattern) as err:
+            load_dataset("cifar10", "test", data_root=str(tmp_path), download=False)
+        assert str(batch) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cifar_reads_python2_latin1_pickles_and_every_protocol(tmp_path, no_plain_unpickling):
+    """The real files are Python 2 pickles (protocol 2, str keys, array bytes as latin1 str);
+    files written by Python 3 at protocols 0-5, with bytes keys or numpy integer labels, read too."""
+    images = np.random.default_rng(2).integers(0, 256, (3, 3072), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    cifar10_tree(tmp_path)
+    entries = [
+        {"data": images, "labels": [1, 2, 3]},
+        {b"data": images, b"labels": [1, 2, 3]},
+        {"data": images, "labels": list(np.array([1, 2, 3]))},
+        {"data": images, "labels": np.array([1, 2, 3])},
+    ]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        for entry in entries:
+            (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=protocol))
+            test = load_dataset("cifar10", "test", data_root=str(tmp_path), download=False)
+            got, labels = all_items(test)
+            assert torch.equal(got, torch.from_numpy(images.reshape(3, 3, 32, 32)).float() / 255)
+            assert labels.tolist() == [1, 2, 3]
+    # Python 2's cPickle.dump(batch, f, 2) of a one-image batch, as the real files were written
+    # (keys and the array's bytes are Python 2 str, read as latin1)
+    py2 = (
+        b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\nq\x03"
+        b"K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06"
+        b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T\x00\x0c\x00\x00"
+        + bytes(range(256)) * 12
+        + b"tbU\x06labelsq\x07]q\x08K\x07au."
+    )
+    (folder / "test_batch").write_bytes(py2)
+    got, labels = all_items(load_dataset("cifar10", "test", data_root=str(tmp_path), download=False))
+    assert torch.equal(got[0], torch.arange(256).repeat(12).reshape(3, 32, 32).float() / 255)
+    assert labels.tolist() == [7]
 
 
 def test_svhn(tmp_path):
@@ -502,6 +645,39 @@ def test_tinyimagenet_download_checks_its_checksum(tmp_path, monkeypatch, http_s
     assert (root / "tiny-imagenet-200" / "wnids.txt").is_file()
 
 
+def test_cifar_download_checks_its_checksum_and_reads_without_torchvision(
+    tmp_path, monkeypatch, http_server, no_plain_unpickling
+):
+    """The official archive comes through torchvision's download utilities, md5 checked, into
+    data_root; its pickles are then read by the restricted unpickler."""
+    from torchvision.datasets.utils import calculate_md5
+
+    served, url = http_server
+    source = tmp_path / "source"
+    source.mkdir()
+    cifar10_tree(source)
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    fmt = readers.CIFAR_FORMATS["CIFAR10"]
+    root = tmp_path / "data"
+    monkeypatch.setitem(
+        readers.CIFAR_FORMATS, "CIFAR10", dataclasses.replace(fmt, url=f"{url}/{archive.name}", md5="0" * 32)
+    )
+    with pytest.raises(GlowflowError, match=r"cifar10 \(test split\) not found.*download into .*failed"):
+        load_dataset("cifar10", "test", data_root=str(root))
+    assert not (root / "cifar-10-batches-py").exists()
+
+    monkeypatch.setitem(
+        readers.CIFAR_FORMATS,
+        "CIFAR10",
+        dataclasses.replace(fmt, url=f"{url}/{archive.name}", md5=calculate_md5(str(archive))),
+    )
+    test = load_dataset("cifar10", "test", data_root=str(root))
+    assert len(test) == 3 and (root / "cifar-10-batches-py" / "data_batch_5").is_file()
+    assert len(load_dataset("cifar10", "train", data_root=str(root), download=False)) == 10
+
+
 # ------------------------------------------------------------------------------------------
 # the user's own data
 
@@ -571,6 +747,104 @@ def test_custom_npz(tmp_path):
     ds = load_dataset(str(tmp_path / "multi.npz"), "train")
     assert ds.info.multilabel and ds.info.num_classes == 5
     assert ds[1][1].dtype == torch.float32 and ds[1][1].tolist() == hot[1].tolist()
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """16-bit grey (PNG's I;16, TIFF's 32-bit I) -> round(v * 255 / 65535), then as 8-bit grey."""
+    gradient = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    Image.fromarray(gradient).save(tmp_path / "a_gradient.png")
+    assert Image.open(tmp_path / "a_gradient.png").mode == "I;16"
+    eight_bit = (np.arange(32 * 32) % 256).astype(np.uint16).reshape(32, 32)
+    Image.fromarray(eight_bit * 257).save(tmp_path / "b_eight_bit_as_16.png")  # 8-bit k stored as 257 k
+    wide = gradient.astype(np.int32)
+    wide[0, :2] = [-5, 70000]  # beyond 16 bits: clipped
+    Image.fromarray(wide).save(tmp_path / "c_int32.tif")
+    assert Image.open(tmp_path / "c_int32.tif").mode == "I"
+    ds = load_dataset(str(tmp_path), "train")
+    assert ds.info.image_shape == (1, 32, 32)
+    images, _ = all_items(ds)
+    check_images(images, (1, 32, 32))
+    pixels = (images[:, 0] * 255).round().to(torch.int64).numpy()
+    expected = np.round(gradient.astype(np.float64) * 255 / 65535).astype(np.int64)
+    assert np.array_equal(pixels[0], expected)
+    assert pixels[0].min() == 0 and pixels[0].max() == 255 and len(np.unique(pixels[0])) == 256
+    assert np.array_equal(pixels[1], eight_bit)
+    assert pixels[2, 0, 0] == 0 and pixels[2, 0, 1] == 255 and np.array_equal(pixels[2, 1:], expected[1:])
+    # an RGB dataset reads a 16-bit grey image as the same grey in all three channels
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "0_rgb.png")
+    rgb = all_items(load_dataset(str(tmp_path), "train"))[0]
+    assert rgb.shape[1] == 3 and torch.equal(rgb[1], images[0].expand(3, -1, -1))
+
+
+def test_symbolic_link_loops_list_each_image_once(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((8, 8), 60 * k, np.uint8)).save(flat / f"{k}.png")
+    os.symlink(".", flat / "loop")  # a link to itself: no class, nothing listed twice
+    listed = readers.list_images(str(flat))
+    assert [os.path.basename(p) for p in listed] == ["0.png", "1.png", "2.png", "3.png"], listed
+    ds = load_dataset(str(flat), "train")
+    assert len(ds) == 4 and ds.info.num_classes == 1
+    means = [round(float(ds[i][0].mean()) * 255) for i in range(len(ds))]
+    assert means == [0, 60, 120, 180] and all(int(ds[i][1]) == 0 for i in range(4))
+
+    pets = tmp_path / "pets"
+    for label, cls in enumerate(("cat", "dog")):
+        (pets / cls / "more").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 100 * label, np.uint8)).save(pets / cls / "a.png")
+        Image.fromarray(np.full((8, 8), 100 * label + 10, np.uint8)).save(pets / cls / "more" / "b.png")
+    os.symlink(".", pets / "loop")  # a link to the top folder: no class
+    os.symlink("..", pets / "cat" / "up")  # a link above the class folder: a loop, not followed
+    os.symlink("..", pets / "dog" / "more" / "up")  # a link back to the class folder
+    os.symlink(str(pets / "dog" / "more"), pets / "dog" / "same")  # the same folder twice: listed once
+    ds = load_dataset(str(pets), "train")
+    assert ds.info.num_classes == 2 and len(ds) == 4
+    assert [int(ds[i][1]) for i in range(4)] == [0, 0, 1, 1]
+    assert [round(float(ds[i][0].mean()) * 255) for i in range(4)] == [0, 10, 100, 110]
+
+
+def bomb_png(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, in a few hundred bytes:
+    the first rows are real zlib data, the rest left out (PIL refuses such a size at open)."""
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bomb = bomb_png(folder / "a_bomb.png", 20000, 20000)
+    assert bomb.stat().st_size < 1000
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b_fine.png")
+    with pytest.raises(GlowflowError) as err:
+        load_dataset(str(folder), "train")
+    message = str(err.value)
+    assert f"refused image {bomb}" in message and "pixels" in message and "\n" not in message
+
+    bomb.rename(folder / "c_bomb.png")  # not the first image: refused when it is read
+    ds = load_dataset(str(folder), "train")
+    assert ds[0][0].shape == (1, 8, 8)
+    with pytest.raises(GlowflowError, match=f"refused image {folder / 'c_bomb.png'}"):
+        ds[1]
+
+    # PIL only warns between its limit and twice its limit: refused all the same
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    warned = folder / "d_warned.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(warned)  # 1600 pixels
+    (folder / "c_bomb.png").unlink()
+    ds = load_dataset(str(folder), "train")
+    with pytest.raises(GlowflowError, match=f"refused image {warned}: .*1600 pixels"):
+        ds[1]
 
 
 def test_errors_are_clear(tmp_path):

@@ -2,6 +2,7 @@
 orientation, the training-reference cache, and an end-to-end run on a briefly trained Glow."""
 
 import copy
+import hashlib
 import io
 import json
 import math
@@ -14,7 +15,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, ood, preprocess
+from glowflow.data import load_dataset, make_loader
 from glowflow.ood.codecs import _to_pil
+from glowflow.ood.report import file_slugs
 from tests.helpers import randomised_model
 
 
@@ -514,6 +517,75 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
     with pytest.raises(GlowflowError, match="same bit depth"):
         ood.run_outlier_detection(train_loader=None, **dict(kwargs, background_model=five_bit))
+
+
+def test_outlier_sets_with_one_file_name_get_their_own_reports(trained, tmp_path, capsys):
+    """d1/set.npz and d2/set.npz: two reports, each its own files, the summary pointing at each."""
+    model, _, data = trained
+    paths = {}
+    for folder, key in (("d1", "noise"), ("d2", "noise2")):
+        (tmp_path / folder).mkdir()
+        paths[key] = str(tmp_path / folder / "set.npz")
+        pixels = (data[key][:, 0] * 255).round().to(torch.uint8).numpy()
+        np.savez(paths[key], images=pixels)
+    out_dir = tmp_path / "out"
+    settings = ood.OutlierDetectionSettings(
+        output_dir=str(out_dir), in_name="smooth", statistics=ood.StatisticsSettings(progress=False)
+    )
+    loaders = {path: make_loader(load_dataset(path, "test"), batch_size=64, shuffle=False) for path in paths.values()}
+    reports = ood.run_outlier_detection(
+        model, _loader(data["test"], 64), _loader(data["train"], 256), loaders, settings
+    )
+    capsys.readouterr()
+    assert set(reports) == set(paths.values())
+    written = {}
+    for key, folder in (("noise", "d1"), ("noise2", "d2")):
+        report = reports[paths[key]]
+        assert report["out_dataset"] == paths[key] and report["n_out"] == len(data[key])
+        stem = str(out_dir / f"ood_smooth_vs_set_{folder}")
+        assert report["files"] == {
+            "json": stem + ".json",
+            "histograms": stem + "_histograms.png",
+            "roc": stem + "_roc.png",
+        }
+        with open(report["files"]["json"]) as f:
+            written[key] = json.load(f)
+        assert written[key] == report
+        assert all(os.path.isfile(path) for path in report["files"].values())
+    assert written["noise"]["n_out"] == 200 and written["noise2"]["n_out"] == 100
+    with open(out_dir / "ood_smooth_summary.json") as f:
+        summary = json.load(f)
+    assert summary["reports"] == {paths[k]: reports[paths[k]]["files"]["json"] for k in ("noise", "noise2")}
+    assert summary["auroc"] == {
+        paths[k]: {name: m["auroc"] for name, m in reports[paths[k]]["scores"].items()} for k in ("noise", "noise2")
+    }
+    assert sorted(p.name for p in out_dir.glob("*.json")) == [
+        "ood_smooth_summary.json",
+        "ood_smooth_vs_set_d1.json",
+        "ood_smooth_vs_set_d2.json",
+    ]
+
+
+def test_file_slugs_are_unique_and_plain_where_names_do_not_collide():
+    assert file_slugs("cifar10", ["svhn", "/data/my_set.npz"]) == (
+        "cifar10",
+        {"svhn": "svhn", "/data/my_set.npz": "my_set"},
+    )
+    assert file_slugs("cifar10", ["cifar10"]) == ("cifar10", {"cifar10": "cifar10"})  # the same set: one name
+    in_slug, outs = file_slugs("a/set.npz", ["b/set.npz", "x/c/set.npz", "y/c/set.npz", "set_b", "mnist"])
+    assert in_slug == "set_a" and outs["set_b"] == "set_b" and outs["mnist"] == "mnist"
+    assert outs["x/c/set.npz"] == "set_c"  # the first with parent c; the second's parent collides
+
+    def hashed(name):
+        return "set_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+    assert outs["y/c/set.npz"] == hashed("y/c/set.npz")
+    assert outs["b/set.npz"] == hashed("b/set.npz")  # set_b is another set's name
+    slugs = [in_slug, *outs.values()]
+    assert len(set(slugs)) == len(slugs), slugs
+    # names that differ only in spelling still get distinct slugs
+    _, outs = file_slugs("in", ["d/set.npz", "./d/set.npz", "d//set.npz"])
+    assert outs == {"d/set.npz": "set_d", "./d/set.npz": hashed("./d/set.npz"), "d//set.npz": hashed("d//set.npz")}
 
 
 def test_summary_table_marks_each_sets_best_score():

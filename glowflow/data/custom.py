@@ -15,12 +15,14 @@ import torch
 from torch.utils.data import Dataset
 
 from glowflow.data.datasets import (
+    GREY_MODES,
     IMAGE_EXTENSIONS,
     DatasetInfo,
     ImageFileDataset,
     ImageList,
     ImageTensorDataset,
     list_images,
+    loops_back,
     one_line,
     open_image,
     square_resize,
@@ -51,10 +53,11 @@ def _subfolder(root: str, names: Sequence[str]) -> Optional[str]:
 
 
 def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
-    """One sub-folder per class (label = its index in sorted order), or images directly in the
-    folder (label 0). With train/ and test/ (or val/) sub-folders those are the two splits;
-    otherwise both splits are the whole folder. Image shape: the first image's mode (grey or
-    RGB) and its shorter side, unless image_size is given."""
+    """One sub-folder per class (label = its index in sorted order; a link back to the folder or
+    above it is no class), or images directly in the folder (label 0). With train/ and test/ (or
+    val/) sub-folders those are the two splits; otherwise both splits are the whole folder.
+    Image shape: the first image's mode (grey or RGB) and its shorter side, unless image_size is
+    given."""
     split_dirs = {"train": _subfolder(path, ["train"]), "test": _subfolder(path, ["test", "val"])}
     if any(split_dirs.values()):
         folder = split_dirs[split]
@@ -67,7 +70,14 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
     else:
         folder, tops = path, [path]
     classes = sorted(
-        {d for top in tops for d in os.listdir(top) if not d.startswith(".") and os.path.isdir(os.path.join(top, d))}
+        {
+            d
+            for top in tops
+            for d in os.listdir(top)
+            if not d.startswith(".")
+            and os.path.isdir(os.path.join(top, d))
+            and not loops_back(os.path.join(top, d), top)
+        }
     )
     if classes:
         samples = [(p, i) for i, c in enumerate(classes) for p in list_images(os.path.join(folder, c))]
@@ -79,7 +89,7 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
             f"({' '.join(IMAGE_EXTENSIONS)}) directly in it"
         )
     first = open_image(samples[0][0])
-    channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    channels = 1 if first.mode in GREY_MODES else 3
     size = image_size or min(first.size)
     info = DatasetInfo(path, (channels, size, size), max(len(classes), 1), False)
     return info, lambda data_root, download: ImageFileDataset(ImageList(samples), info)

@@ -1,9 +1,11 @@
 """The datasets handed to callers, and the image handling they share.
 
 Owns :class:`DatasetInfo`, the in-memory :class:`ImageTensorDataset` and the on-demand
-:class:`ImageFileDataset`; opening and listing image files; the centre square crop and bilinear
-resize every image goes through (:func:`square`, :func:`square_resize`); and :func:`match_shape`,
-which converts a dataset to another (C, H, W).
+:class:`ImageFileDataset`; opening image files (PIL's decompression-bomb limit enforced, its
+warning included) and listing them (each real folder once, whatever its symbolic links); 16-bit
+grey scaled to 8 bits (:func:`to_8bit`); the centre square crop and bilinear resize every image
+goes through (:func:`square`, :func:`square_resize`); and :func:`match_shape`, which converts a
+dataset to another (C, H, W).
 
 Every dataset yields ``(image, label)``: ``image`` a float32 tensor (C, H, W) in [0, 1] equal to
 torchvision's ``ToTensor`` of the preprocessed uint8 pixels, ``label`` an int64 scalar (a float32
@@ -12,7 +14,9 @@ multi-hot vector (K,) for multi-label data).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Sequence, Tuple
 
@@ -23,6 +27,10 @@ from torch.utils.data import Dataset
 from glowflow.errors import GlowflowError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# PIL modes of 16-bit grey ("I": 32-bit integers, which a 16-bit PNG may also open as).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# PIL modes read as one channel; every other mode is read as RGB.
+GREY_MODES = ("1", "L", "LA", "F", *SIXTEEN_BIT_MODES)
 
 
 @dataclass
@@ -63,8 +71,9 @@ class ImageTensorDataset(Dataset):
 class ImageFileDataset(Dataset):
     """Images read from disk on demand: ``base[i]`` gives (PIL image, int label).
 
-    Each image is converted to the dataset's mode ('L' or 'RGB'), centre-cropped to a square,
-    resized to (size, size) with torchvision's ``Resize`` and turned into a tensor (``ToTensor``).
+    Each image is converted to the dataset's mode ('L' or 'RGB'; 16-bit grey scaled to 8 bits
+    first, :func:`to_8bit`), centre-cropped to a square, resized to (size, size) with
+    torchvision's ``Resize`` and turned into a tensor (``ToTensor``).
     """
 
     def __init__(self, base: Dataset, info: DatasetInfo):
@@ -75,17 +84,22 @@ class ImageFileDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
+        from PIL import Image
+
         try:
-            image, label = self.base[i]
+            with _bomb_warning_as_error():
+                image, label = self.base[i]
         except GlowflowError:
             raise
-        except (OSError, ValueError) as e:  # PIL's "cannot identify image file", truncated files
+        # PIL's "cannot identify image file", truncated files, images over its pixel limit
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise GlowflowError(f"{self.info.name}: cannot read image {i}: {one_line(e)}") from None
         return self.preprocess(image), torch.tensor(label, dtype=torch.int64)
 
 
 class _Preprocess:
-    """PIL image -> mode ('L' or 'RGB') -> centre square crop -> resize -> ToTensor."""
+    """PIL image -> 8 bits (:func:`to_8bit`) -> mode ('L' or 'RGB') -> centre square crop ->
+    resize -> ToTensor."""
 
     def __init__(self, size: int, mode: str):
         self.size, self.mode = size, mode
@@ -93,7 +107,20 @@ class _Preprocess:
     def __call__(self, image):
         from torchvision.transforms.functional import to_tensor
 
-        return to_tensor(square(image.convert(self.mode), self.size))
+        return to_tensor(square(to_8bit(image).convert(self.mode), self.size))
+
+
+def to_8bit(image):
+    """A 16-bit grey PIL image (:data:`SIXTEEN_BIT_MODES`, values 0..65535; mode "I" clipped to
+    that range) scaled to 8-bit grey ("L"), each value v -> round(v * 255 / 65535) (so 0 -> 0,
+    65535 -> 255, and an 8-bit value stored as 16 bits, 257 * k, -> k exactly); PIL's own
+    conversion would clip every value above 255 to white. Any other image is returned as it is."""
+    from PIL import Image
+
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,24 +142,55 @@ class ImageList(Dataset):
 
 
 def open_image(path: str):
-    """The PIL image at ``path``, fully read; GlowflowError if it cannot be."""
+    """The PIL image at ``path``, fully read; GlowflowError if it cannot be, or if it has more
+    pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``: PIL warns above
+    it and refuses above twice it; both are refused here, before any pixel is decoded)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with _bomb_warning_as_error(), Image.open(path) as image:
             image.load()
             return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise GlowflowError(f"refused image {path}: {one_line(e)}") from None
     except (OSError, ValueError) as e:
         raise GlowflowError(f"cannot read image {path}: {one_line(e)}") from None
 
 
+@contextlib.contextmanager
+def _bomb_warning_as_error():
+    """PIL's DecompressionBombWarning raised as an exception, like its DecompressionBombError."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def list_images(folder: str) -> list:
-    """Image files under ``folder`` (recursively), sorted."""
-    found = []
+    """Image files under ``folder`` (recursively, following symbolic links), sorted. A folder
+    reached through a link that loops back (to ``folder`` itself or a folder above it, see
+    :func:`loops_back`) or to a folder already listed is skipped, so each real folder's files are
+    listed once and a link loop ends."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or loops_back(dirpath, folder):
+            dirnames[:] = []  # do not descend: what is below was or will be listed from elsewhere
+            continue
+        seen.add(real)
         dirnames.sort()
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
+
+
+def loops_back(path: str, root: str) -> bool:
+    """True if the folder ``path`` is really ``root`` or a folder containing it (a symbolic link
+    loop when ``path`` lies under ``root``), ``path`` itself not being ``root``."""
+    real, root_real = os.path.realpath(path), os.path.realpath(root)
+    if os.path.normpath(path) == os.path.normpath(root):
+        return False
+    return real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

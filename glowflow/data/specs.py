@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Callable, Sequence, Tuple
 
 from glowflow.data.readers import (
+    CIFAR_FORMATS,
     TINY_IMAGENET_MD5,
     TINY_IMAGENET_URL,
     idx_prefix,
@@ -111,15 +112,17 @@ def _mnist_source(cls_name: str) -> Source:
     return Source(_data_root, _files(*names), partial(read_mnist_like, cls_name))
 
 
-def _cifar_spec(cls_name: str, folder: str, files: Sequence[str], classes: int, archive: str) -> DatasetSpec:
+def _cifar_spec(cls_name: str, classes: int) -> DatasetSpec:
+    fmt = CIFAR_FORMATS[cls_name]
+    files = [*fmt.train, *fmt.test, fmt.meta]
     return DatasetSpec(
         3,
         32,
         classes,
-        (Source(_data_root, _files(*[f"{folder}/{f}" for f in files]), partial(read_cifar, cls_name)),),
-        layout=f"{{root}}/{folder}/{{{','.join(files)}}} (torchvision's layout; Python pickles, which "
-        f"torchvision unpickles: use trusted copies only)",
-        get=f"download https://www.cs.toronto.edu/~kriz/{archive} and extract it into {{root}}",
+        (Source(_data_root, _files(*[f"{fmt.folder}/{f}" for f in files]), partial(read_cifar, cls_name)),),
+        layout=f"{{root}}/{fmt.folder}/{{{','.join(files)}}} (torchvision's layout; Python pickles, read by "
+        f"a restricted unpickler that refuses anything but arrays, lists, strings and numbers)",
+        get=f"download {fmt.url} and extract it into {{root}}",
     )
 
 
@@ -165,14 +168,8 @@ SPECS = {
         "or download the four .gz files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ into "
         "{root}/FashionMNIST/raw/ and gunzip them",
     ),
-    "cifar10": _cifar_spec(
-        "CIFAR10",
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
-        10,
-        "cifar-10-python.tar.gz",
-    ),
-    "cifar100": _cifar_spec("CIFAR100", "cifar-100-python", ["train", "test", "meta"], 100, "cifar-100-python.tar.gz"),
+    "cifar10": _cifar_spec("CIFAR10", 10),
+    "cifar100": _cifar_spec("CIFAR100", 100),
     "svhn": DatasetSpec(
         3,
         32,

@@ -15,7 +15,14 @@ from glowflow.errors import GlowflowError
 from glowflow.ood.codecs import codec_description
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.reference import Reference, reference_cache_path_for, reference_for
-from glowflow.ood.report import build_report, reference_summary, report_files, write_report, write_summary
+from glowflow.ood.report import (
+    build_report,
+    file_slugs,
+    reference_summary,
+    report_files,
+    write_report,
+    write_summary,
+)
 from glowflow.ood.scores import ScoredSet, outlier_scores
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
@@ -58,8 +65,10 @@ def run_outlier_detection(
     ``settings.output_dir``, ``ood_<in>_vs_<out>.json`` (:func:`build_report`),
     ``ood_<in>_vs_<out>_histograms.png`` (one panel per score, in vs out) and
     ``ood_<in>_vs_<out>_roc.png`` (the ROC curves of all scores); file names use the datasets'
-    base names. With several outlier sets, an AUROC table of every score against every set is
-    printed last and written as ``ood_<in>_summary.json`` (:func:`write_summary`).
+    base names, given a suffix where two share one (:func:`file_slugs`: ``d1/set.npz`` and
+    ``d2/set.npz`` -> ``set_d1`` and ``set_d2``), so no report overwrites another. With several
+    outlier sets, an AUROC table of every score against every set is printed last and written as
+    ``ood_<in>_summary.json`` (:func:`write_summary`), each set's entry naming its own report.
 
     Returns ``{out_name: report}`` (each report as written to its JSON).
     """
@@ -78,15 +87,16 @@ def run_outlier_detection(
         codec=description,
         reference=reference_summary(reference, settings.reference_cache_path, reused),
     )
+    in_slug, out_slugs = file_slugs(settings.in_name, list(out_loaders))
     reports: Dict[str, dict] = {}
     for out_name, loader in out_loaders.items():
         out_set = scorer.score(loader, out_name, out_name)
         metrics = {name: outlier_metrics(in_set.scores[name], out_set.scores[name]) for name in in_set.scores}
-        files = report_files(settings.output_dir, settings.in_name, out_name)
+        files = report_files(settings.output_dir, in_slug, out_slugs[out_name])
         reports[out_name] = build_report(in_set, out_set, metrics, files=files, **header)
         write_report(reports[out_name], in_set, out_set, metrics)
     if len(reports) > 1:
-        write_summary(reports, settings.output_dir, settings.in_name)
+        write_summary(reports, settings.output_dir, settings.in_name, in_slug)
     return reports
 
 

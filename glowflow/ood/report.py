@@ -1,12 +1,15 @@
 """What a run shows and writes: the printed tables, the histogram and ROC figures (PNG), and the
-JSON reports (one per outlier set, and a summary), each written atomically."""
+JSON reports (one per outlier set, and a summary), each written atomically, under file names that
+are unique within a run (:func:`file_slugs`: two sets with one base name never share a file)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from collections import Counter
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -178,10 +181,39 @@ def _write_json(path: str, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def report_files(output_dir: str, in_name: str, out_name: str) -> Dict[str, str]:
-    """The files of one comparison, named from the datasets' base names: ``{"json", "histograms",
-    "roc"}`` -> ``<output_dir>/ood_<in>_vs_<out>{.json, _histograms.png, _roc.png}``."""
-    stem = f"ood_{dataset_slug(in_name)}_vs_{dataset_slug(out_name)}"
+def file_slugs(in_name: str, out_names: Sequence[str]) -> Tuple[str, Dict[str, str]]:
+    """``(in slug, {out name: out slug})``: the names a run's files use for its datasets, unique
+    within the run. Each is the dataset's base name (:func:`glowflow.config.dataset_slug`:
+    ``/data/d1/set.npz`` -> ``set``) unless two datasets share it; then each of those gets a
+    suffix: its parent folder's name (``set_d1``, ``set_d2``), or where that collides too (or
+    there is no folder), 8 hex digits of the name's SHA-1 (``set_3f2a9c01``). An outlier set
+    named exactly as the in-distribution set shares its slug."""
+    names = list(dict.fromkeys([in_name, *out_names]))
+    base = {name: dataset_slug(name) for name in names}
+    counts = Counter(base.values())
+    slugs = {name: base[name] for name in names if counts[base[name]] == 1}
+    used = set(slugs.values())
+    for name in names:
+        if name in slugs:
+            continue
+        candidates = []
+        if os.sep in name or name.endswith(".npz"):
+            parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
+            if parent:
+                candidates.append(f"{base[name]}_{dataset_slug(parent)}")
+        digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
+        candidates += [f"{base[name]}_{digest[:8]}", f"{base[name]}_{digest}"]
+        candidates += [f"{base[name]}_{digest}_{k}" for k in range(2, len(names) + 2)]
+        slugs[name] = next(c for c in candidates if c not in used)
+        used.add(slugs[name])
+    return slugs[in_name], {name: slugs[name] for name in out_names}
+
+
+def report_files(output_dir: str, in_slug: str, out_slug: str) -> Dict[str, str]:
+    """The files of one comparison, named from the datasets' slugs (:func:`file_slugs`):
+    ``{"json", "histograms", "roc"}`` -> ``<output_dir>/ood_<in>_vs_<out>{.json, _histograms.png,
+    _roc.png}``."""
+    stem = f"ood_{in_slug}_vs_{out_slug}"
     return {
         "json": os.path.join(output_dir, f"{stem}.json"),
         "histograms": os.path.join(output_dir, f"{stem}_histograms.png"),
@@ -250,10 +282,11 @@ def write_report(report: dict, in_set: ScoredSet, out_set: ScoredSet, metrics: M
         print(f"wrote {path}")
 
 
-def write_summary(reports: Mapping[str, Mapping], output_dir: str, in_name: str) -> str:
-    """Write ``<output_dir>/ood_<in>_summary.json`` (``{"in_dataset", "auroc": {out: {score:
-    auroc}}, "reports": {out: json path}}``), print :func:`format_summary`, return the path."""
-    path = os.path.join(output_dir, f"ood_{dataset_slug(in_name)}_summary.json")
+def write_summary(reports: Mapping[str, Mapping], output_dir: str, in_name: str, in_slug: Optional[str] = None) -> str:
+    """Write ``<output_dir>/ood_<in slug>_summary.json`` (``{"in_dataset", "auroc": {out:
+    {score: auroc}}, "reports": {out: json path}}``; the slug defaults to the base name),
+    print :func:`format_summary`, return the path."""
+    path = os.path.join(output_dir, f"ood_{in_slug or dataset_slug(in_name)}_summary.json")
     summary = {
         "in_dataset": in_name,
         "auroc": {out: {k: m["auroc"] for k, m in r["scores"].items()} for out, r in reports.items()},
