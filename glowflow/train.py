@@ -514,12 +514,17 @@ RESUME_OVERRIDES = (
 
 
 def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
-    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``."""
+    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``.
+
+    The run writes into ``current``'s --output_dir, or else next to the resumed checkpoint; never
+    into a folder named by the checkpoint itself (a file from elsewhere must not choose where
+    this run writes).
+    """
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
     values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
     if current.output_dir is None:
-        values["output_dir"] = stored.get("output_dir") or os.path.dirname(os.path.abspath(current.resume))
+        values["output_dir"] = os.path.dirname(current.resume) or os.curdir
     return RunConfig(**values)
 
 
