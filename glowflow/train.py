@@ -138,6 +138,8 @@ class Trainer:
         data_shape = tuple(train_set.info.image_shape)
         if tuple(model_config.image_shape) != data_shape:
             raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
+        check_labels(train_set, model_config, "training")
+        check_labels(test_set, model_config, "test")
         return train_set, test_set
 
     def _build_model(self, model_config: GlowConfig, resumed: Optional[Checkpoint]) -> Glow:
@@ -591,6 +593,35 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     x = preprocess(torch.stack(images), n_bits) + noise[share]
     y = _stack_labels(labels).to(device) if model.config.y_condition else None
     model.initialize(x.to(device), y)
+
+
+def check_labels(dataset, config: GlowConfig, split: str) -> None:
+    """GlowflowError (one line) unless every label of ``dataset`` fits a class-conditional model of
+    ``config``: class indices below num_classes, or multi-hot rows num_classes wide. Nothing to
+    check for a model without --y_condition, which never sees the labels."""
+    if not config.y_condition:
+        return
+    info = dataset.info
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.numel():
+        multilabel = labels.dim() == 2
+        width = labels.shape[1] if multilabel else None
+        largest = None if multilabel else int(labels.max())
+    else:  # read from files (or a subset of them): class indices below the dataset's number of classes
+        multilabel, width, largest = info.multilabel, info.num_classes, info.num_classes - 1
+    n = config.num_classes
+    what = f"the {split} labels of {info.name}"
+    if config.y_multilabel and not multilabel:
+        raise GlowflowError(f"{what} are class indices, but the model takes multi-hot rows of {n} classes")
+    if config.y_multilabel and width != n:
+        raise GlowflowError(f"{what} are multi-hot rows of {width} classes, but the model has num_classes {n}")
+    if not config.y_multilabel and multilabel:
+        raise GlowflowError(f"{what} are multi-hot rows of {width} classes, but the model takes one class per image")
+    if not config.y_multilabel and largest >= n:
+        raise GlowflowError(
+            f"{what} go up to {largest}, but the model has num_classes {n} (labels 0 to {n - 1}); "
+            f"pass --num_classes {largest + 1} or more"
+        )
 
 
 def _stack_labels(labels) -> torch.Tensor:

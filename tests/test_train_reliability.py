@@ -1,5 +1,6 @@
 """Training never loses work and never reports a wrong result with exit 0."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,3 +40,20 @@ def test_resume_writes_next_to_the_checkpoint_not_where_the_file_says(smooth, tm
     assert main([*argv, "--output_dir", str(chosen)]) == 0
     assert torch.load(chosen / "last.pt", weights_only=True)["step"] == 6
     assert not elsewhere.exists()
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_labels_beyond_num_classes_are_one_line_errors(tmp_path, capsys):
+    data = tmp_path / "labels.npz"
+    write_smooth_npz(data, n=48, num_classes=6)
+    assert np.load(data)["labels"].max() == 5
+    run = tmp_path / "never"
+    argv = ["--train", "--dataset", str(data), "--output_dir", str(run), *TINY, "--y_condition", "--num_classes", "3"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "labels" in err and "go up to 5" in err and "num_classes 3" in err
+    assert not run.exists()
+    assert main([*argv[:-1], "6", "--max_steps", "1"]) == 0  # enough classes: trains
