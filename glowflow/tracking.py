@@ -1,5 +1,10 @@
 """Experiment tracking: metrics.csv always, wandb unless --no_wandb, TensorBoard with --tensorboard.
 
+metrics.csv has one row per epoch (and one for a run stopped mid-epoch by --max_steps). Each row
+is flushed to disk before the run commits the epoch's last.pt; a resumed run first drops the rows
+beyond the checkpoint it resumes from (and a row cut short by a kill), since it writes them again,
+so a run killed anywhere and resumed has each row exactly once.
+
 wandb never crashes or hangs a run: where it is not installed the run goes on without it; where no
 API key is configured (not logged in) it runs in offline mode; where an online start fails
 (no network) it falls back to offline mode. Each fallback prints one line.
@@ -8,9 +13,12 @@ API key is configured (not logged in) it runs in offline mode; where an online s
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
+
+from glowflow.files import atomic_write_text
 
 METRIC_COLUMNS = ("epoch", "step", "train_bpd", "test_bpd", "lr", "images_per_s", "seconds")
 
@@ -68,11 +76,16 @@ class Tracker:
         run_name: str,
         config: Dict[str, Any],
         resume: bool = False,
+        resume_at: Optional[Tuple[int, int]] = None,
     ):
+        """``resume``: append to an existing metrics.csv, after dropping its rows beyond
+        ``resume_at`` (the resumed checkpoint's epoch and step), if given."""
         self.csv_path = os.path.join(output_dir, "metrics.csv")
         if not (resume and os.path.exists(self.csv_path)):
             with open(self.csv_path, "w", newline="") as handle:
                 csv.writer(handle).writerow(METRIC_COLUMNS)
+        elif resume_at is not None:
+            drop_rows_after(self.csv_path, *resume_at)
         self.wandb_run = start_wandb("glowflow", run_name, config, output_dir) if use_wandb else None
         self.tensorboard = None
         if use_tensorboard:
@@ -93,6 +106,8 @@ class Tracker:
     def log_epoch(self, row: Dict[str, Any]) -> None:
         with open(self.csv_path, "a", newline="") as handle:
             csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before last.pt, which is written after it
         self.log(
             int(row["step"]),
             {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))},
@@ -109,3 +124,34 @@ class Tracker:
             self.wandb_run.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def drop_rows_after(path: str, epoch: int, step: int) -> int:
+    """Remove the rows of metrics.csv ``path`` that come after ``(epoch, step)`` (a larger step, or
+    the same step and a larger epoch) and a last row a kill cut short; the number removed. The file
+    is rewritten atomically, and only if something is removed."""
+    with open(path, newline="") as handle:
+        text = handle.read()
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        atomic_write_text(path, _csv_text([METRIC_COLUMNS]))
+        return 0
+    header, kept = rows[0], [rows[0]]
+    for i, row in enumerate(rows[1:], start=1):
+        cut_short = i == len(rows) - 1 and not text.endswith("\n")
+        try:
+            row_epoch, row_step = int(row[0]), int(row[1])
+        except (ValueError, IndexError):
+            continue
+        if not cut_short and len(row) == len(header) and (row_step, row_epoch) <= (step, epoch):
+            kept.append(row)
+    removed = len(rows) - len(kept)
+    if removed or not text.endswith("\n"):
+        atomic_write_text(path, _csv_text(kept))
+    return removed
+
+
+def _csv_text(rows) -> str:
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()

@@ -11,19 +11,46 @@ of the training set. A run stopped anywhere (``--max_steps``, Ctrl-C) and resume
 therefore ends with the same weights as an uninterrupted run, and N processes with per-process
 batch B/N reproduce one process with batch B.
 
-Per epoch: a progress bar, the test split's bits/dim (fixed noise seed), a metrics.csv row,
-``last.pt``, ``Glow_<dataset>.pt`` when the test bits/dim improves, and a sample grid every
-``sample_and_save_freq`` epochs.
+Per epoch: a progress bar, the test split's bits/dim (fixed noise seed), ``Glow_<dataset>.pt`` when
+the test bits/dim improves, a metrics.csv row, a sample grid every ``sample_and_save_freq`` epochs,
+and ``last.pt`` last of all: ``last.pt`` is the commit point. A run killed anywhere resumes from it
+and writes again, identically, whatever came after it; metrics.csv rows beyond it are dropped on
+resume (:class:`glowflow.tracking.Tracker`).
+
+What else keeps a run from losing work or reporting a wrong result:
+
+* :class:`RunLock` -- one run at a time per output folder (``.glowflow.lock``, held by rank 0 for
+  the whole run and released by the OS when the process dies); temporary files an interrupted
+  write left there are removed once the lock is held;
+* :class:`StopSignals` -- SIGINT (Ctrl-C) and SIGTERM (Slurm) stop a run at the next point where
+  its state is whole (between optimizer steps; after the end-of-epoch writes), and ``last.pt`` is
+  saved; a second signal stops at once without saving;
+* divergence -- non-finite steps are skipped, and ``--max_nonfinite_steps`` of them in a row (counted
+  across epochs and resumes) or a non-finite test bits/dim stop the run (:class:`NonFiniteLoss`)
+  before a diverged model overwrites a checkpoint;
+* :func:`check_labels` -- class labels that a class-conditional model cannot take are refused when
+  the data is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
+import shlex
+import signal
+import socket
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -37,6 +64,7 @@ from glowflow.checkpoint import Checkpoint, save_checkpoint
 from glowflow.config import SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
 from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
+from glowflow.files import remove_temporary_files
 from glowflow.model import Glow, classification_loss
 from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
@@ -49,11 +77,12 @@ def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
     try:
         return trainer.fit()
     finally:
-        trainer.dist.close()
+        trainer.close()
 
 
 class NonFiniteLoss(GlowflowError):
-    """Raised after --max_nonfinite_steps skipped steps in a row: the run has diverged."""
+    """The run has diverged: --max_nonfinite_steps skipped steps in a row, or a non-finite test
+    bits/dim."""
 
 
 @dataclasses.dataclass
@@ -90,20 +119,38 @@ class Trainer:
         self.output_dir = self.run.resolved_output_dir()
         self.dataset_name = dataset_slug(self.run.dataset)
         self.train_set, self.test_set = self._load_data(model_config)
+        self.lock: Optional[RunLock] = None
         if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
             _check_writable(self.output_dir)
-        torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
-        self.model = self._build_model(model_config, resumed)
-        self.sampler, self.steps_per_epoch = self._build_sampler()
-        self.optimizer, self.scheduler = self._build_optimizer()
-        self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
-        if resumed is not None:
-            self._restore_training_state(resumed.payload)
-        elif not self.model.is_initialized():
-            initialize_actnorm(self.model, self.train_set, self.run, self.device, self.dist)
-        self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
-        self.train_loader, self.test_loader = self._build_loaders()
+            self.lock = self._lock_output_dir()
+        try:
+            torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
+            self.model = self._build_model(model_config, resumed)
+            self.sampler, self.steps_per_epoch = self._build_sampler()
+            self.optimizer, self.scheduler = self._build_optimizer()
+            self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
+            self.nonfinite_in_a_row = 0  # skipped steps since the last good one, across epochs
+            # the newest checkpoint this run can go back to: the resumed file, then each last.pt saved
+            self.last_good: Optional[str] = self.run.resume
+            self.saved_at: Optional[Tuple[int, int]] = None  # (epoch, step) of the last.pt this run wrote
+            if resumed is not None:
+                self._restore_training_state(resumed.payload)
+            elif not self.model.is_initialized():
+                initialize_actnorm(self.model, self.train_set, self.run, self.device, self.dist)
+            self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
+            self.train_loader, self.test_loader = self._build_loaders()
+        except BaseException:
+            self.close()
+            raise
         self.tracker: Optional[Tracker] = None  # opened by fit(), on the main process only
+        self.signals = StopSignals()
+
+    def close(self) -> None:
+        """Release the output folder and leave the process group (both safe to repeat)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.dist.close()
 
     # -------------------------------------------------------------- assembling a run
 
@@ -138,7 +185,20 @@ class Trainer:
         data_shape = tuple(train_set.info.image_shape)
         if tuple(model_config.image_shape) != data_shape:
             raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
+        check_labels(train_set, model_config, "training")
+        check_labels(test_set, model_config, "test")
         return train_set, test_set
+
+    def _lock_output_dir(self) -> RunLock:
+        """Hold the output folder for this run, then remove what interrupted writes left there."""
+        lock = RunLock.acquire(self.output_dir)
+        removed = remove_temporary_files(self.output_dir)
+        if removed:
+            print(
+                f"note: removed {len(removed)} temporary file(s) left in {self.output_dir} by an interrupted write",
+                file=sys.stderr,
+            )
+        return lock
 
     def _build_model(self, model_config: GlowConfig, resumed: Optional[Checkpoint]) -> Glow:
         """A new Glow of ``model_config``, or the resumed checkpoint's, on the training device."""
@@ -176,6 +236,7 @@ class Trainer:
         self.step = int(payload["step"])
         self.best_test_bpd = float(payload.get("best_test_bpd", math.inf))
         self.nonfinite_total = int(payload.get("nonfinite_steps", 0))
+        self.nonfinite_in_a_row = int(payload.get("nonfinite_in_a_row", 0))
         rng = payload.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -224,23 +285,22 @@ class Trainer:
     # -------------------------------------------------------------- the loop
 
     def fit(self) -> Dict:
-        """Train epoch by epoch until --n_epochs or --max_steps; Ctrl-C saves last.pt first."""
+        """Train epoch by epoch until --n_epochs or --max_steps; SIGINT (Ctrl-C) and SIGTERM save
+        last.pt first."""
         run = self.run
         if self.dist.is_main:
             self.tracker = self._make_tracker()
             self._print_header()
         stopped_early = False
+        self.signals.install()
         try:
             while self.epoch < run.n_epochs and not stopped_early:
                 stopped_early = self._run_epoch()
         except KeyboardInterrupt:
-            path = self.save("last.pt")
-            if path:
-                print(
-                    f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr
-                )
+            self._save_on_interrupt()
             raise
         finally:
+            self.signals.restore()
             if self.tracker is not None:
                 self.tracker.close()
         summary = {
@@ -253,41 +313,67 @@ class Trainer:
         self.dist.barrier()
         return summary
 
+    def _save_on_interrupt(self) -> None:
+        """last.pt of the current state (unless this run just wrote it), and the line saying so; when
+        a second signal broke into an update, the state may be half changed: nothing is saved."""
+        if not self.dist.is_main:
+            return
+        if self.signals.broke_in:
+            kept = f"the last good checkpoint is {self.last_good}" if self._last_good_exists() else "no checkpoint kept"
+            print(
+                f"\ninterrupted again before step {self.step} was saved: last.pt not updated; {kept}", file=sys.stderr
+            )
+            return
+        path = (
+            self._save_last() if self.saved_at != (self.epoch, self.step) else os.path.join(self.output_dir, "last.pt")
+        )
+        print(f"\ninterrupted at step {self.step}: saved {path} (continue with --resume {path})", file=sys.stderr)
+
     def _run_epoch(self) -> bool:
         """Train the rest of the current epoch, then evaluate, record, save and report it;
-        True if --max_steps stopped it early."""
+        True if --max_steps stopped it early.
+
+        The end-of-epoch writes come in an order that a kill at any point cannot spoil: the best
+        checkpoint (when improved), the metrics row, the sample grid, and last.pt, the commit point,
+        last. A run resumed from an earlier last.pt writes all of them again, identically. A stop
+        signal waits for the commit.
+        """
         totals = self._run_steps()
-        epoch_complete = self.step >= (self.epoch + 1) * self.steps_per_epoch
-        if epoch_complete:
-            self.epoch += 1
-        # both are collective under torchrun: every process computes them, in this order
-        train_bpd = self.dist.all_sum(totals.bpd_sum.clone()).item() / max(1, totals.steps * self.dist.world_size)
-        test_bpd = self.evaluate()
-        improved = test_bpd < self.best_test_bpd
-        if improved:
-            self.best_test_bpd = test_bpd
-        row = self._metrics_row(totals, train_bpd, test_bpd)
-        if self.dist.is_main:
-            self.save("last.pt")
-            if improved:
-                self.save(self.best_name)
-            self.tracker.log_epoch(row)
-            self._print_epoch(row, totals, train_bpd, test_bpd, improved)
-            if epoch_complete and self.run.sample_and_save_freq > 0 and self.epoch % self.run.sample_and_save_freq == 0:
-                path = self.save_samples()
-                self.tracker.log_image(self.step, "samples", path)
+        with self.signals.held("finishing this epoch's evaluation and checkpoints before stopping"):
+            epoch = self.epoch + 1 if self.step >= (self.epoch + 1) * self.steps_per_epoch else self.epoch
+            # both are collective under torchrun: every process computes them, in this order
+            train_bpd = self.dist.all_sum(totals.bpd_sum.clone()).item() / max(1, totals.steps * self.dist.world_size)
+            test_bpd = self.evaluate()
+            if not math.isfinite(test_bpd):
+                raise self._diverged(f"the test bits/dim after step {self.step} is {test_bpd}")
+            improved = test_bpd < self.best_test_bpd
+            best_test_bpd = test_bpd if improved else self.best_test_bpd
+            row = self._metrics_row(epoch, totals, train_bpd, test_bpd)
+            if self.dist.is_main:
+                rng = rng_state()  # last.pt's, as it was before the sample grid reseeded torch
+                if improved:
+                    self.save(self.best_name, epoch=epoch, best_test_bpd=best_test_bpd)
+                self.tracker.log_epoch(row)
+                self._print_epoch(epoch, row, totals, train_bpd, test_bpd, improved)
+                freq = self.run.sample_and_save_freq
+                if epoch > self.epoch and freq > 0 and epoch % freq == 0:
+                    path = self.save_samples(epoch)
+                    self.tracker.log_image(self.step, "samples", path)
+            self.epoch, self.best_test_bpd = epoch, best_test_bpd
+            if self.dist.is_main:
+                self._save_last(rng=rng)
         return totals.stopped_early
 
     def _run_steps(self) -> StepLoopTotals:
         """train_step over the current epoch's remaining batches (all of them unless resumed mid-epoch),
         with a progress bar; stops at --max_steps, and raises NonFiniteLoss after
-        --max_nonfinite_steps skipped steps in a row."""
+        --max_nonfinite_steps skipped steps in a row (counted across epochs)."""
         run = self.run
         self.sampler.set_epoch(self.epoch, start_batch=self.step - self.epoch * self.steps_per_epoch)
         self.model.train()
         started = time.perf_counter()
         bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps_done, images_done, consecutive_bad = 0, 0, 0
+        steps_done, images_done = 0, 0
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {self.epoch + 1}/{run.n_epochs}",
@@ -298,20 +384,21 @@ class Trainer:
         )
         stopped_early = False
         for images, labels in bar:
-            bpd = self.train_step(images, labels)
-            self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
+            with self.signals.held():  # a stop signal waits for the step to be applied and counted
+                bpd = self.train_step(images, labels)
+                self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
+                if bpd is None:
+                    self.nonfinite_in_a_row += 1
+                    self.nonfinite_total += 1
+                else:
+                    self.nonfinite_in_a_row = 0
             if bpd is None:
-                consecutive_bad += 1
-                self.nonfinite_total += 1
-                if consecutive_bad >= run.max_nonfinite_steps:
+                if self.nonfinite_in_a_row >= run.max_nonfinite_steps:
                     bar.close()
-                    raise NonFiniteLoss(
-                        f"{consecutive_bad} non-finite losses or gradients in a row at step {self.step}: "
-                        f"training diverged; the last good checkpoint is kept in {self.output_dir} (try a lower --lr, "
-                        f"--max_grad_norm or --flow_coupling additive)"
+                    raise self._diverged(
+                        f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row at step {self.step}"
                     )
                 continue
-            consecutive_bad = 0
             steps_done += 1
             images_done += images.shape[0] * self.dist.world_size
             bpd_sum += bpd.double()
@@ -337,10 +424,10 @@ class Trainer:
             desc="test bits/dim",
         )
 
-    def _metrics_row(self, totals: StepLoopTotals, train_bpd: float, test_bpd: float) -> Dict:
-        """The epoch's metrics.csv row (and tracker entry)."""
+    def _metrics_row(self, epoch: int, totals: StepLoopTotals, train_bpd: float, test_bpd: float) -> Dict:
+        """The epoch's metrics.csv row (and tracker entry); ``epoch``: the epochs completed."""
         return {
-            "epoch": self.epoch,
+            "epoch": epoch,
             "step": self.step,
             "train_bpd": round(train_bpd, 6),
             "test_bpd": round(test_bpd, 6),
@@ -360,7 +447,7 @@ class Trainer:
         )
 
     def _print_epoch(
-        self, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float, improved: bool
+        self, epoch: int, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float, improved: bool
     ) -> None:
         """The epoch's line on stdout, after a note on stderr when steps have been skipped."""
         if self.nonfinite_total:
@@ -369,13 +456,14 @@ class Trainer:
                 file=sys.stderr,
             )
         print(
-            f"epoch {self.epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
+            f"epoch {epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
             f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
             f"{row['images_per_s']:.0f} img/s  {totals.seconds:.1f} s"
         )
 
     def _make_tracker(self) -> Tracker:
-        """metrics.csv, plus wandb and/or TensorBoard as the flags say; appends when resuming."""
+        """metrics.csv, plus wandb and/or TensorBoard as the flags say; when resuming, appends after
+        the rows up to the resumed checkpoint's epoch and step."""
         config = {**self.run.to_dict(), **{f"model/{k}": v for k, v in self.model.config.to_dict().items()}}
         return Tracker(
             self.output_dir,
@@ -384,6 +472,7 @@ class Trainer:
             run_name=f"Glow_{self.dataset_name}",
             config=config,
             resume=bool(self.run.resume),
+            resume_at=(self.epoch, self.step),
         )
 
     # -------------------------------------------------------------- one step
@@ -454,19 +543,25 @@ class Trainer:
         """File name of the checkpoint with the best test bits/dim so far."""
         return f"Glow_{self.dataset_name}.pt"
 
-    def save(self, name: str) -> Optional[str]:
-        """Write checkpoint ``name`` into the output folder (main process only); its path, or None."""
+    def save(self, name: str, **fields) -> Optional[str]:
+        """Write checkpoint ``name`` into the output folder (main process only); its path, or None.
+        ``fields`` replace those of :meth:`_checkpoint_fields`."""
         if not self.dist.is_main:
             return None
-        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **self._checkpoint_fields())
+        fields = {**self._checkpoint_fields(), **fields}
+        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **fields)
+
+    def _save_last(self, **fields) -> Optional[str]:
+        """Write last.pt (the commit point of the run's state) and remember it as the last good one."""
+        path = self.save("last.pt", **fields)
+        if path is not None:
+            self.last_good, self.saved_at = path, (self.epoch, self.step)
+        return path
 
     def _checkpoint_fields(self) -> Dict:
         """Everything besides the model that resuming needs."""
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return dict(
-            rng=rng,
+            rng=rng_state(),
             run_config=self.run.to_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -474,22 +569,161 @@ class Trainer:
             step=self.step,
             best_test_bpd=self.best_test_bpd,
             nonfinite_steps=self.nonfinite_total,
+            nonfinite_in_a_row=self.nonfinite_in_a_row,
         )
 
-    def save_samples(self) -> str:
+    def _last_good_exists(self) -> bool:
+        return self.last_good is not None and os.path.isfile(self.last_good)
+
+    def _diverged(self, what: str) -> NonFiniteLoss:
+        """The error that stops a diverged run, naming the checkpoint it can go back to, if any."""
+        if self._last_good_exists():
+            folder, name = os.path.split(self.last_good)
+            kept = f"the last good checkpoint is kept in {folder or '.'} ({name})"
+        else:
+            kept = f"no checkpoint was written to {self.output_dir}"
+        return NonFiniteLoss(
+            f"{what}: training diverged; {kept} (try a lower --lr, --max_grad_norm or --flow_coupling additive)"
+        )
+
+    def save_samples(self, epoch: int) -> str:
         """An 8x8 grid of samples at temperature 0.7 (one class per position for a class-conditional
-        model), written as samples_epoch<NNN>.png; its path."""
-        torch.manual_seed(run_seed_for_samples(self.run.seed, self.epoch))
+        model) after ``epoch`` epochs, written as samples_epoch<NNN>.png; its path."""
+        torch.manual_seed(run_seed_for_samples(self.run.seed, epoch))
         y = None
         if self.model.config.y_condition and not self.model.config.y_multilabel:
             y = torch.arange(64, device=self.device) % self.model.config.num_classes
         self.model.eval()
         x = self.model.sample(64, temperature=0.7, y=y)
         self.model.train()
-        path = os.path.join(self.output_dir, f"samples_epoch{self.epoch:03d}.png")
+        path = os.path.join(self.output_dir, f"samples_epoch{epoch:03d}.png")
         save_grid(x, self.model.config.n_bits, path, nrow=8)
         print(f"saved {path}")
         return path
+
+
+# ----------------------------------------------------------------------------- one run per folder; stopping
+
+
+LOCK_NAME = ".glowflow.lock"
+
+
+class RunLock:
+    """An exclusive lock on an output folder, held for a whole run.
+
+    ``flock`` on ``<folder>/.glowflow.lock``, which also says who holds it (pid, host, start time,
+    command line, as one JSON line). The operating system releases the lock when the process ends,
+    however it ends, so a killed run never leaves its folder locked; the file itself stays (deleting
+    it would let two runs lock two different files). Without ``fcntl`` (not POSIX) nothing is locked.
+    """
+
+    def __init__(self, path: str, fd: Optional[int]):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, folder: str) -> RunLock:
+        """The lock of ``folder`` (which must exist); GlowflowError naming the holder if another
+        run has it."""
+        path = os.path.join(folder, LOCK_NAME)
+        if fcntl is None:
+            return cls(path, None)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise GlowflowError(f"cannot create the lock file {path}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise GlowflowError(
+                f"{folder} is in use by another glowflow run ({holder}); wait for it to end or choose "
+                f"another --output_dir"
+            ) from None
+        except OSError as err:  # a file system without locks
+            os.close(fd)
+            raise GlowflowError(f"cannot lock {path}: {err.strerror or err}") from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": shlex.join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock, in words, from its file: 'pid 12, host h, started T: COMMAND'."""
+    try:
+        holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        return (
+            f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}: "
+            f"{' '.join(str(holder['command']).split())}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its details are unknown"
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during :meth:`Trainer.fit`: both raise KeyboardInterrupt (so SIGTERM, what
+    Slurm sends before it kills a job, saves last.pt as Ctrl-C does), but not inside a
+    :meth:`held` block, where the training state is being changed: there the signal is remembered
+    and raised when the block ends. A second signal inside the block raises at once, and
+    :attr:`broke_in` says so (the state may then be half changed).
+
+    Installed only in the main thread (where Python delivers signals), and not for a signal the
+    process ignores (``nohup``); :meth:`restore` puts the previous handlers back.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.previous: Dict[int, object] = {}
+        self.holding: Optional[str] = None  # None: not held; else the note printed when a signal is held
+        self.pending: Optional[int] = None
+        self.broke_in = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.holding is not None and self.pending is None:
+            self.pending = signum
+            if self.holding:
+                print(f"\nnote: {self.holding} (interrupt again to stop at once)", file=sys.stderr)
+            return
+        if self.holding is not None:
+            self.broke_in = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self, note: str = "") -> Iterator[None]:
+        """A block that a stop signal does not interrupt; KeyboardInterrupt when it ends if one came."""
+        self.holding = note
+        try:
+            yield
+        finally:
+            self.holding = None
+        if self.pending is not None:
+            self.pending = None
+            raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -514,12 +748,17 @@ RESUME_OVERRIDES = (
 
 
 def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
-    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``."""
+    """The stored run configuration, with the fields of RESUME_OVERRIDES taken from ``current``.
+
+    The run writes into ``current``'s --output_dir, or else next to the resumed checkpoint; never
+    into a folder named by the checkpoint itself (a file from elsewhere must not choose where
+    this run writes).
+    """
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
     values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
     if current.output_dir is None:
-        values["output_dir"] = stored.get("output_dir") or os.path.dirname(os.path.abspath(current.resume))
+        values["output_dir"] = os.path.dirname(current.resume) or os.curdir
     return RunConfig(**values)
 
 
@@ -548,6 +787,14 @@ def run_seed_for_samples(seed: int, epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- pieces of a step
+
+
+def rng_state() -> Dict:
+    """The global random states a checkpoint stores (torch's, and CUDA's where there is CUDA)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: int, device) -> torch.Tensor:
@@ -586,6 +833,35 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     x = preprocess(torch.stack(images), n_bits) + noise[share]
     y = _stack_labels(labels).to(device) if model.config.y_condition else None
     model.initialize(x.to(device), y)
+
+
+def check_labels(dataset, config: GlowConfig, split: str) -> None:
+    """GlowflowError (one line) unless every label of ``dataset`` fits a class-conditional model of
+    ``config``: class indices below num_classes, or multi-hot rows num_classes wide. Nothing to
+    check for a model without --y_condition, which never sees the labels."""
+    if not config.y_condition:
+        return
+    info = dataset.info
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.numel():
+        multilabel = labels.dim() == 2
+        width = labels.shape[1] if multilabel else None
+        largest = None if multilabel else int(labels.max())
+    else:  # read from files (or a subset of them): class indices below the dataset's number of classes
+        multilabel, width, largest = info.multilabel, info.num_classes, info.num_classes - 1
+    n = config.num_classes
+    what = f"the {split} labels of {info.name}"
+    if config.y_multilabel and not multilabel:
+        raise GlowflowError(f"{what} are class indices, but the model takes multi-hot rows of {n} classes")
+    if config.y_multilabel and width != n:
+        raise GlowflowError(f"{what} are multi-hot rows of {width} classes, but the model has num_classes {n}")
+    if not config.y_multilabel and multilabel:
+        raise GlowflowError(f"{what} are multi-hot rows of {width} classes, but the model takes one class per image")
+    if not config.y_multilabel and largest >= n:
+        raise GlowflowError(
+            f"{what} go up to {largest}, but the model has num_classes {n} (labels 0 to {n - 1}); "
+            f"pass --num_classes {largest + 1} or more"
+        )
 
 
 def _stack_labels(labels) -> torch.Tensor:
