@@ -211,14 +211,65 @@ def _error_of(argv, capsys):
         (["--n_bits", "0"], "n_bits must be between 1 and 8"),
         (["--n_bits", "9"], "n_bits must be between 1 and 8"),
         (["--batch_size", "0"], "batch_size must be at least 1"),
+        (["--batch_size", str(2**21)], "batch_size must be at most"),
+        (["--lr", "nan"], "lr must be a positive finite number"),
+        (["--lr", "inf"], "lr must be a positive finite number"),
+        (["--lr", "0"], "lr must be a positive finite number"),
+        (["--lr", "-0.1"], "lr must be a positive finite number"),
+        (["--decay", "-1"], "decay must be a non-negative finite number"),
+        (["--decay", "nan"], "decay must be a non-negative finite number"),
+        (["--seed", "-1"], "seed must be non-negative"),
+        (["--seed", str(2**32)], "seed must be at most 4294967295"),
+        (["--seed", str(2**64)], "seed must be at most 4294967295"),
+        (["--y_weight", "nan"], "y_weight must be a non-negative finite number"),
+        (["--y_weight", "inf"], "y_weight must be a non-negative finite number"),
+        (["--y_weight", "-1"], "y_weight must be a non-negative finite number"),
+        (["--temperature", "nan"], "temperatures must be non-negative finite numbers"),
+        (["--temperature", "0.7", "inf"], "temperatures must be non-negative finite numbers"),
+        (["--temperature", "-1"], "temperatures must be non-negative finite numbers"),
+        (["--n_interpolation_steps", "0"], "n_interpolation_steps must be at least 1"),
+        (["--max_eval_images", "0"], "max_eval_images must be at least 1"),
+        (["--max_grad_clip", "-1"], "max_grad_clip must be a non-negative finite number"),
+        (["--max_grad_clip", "nan"], "max_grad_clip must be a non-negative finite number"),
+        (["--max_grad_norm", "-1"], "max_grad_norm must be a non-negative finite number"),
+        (["--max_grad_norm", "nan"], "max_grad_norm must be a non-negative finite number"),
+        (["--actnorm_scale", "nan"], "actnorm_scale must be a positive finite number"),
+        (["--actnorm_scale", "inf"], "actnorm_scale must be a positive finite number"),
+        (["--actnorm_scale", "0"], "actnorm_scale must be a positive finite number"),
+        (["--warmup", "-1"], "warmup must be non-negative"),
+        (["--n_epochs", "-1"], "n_epochs must be non-negative"),
+        (["--n_epochs", str(10**7)], "n_epochs must be at most"),
+        (["--num_workers", "-1"], "num_workers must be non-negative"),
+        (["--num_workers", "100000"], "num_workers must be at most"),
+        (["--num_classes", "0"], "num_classes must be at least 1"),
+        (["--image_size", "0"], "image_size must be at least 1"),
+        (["--image_size", "-16"], "image_size must be at least 1"),
+        (["--image_size", "100000"], "image_size must be at most"),
+        (["--K", "100000000"], "K (steps of flow per level) must be at most"),
+        (["--hidden_channels", "10000000"], "more than the limit"),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
     out = tmp_path / "never"
-    argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY]
-    for i in range(0, len(flags), 2):  # the bad flag given last wins
-        argv += flags[i : i + 2]
+    argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY, *flags]  # the bad flag last wins
     code, err = _error_of(argv, capsys)
+    assert code == 2
+    assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sample", "--n_interpolation_steps", "0", "--interpolate"], "n_interpolation_steps must be at least 1"),
+        (["--sample", "--temperature", "nan"], "temperatures must be non-negative finite numbers"),
+        (["--outlier_detection", "--max_eval_images", "0"], "max_eval_images must be at least 1"),
+        (["--outlier_detection", "--seed", "-5"], "seed must be non-negative"),
+    ],
+)
+def test_bad_sampling_and_outlier_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    code, err = _error_of([*flags, "--checkpoint", str(tmp_path / "any.pt"), "--output_dir", str(out)], capsys)
     assert code == 2
     assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
