@@ -275,6 +275,54 @@ def test_bad_sampling_and_outlier_input_is_one_line_and_writes_nothing(tmp_path,
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """The last.pt of a one-step run on tiny["in"]."""
+    run = tmp_path_factory.mktemp("one_step")
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--max_steps", "1", *TINY]) == 0
+    return str(run / "last.pt")
+
+
+def _sample_and_ood(checkpoint, tiny, output_dir):
+    return [
+        ["--sample", "--checkpoint", checkpoint, "--n_samples", "4", "--output_dir", str(output_dir)],
+        [
+            "--outlier_detection",
+            "--checkpoint",
+            checkpoint,
+            "--out_dataset",
+            tiny["noise"],
+            "--output_dir",
+            str(output_dir),
+        ],
+    ]
+
+
+def test_sample_and_outlier_detection_into_a_file_are_refused_first(tiny, checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for output_dir in (blocker, blocker / "sub"):
+        for argv in _sample_and_ood(checkpoint, tiny, output_dir):
+            code, err = _error_of(argv, capsys)
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert f"cannot write to output directory {output_dir}: {blocker} is not a folder" in err, err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_sample_and_outlier_detection_into_a_read_only_folder_are_refused(tiny, checkpoint, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for argv in _sample_and_ood(checkpoint, tiny, locked / "out"):
+            code, err = _error_of(argv, capsys)
+            assert code == 2 and len(err.splitlines()) == 1 and "cannot write to output directory" in err, err
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
 def test_unwritable_output_dir(tiny, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
