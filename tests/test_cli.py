@@ -323,6 +323,118 @@ def test_sample_and_outlier_detection_into_a_read_only_folder_are_refused(tiny, 
         locked.chmod(0o755)
 
 
+def test_an_unreadable_image_read_by_a_loader_worker_is_one_line(tiny, checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (16, 16), color=10 * i).save(folder / f"img_{i:03d}.png")
+    (folder / "img_999.png").write_bytes(b"not a png at all")
+    argv = [
+        "--outlier_detection",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        str(folder),
+        "--out_dataset",
+        tiny["noise"],
+        "--num_workers",
+        "1",
+        "--output_dir",
+        str(tmp_path / "ood"),
+    ]
+    code, err = _error_of(argv, capsys)
+    assert code == 2, err
+    last = err.replace("\r", "\n").splitlines()[-1]  # after the progress bar
+    assert last.startswith("glowflow: error: cannot read image") and "img_999.png" in last, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    code = (
+        "import sys, glowflow.cli, glowflow\n"
+        "assert 'torch' not in sys.modules, 'glowflow.cli imported torch'\n"
+        "assert glowflow.__version__ and glowflow.GlowflowError and glowflow.RunConfig\n"
+        "assert 'torch' not in sys.modules, 'the light names imported torch'\n"
+        "from glowflow import Glow, GlowConfig, load_checkpoint, preprocess, dequantize, postprocess, bits_per_dim\n"
+        "assert 'torch' in sys.modules and glowflow.Glow is Glow and callable(load_checkpoint)\n"
+        "assert set(glowflow.__all__) <= set(dir(glowflow))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _wait_until_torch_loads(proc, limit=300.0):
+    """Wait until the process ``proc`` has mapped libtorch (it is importing torch), or has ended."""
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with open(maps) as f:
+                if "libtorch" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see torch loading")
+@pytest.mark.parametrize("after", [0.0, 0.2])
+def test_ctrl_c_while_torch_loads_is_one_line(tiny, tmp_path, after):
+    run = tmp_path / "early"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_until_torch_loads(proc)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode in (130, 2), err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err, err[-2000:]
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
+    """SIGINT delivered by the process to itself while ``glowflow.cli`` is being imported."""
+    code = (
+        "import os, signal, sys\n"
+        "sys.argv = ['glowflow', '--help']\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'glowflow.config':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "import runpy\n"
+        "runpy.run_module('glowflow', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr == "glowflow: interrupted\n" and proc.stdout == ""
+
+
+def test_training_on_a_dataset_with_a_255_character_name(tmp_path, capsys):
+    data = write_smooth_npz(tmp_path / ("d" * 251 + ".npz"), n=32)
+    run = tmp_path / "run"
+    argv = ["--train", "--dataset", data, "--output_dir", str(run), *TINY[2:], "--n_epochs", "1"]
+    assert main([*argv, "--sample_and_save_freq", "0"]) == 0
+    (best,) = [p for p in os.listdir(run) if p.startswith("Glow_")]
+    assert len(best) <= len("Glow_.pt") + 80 and best.startswith("Glow_ddd")
+    argv = [
+        "--outlier_detection",
+        "--checkpoint",
+        str(run / best),
+        "--out_dataset",
+        "constant",
+        "--output_dir",
+        str(run),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert any(p.startswith("ood_ddd") and p.endswith("_vs_constant.json") for p in os.listdir(run))
+
+
 def test_unwritable_output_dir(tiny, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
