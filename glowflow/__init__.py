@@ -1,10 +1,26 @@
-"""glowflow: Glow (Kingma & Dhariwal, 2018) for PyTorch."""
+"""glowflow: Glow (Kingma & Dhariwal, 2018) for PyTorch.
 
-from glowflow.checkpoint import load_model
-from glowflow.config import GlowConfig, RunConfig
-from glowflow.errors import GlowflowError
-from glowflow.model import Glow
-from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
+The public names load lazily (PEP 562): ``import glowflow`` and ``import glowflow.cli`` do not
+import torch, so the command line starts fast and a Ctrl-C during start-up is handled by it.
+``glowflow.Glow`` or ``from glowflow import Glow`` imports the module that defines the name.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Glow": "glowflow.model",
+    "GlowConfig": "glowflow.config",
+    "RunConfig": "glowflow.config",
+    "GlowflowError": "glowflow.errors",
+    "bits_per_dim": "glowflow.pixels",
+    "dequantize": "glowflow.pixels",
+    "postprocess": "glowflow.pixels",
+    "preprocess": "glowflow.pixels",
+    "load_checkpoint": "glowflow.checkpoint",
+}
 
 __all__ = [
     "Glow",
@@ -17,9 +33,16 @@ __all__ = [
     "preprocess",
     "load_checkpoint",
 ]
-__version__ = "0.1.0"
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild a model from a glowflow checkpoint alone (see :mod:`glowflow.checkpoint`)."""
-    return load_model(path, map_location=map_location)
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'glowflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

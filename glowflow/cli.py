@@ -2,7 +2,8 @@
 
 The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
 meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A
-user-fixable problem prints one line and exits with status 2.
+user-fixable problem prints one line and exits with status 2; Ctrl-C prints one line and exits
+with status 130. This module imports no torch: the commands (and torch) load when one runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from typing import List, Optional
 
 from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, GlowConfig, RunConfig
-from glowflow.errors import GlowflowError
+from glowflow.errors import GlowflowError, one_line_message
 
 _RUN = RunConfig()
 _ARCH = GlowConfig()
@@ -238,15 +239,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.train or args.sample or args.outlier_detection):
-        parser.print_help()
-        return 0
+    """The ``glowflow`` command: 0 when done, 2 for a user-fixable problem (one line on stderr),
+    130 when interrupted (Ctrl-C), at any moment: while parsing, importing torch, or working."""
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not (args.train or args.sample or args.outlier_detection):
+            parser.print_help()
+            return 0
         return _run(args)
     except GlowflowError as err:
-        print(f"glowflow: error: {err}", file=sys.stderr)
+        print(f"glowflow: error: {one_line_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("glowflow: interrupted", file=sys.stderr)

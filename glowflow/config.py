@@ -4,15 +4,24 @@
 depth), everything needed to rebuild it from a checkpoint. ``RunConfig`` holds the run flags of
 GenerativeZoo's Glow script (same names, same defaults) plus the ones glowflow adds. The command
 line builds its flags from these fields and choices, so a default changed here changes everywhere.
+
+Both validate every field strictly (its type from the dataclass annotation: a bool is a bool, an
+int an int and never a bool or a float; then its range), because their values also come from
+checkpoints, which may be corrupt or crafted: a bad value is a one-line :class:`GlowflowError`
+naming the field, raised before anything is built or written. The limits are the constants below.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import numbers
 import os
 import re
+import typing
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from glowflow.errors import GlowflowError
 
@@ -24,6 +33,52 @@ SEED_STRIDE = 1_000_003
 + epoch; dequantisation noise of step s: + s; ...), so the draws of different run seeds stay apart."""
 EVAL_BATCH_SIZE = 256
 """Smallest batch for evaluation and scoring passes (no gradients, so larger batches are cheap)."""
+SEED_LIMIT = 2**32
+"""Seeds (``--seed``, ``eval_seed``) are 0 <= seed < SEED_LIMIT, so that ``seed * SEED_STRIDE +
+offset`` (offsets below 2**31) stays inside what ``torch.Generator.manual_seed`` takes (< 2**64)."""
+MAX_PARAMETERS = 2**30
+"""Largest model glowflow builds: elements of its state dict (parameters and buffers, 4 GiB of
+float32), estimated from the configuration alone by :meth:`GlowConfig.num_weights`."""
+MAX_K = 1024
+"""Most steps of flow per level (the Glow paper uses 32 to 48)."""
+MAX_L = 16
+"""Most levels (each halves the image side)."""
+MAX_IMAGE_DIMS = 2**24
+"""Largest image, in dimensions C*H*W (e.g. 3 x 2048 x 2048 fits)."""
+MAX_IMAGE_SIZE = 4096
+"""Largest ``--image_size``."""
+OUTPUT_ROOT = "outputs"
+"""Where the default output folders (``outputs/Glow_<dataset>``) are made."""
+SLUG_LENGTH = 80
+"""Longest :func:`dataset_slug`, so that every file name built from it fits in 255 bytes."""
+
+# Inclusive (low, high) bounds of RunConfig's integer fields (None: unbounded above).
+RUN_INT_RANGES = {
+    "batch_size": (1, 2**20),
+    "n_epochs": (0, 10**6),
+    "warmup": (0, 10**6),
+    "num_workers": (0, 256),
+    "sample_and_save_freq": (0, None),
+    "seed": (0, SEED_LIMIT - 1),
+    "eval_seed": (0, SEED_LIMIT - 1),
+    "num_classes": (1, 2**20),
+    "max_steps": (1, None),
+    "image_size": (1, MAX_IMAGE_SIZE),
+    "actnorm_init_images": (1, None),
+    "max_nonfinite_steps": (1, None),
+    "n_samples": (1, None),
+    "sample_class": (0, None),
+    "n_interpolation_steps": (1, 1024),
+    "max_eval_images": (1, None),
+}
+# RunConfig's float fields: (lowest allowed, whether the lowest itself is allowed); all must be finite.
+RUN_FLOAT_RANGES = {
+    "lr": (0.0, False),
+    "decay": (0.0, True),
+    "y_weight": (0.0, True),
+    "max_grad_clip": (0.0, True),
+    "max_grad_norm": (0.0, True),
+}
 
 
 @dataclass
@@ -59,26 +114,40 @@ class GlowConfig:
     n_bits: int = 8
 
     def __post_init__(self):
+        check_field_types(self, self.__dict__)
         self.image_shape = tuple(int(s) for s in self.image_shape)
         self.validate()
 
     def validate(self) -> None:
-        """Raise GlowflowError with a one-line reason if the architecture is impossible."""
+        """Raise GlowflowError with a one-line reason if a field has the wrong type, the
+        architecture is impossible, or the model would be larger than the limits above."""
+        check_field_types(self, self.__dict__)
         if len(self.image_shape) != 3:
             raise GlowflowError(f"image_shape must be (C, H, W), got {self.image_shape}")
         c, h, w = self.image_shape
         if c < 1 or h < 1 or w < 1:
             raise GlowflowError(f"image_shape must be positive, got {self.image_shape}")
+        if c * h * w > MAX_IMAGE_DIMS:
+            raise GlowflowError(
+                f"image_shape {tuple(self.image_shape)} has {c * h * w} dimensions, "
+                f"more than the limit {MAX_IMAGE_DIMS}"
+            )
         if not 1 <= self.n_bits <= 8:
             raise GlowflowError(f"n_bits must be between 1 and 8, got {self.n_bits}")
-        if self.K < 1:
-            raise GlowflowError(f"K (steps of flow per level) must be at least 1, got {self.K}")
-        if self.L < 1:
-            raise GlowflowError(f"L (number of levels) must be at least 1, got {self.L}")
+        if not 1 <= self.K <= MAX_K:
+            if self.K < 1:
+                raise GlowflowError(f"K (steps of flow per level) must be at least 1, got {self.K}")
+            raise GlowflowError(f"K (steps of flow per level) must be at most {MAX_K}, got {self.K}")
+        if not 1 <= self.L <= MAX_L:
+            if self.L < 1:
+                raise GlowflowError(f"L (number of levels) must be at least 1, got {self.L}")
+            raise GlowflowError(f"L (number of levels) must be at most {MAX_L}, got {self.L}")
         if self.hidden_channels < 1:
             raise GlowflowError(f"hidden_channels must be at least 1, got {self.hidden_channels}")
-        if self.actnorm_scale <= 0:
-            raise GlowflowError(f"actnorm_scale must be positive, got {self.actnorm_scale}")
+        if not (math.isfinite(self.actnorm_scale) and self.actnorm_scale > 0):
+            raise GlowflowError(f"actnorm_scale must be a positive finite number, got {self.actnorm_scale}")
+        if self.num_classes < 1:
+            raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
         factor = 2**self.L
         if h % factor or w % factor:
             raise GlowflowError(
@@ -91,8 +160,41 @@ class GlowConfig:
             )
         if self.flow_coupling not in FLOW_COUPLINGS:
             raise GlowflowError(f"flow_coupling must be one of {', '.join(FLOW_COUPLINGS)}, got {self.flow_coupling!r}")
-        if self.y_condition and self.num_classes < 1:
-            raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
+        size = self.num_weights()
+        if size > MAX_PARAMETERS:
+            raise GlowflowError(
+                f"this model would have about {size:.3g} weights, more than the limit of {MAX_PARAMETERS:.3g} "
+                f"(hidden_channels={self.hidden_channels}, K={self.K}, L={self.L}, image_shape={self.image_shape})"
+            )
+
+    def num_weights(self) -> int:
+        """Elements of the state dict of ``Glow(self)`` (parameters and buffers), from the
+        configuration alone: the size check before a model is built (tests compare it with the model)."""
+        c = self.image_shape[0]
+        hidden = self.hidden_channels
+        total = 0
+        for level in range(self.L):
+            c *= 4
+            half = c // 2
+            out = 2 * (c - half) if self.flow_coupling == "affine" else c - half
+            step = 2 * c + 1  # ActNorm: bias, log-scale, "initialised" flag
+            if self.flow_permutation == "invconv":  # LU: P, L, U, the mask, the identity; signs, log|s|
+                step += 5 * c * c + 2 * c if self.LU_decomposed else c * c
+            else:
+                step += 2 * c  # the permutation and its inverse
+            step += 9 * half * hidden + 2 * hidden + 1  # 3x3 convolution + ActNorm
+            step += hidden * hidden + 2 * hidden + 1  # 1x1 convolution + ActNorm
+            step += 9 * hidden * out + 2 * out  # zero-initialised 3x3 convolution: weights, bias, log-scale
+            total += self.K * step
+            if level < self.L - 1:
+                z = 2 * (c - half)
+                total += 9 * half * z + 2 * z
+                c = half
+        if self.learn_top:
+            total += 9 * (2 * c) ** 2 + 4 * c
+        if self.y_condition:
+            total += self.num_classes * 2 * c + 4 * c + c * self.num_classes + 2 * self.num_classes
+        return total
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -104,7 +206,7 @@ class GlowConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise GlowflowError(f"unknown model configuration keys: {sorted(unknown)}")
+            raise GlowflowError(f"unknown model configuration keys: {sorted(map(str, unknown))}")
         return cls(**d)
 
 
@@ -163,27 +265,43 @@ class RunConfig:
     max_eval_images: Optional[int] = None
 
     def validate(self) -> None:
-        """Raise GlowflowError with a one-line reason for a flag value that cannot work."""
-        if self.batch_size < 1:
-            raise GlowflowError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.n_epochs < 0:
-            raise GlowflowError(f"n_epochs must be non-negative, got {self.n_epochs}")
-        if self.lr <= 0:
-            raise GlowflowError(f"lr must be positive, got {self.lr}")
-        if self.warmup < 0:
-            raise GlowflowError(f"warmup must be non-negative, got {self.warmup}")
-        if self.num_workers < 0:
-            raise GlowflowError(f"num_workers must be non-negative, got {self.num_workers}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise GlowflowError(f"max_steps must be at least 1, got {self.max_steps}")
+        """Raise GlowflowError with a one-line reason for a flag value that cannot work: a wrong
+        type, or a value outside RUN_INT_RANGES / RUN_FLOAT_RANGES or the choices."""
+        check_field_types(self, self.__dict__)
+        for name, (low, high) in RUN_INT_RANGES.items():
+            _check_int_range(name, getattr(self, name), low, high)
+        for name, (low, low_allowed) in RUN_FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > low or (low_allowed and value == low))):
+                kind = "non-negative" if low_allowed else "positive"
+                raise GlowflowError(f"{name} must be a {kind} finite number, got {value}")
         if not 0.0 <= self.perturb < 1.0:
             raise GlowflowError(f"perturb must be in [0, 1), got {self.perturb}")
-        if self.n_samples < 1:
-            raise GlowflowError(f"n_samples must be at least 1, got {self.n_samples}")
         if self.amp not in AMP_CHOICES:
             raise GlowflowError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-        if any(t < 0 for t in self.temperature):
-            raise GlowflowError(f"temperatures must be non-negative, got {list(self.temperature)}")
+        if not self.temperature:
+            raise GlowflowError("temperature needs at least one value")
+        if any(not (math.isfinite(t) and t >= 0) for t in self.temperature):
+            raise GlowflowError(f"temperatures must be non-negative finite numbers, got {list(self.temperature)}")
+        if self.manipulate is not None and min(self.manipulate) < 0:
+            raise GlowflowError(f"manipulate needs two class numbers (0 or more), got {list(self.manipulate)}")
+        if not self.dataset:
+            raise GlowflowError("dataset must not be empty")
+        if not self.out_dataset:
+            raise GlowflowError("out_dataset needs at least one dataset")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> RunConfig:
+        """The RunConfig of a stored dict (lists become tuples; unknown keys are ignored), every
+        field's type and range checked."""
+        if not isinstance(d, dict):
+            raise GlowflowError(f"a run configuration must be a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        check_field_types(cls, values)
+        run = cls(**values)
+        run.validate()
+        return run
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -195,13 +313,85 @@ class RunConfig:
 
     def resolved_output_dir(self) -> str:
         """--output_dir, or outputs/Glow_<dataset>."""
-        return self.output_dir or os.path.join("outputs", f"Glow_{dataset_slug(self.dataset)}")
+        return self.output_dir or os.path.join(OUTPUT_ROOT, f"Glow_{dataset_slug(self.dataset)}")
 
 
 def dataset_slug(dataset: str) -> str:
     """A file-name-safe short name of a dataset name or path: 'fashionmnist:classes=0,1' ->
-    'fashionmnist_classes_0_1', '/data/my_set.npz' -> 'my_set'."""
+    'fashionmnist_classes_0_1', '/data/my_set.npz' -> 'my_set'. At most SLUG_LENGTH characters: a
+    longer one keeps its start and ends with '_' and 8 hex digits of a hash of the whole name."""
     name = str(dataset)
     if os.sep in name or name.endswith(".npz"):
         name = os.path.splitext(os.path.basename(os.path.normpath(name)))[0] or "custom"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "custom"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "custom"
+    if len(slug) <= SLUG_LENGTH:
+        return slug
+    digest = hashlib.sha1(str(dataset).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{slug[: SLUG_LENGTH - 9]}_{digest}"
+
+
+# ----------------------------------------------------------------------------- strict field types
+
+
+def check_field_types(config: Any, values: Dict[str, Any]) -> None:
+    """GlowflowError naming the first field of ``values`` whose value does not have the type the
+    dataclass ``config`` (a class or an instance) declares. Tuples may be given as lists."""
+    hints = typing.get_type_hints(config if isinstance(config, type) else type(config))
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _has_type(value, hint):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise GlowflowError(f"{name} must be {_describe(hint)}, got {shown}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_has_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args))
+    raise TypeError(f"check_field_types does not know the type {hint}")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    names = {type(None): "none", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names[hint]
+
+
+def _check_int_range(name: str, value: Optional[int], low: int, high: Optional[int]) -> None:
+    if value is None:
+        return
+    if value < low:
+        raise GlowflowError(f"{name} must be {'non-negative' if low == 0 else f'at least {low}'}, got {value}")
+    if high is not None and value > high:
+        raise GlowflowError(f"{name} must be at most {high}, got {value}")

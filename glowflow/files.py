@@ -5,6 +5,9 @@
 kill or a full disk leaves either the old file or the new one, never a truncated one, and the
 temporary file is removed on any failure. An ``OSError`` (no space left, read-only folder, a name
 too long) becomes a one-line :class:`GlowflowError` naming the file.
+
+:func:`check_writable_folder` proves, before a command does any work, that its output folder can
+be written, without creating it (so a command refused later leaves no empty folder behind).
 """
 
 from __future__ import annotations
@@ -59,6 +62,23 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> str:
 def atomic_write_text(path: str, text: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def check_writable_folder(folder: str) -> None:
+    """GlowflowError unless files can be written in ``folder``: it is (or its nearest existing
+    ancestor, where it will be made, is) a folder in which a probe file can be created. Creates
+    nothing that stays."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GlowflowError(f"cannot write to output directory {folder}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}write-test-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise GlowflowError(f"cannot write to output directory {folder}: {describe_os_error(err)}") from None
 
 
 def remove_temporary_files(folder: str) -> list:

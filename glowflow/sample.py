@@ -12,9 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from glowflow.checkpoint import Checkpoint, check_image_shape
-from glowflow.config import RunConfig
+from glowflow.config import OUTPUT_ROOT, RunConfig
 from glowflow.data import load_dataset
 from glowflow.errors import GlowflowError
+from glowflow.files import check_writable_folder
 from glowflow.model import Glow
 from glowflow.pixels import preprocess, save_grid
 from glowflow.runtime import resolve_device
@@ -195,6 +196,7 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
 
     ``dataset`` (``--dataset``) names the test images of ``--reconstruct``, ``--interpolate`` and
     ``--manipulate``; by default the checkpoint's own dataset (at its own ``--image_size``)."""
+    check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
     model = checkpoint.load_model(device)

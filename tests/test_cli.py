@@ -211,17 +211,228 @@ def _error_of(argv, capsys):
         (["--n_bits", "0"], "n_bits must be between 1 and 8"),
         (["--n_bits", "9"], "n_bits must be between 1 and 8"),
         (["--batch_size", "0"], "batch_size must be at least 1"),
+        (["--batch_size", str(2**21)], "batch_size must be at most"),
+        (["--lr", "nan"], "lr must be a positive finite number"),
+        (["--lr", "inf"], "lr must be a positive finite number"),
+        (["--lr", "0"], "lr must be a positive finite number"),
+        (["--lr", "-0.1"], "lr must be a positive finite number"),
+        (["--decay", "-1"], "decay must be a non-negative finite number"),
+        (["--decay", "nan"], "decay must be a non-negative finite number"),
+        (["--seed", "-1"], "seed must be non-negative"),
+        (["--seed", str(2**32)], "seed must be at most 4294967295"),
+        (["--seed", str(2**64)], "seed must be at most 4294967295"),
+        (["--y_weight", "nan"], "y_weight must be a non-negative finite number"),
+        (["--y_weight", "inf"], "y_weight must be a non-negative finite number"),
+        (["--y_weight", "-1"], "y_weight must be a non-negative finite number"),
+        (["--temperature", "nan"], "temperatures must be non-negative finite numbers"),
+        (["--temperature", "0.7", "inf"], "temperatures must be non-negative finite numbers"),
+        (["--temperature", "-1"], "temperatures must be non-negative finite numbers"),
+        (["--n_interpolation_steps", "0"], "n_interpolation_steps must be at least 1"),
+        (["--max_eval_images", "0"], "max_eval_images must be at least 1"),
+        (["--max_grad_clip", "-1"], "max_grad_clip must be a non-negative finite number"),
+        (["--max_grad_clip", "nan"], "max_grad_clip must be a non-negative finite number"),
+        (["--max_grad_norm", "-1"], "max_grad_norm must be a non-negative finite number"),
+        (["--max_grad_norm", "nan"], "max_grad_norm must be a non-negative finite number"),
+        (["--actnorm_scale", "nan"], "actnorm_scale must be a positive finite number"),
+        (["--actnorm_scale", "inf"], "actnorm_scale must be a positive finite number"),
+        (["--actnorm_scale", "0"], "actnorm_scale must be a positive finite number"),
+        (["--warmup", "-1"], "warmup must be non-negative"),
+        (["--n_epochs", "-1"], "n_epochs must be non-negative"),
+        (["--n_epochs", str(10**7)], "n_epochs must be at most"),
+        (["--num_workers", "-1"], "num_workers must be non-negative"),
+        (["--num_workers", "100000"], "num_workers must be at most"),
+        (["--num_classes", "0"], "num_classes must be at least 1"),
+        (["--image_size", "0"], "image_size must be at least 1"),
+        (["--image_size", "-16"], "image_size must be at least 1"),
+        (["--image_size", "100000"], "image_size must be at most"),
+        (["--K", "100000000"], "K (steps of flow per level) must be at most"),
+        (["--hidden_channels", "10000000"], "more than the limit"),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
     out = tmp_path / "never"
-    argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY]
-    for i in range(0, len(flags), 2):  # the bad flag given last wins
-        argv += flags[i : i + 2]
+    argv = ["--train", "--dataset", tiny["in"], "--output_dir", str(out), *TINY, *flags]  # the bad flag last wins
     code, err = _error_of(argv, capsys)
     assert code == 2
     assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sample", "--n_interpolation_steps", "0", "--interpolate"], "n_interpolation_steps must be at least 1"),
+        (["--sample", "--temperature", "nan"], "temperatures must be non-negative finite numbers"),
+        (["--outlier_detection", "--max_eval_images", "0"], "max_eval_images must be at least 1"),
+        (["--outlier_detection", "--seed", "-5"], "seed must be non-negative"),
+    ],
+)
+def test_bad_sampling_and_outlier_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    code, err = _error_of([*flags, "--checkpoint", str(tmp_path / "any.pt"), "--output_dir", str(out)], capsys)
+    assert code == 2
+    assert err.startswith("glowflow: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """The last.pt of a one-step run on tiny["in"]."""
+    run = tmp_path_factory.mktemp("one_step")
+    assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(run), "--max_steps", "1", *TINY]) == 0
+    return str(run / "last.pt")
+
+
+def _sample_and_ood(checkpoint, tiny, output_dir):
+    return [
+        ["--sample", "--checkpoint", checkpoint, "--n_samples", "4", "--output_dir", str(output_dir)],
+        [
+            "--outlier_detection",
+            "--checkpoint",
+            checkpoint,
+            "--out_dataset",
+            tiny["noise"],
+            "--output_dir",
+            str(output_dir),
+        ],
+    ]
+
+
+def test_sample_and_outlier_detection_into_a_file_are_refused_first(tiny, checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for output_dir in (blocker, blocker / "sub"):
+        for argv in _sample_and_ood(checkpoint, tiny, output_dir):
+            code, err = _error_of(argv, capsys)
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert f"cannot write to output directory {output_dir}: {blocker} is not a folder" in err, err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_sample_and_outlier_detection_into_a_read_only_folder_are_refused(tiny, checkpoint, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for argv in _sample_and_ood(checkpoint, tiny, locked / "out"):
+            code, err = _error_of(argv, capsys)
+            assert code == 2 and len(err.splitlines()) == 1 and "cannot write to output directory" in err, err
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_an_unreadable_image_read_by_a_loader_worker_is_one_line(tiny, checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (16, 16), color=10 * i).save(folder / f"img_{i:03d}.png")
+    (folder / "img_999.png").write_bytes(b"not a png at all")
+    argv = [
+        "--outlier_detection",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        str(folder),
+        "--out_dataset",
+        tiny["noise"],
+        "--num_workers",
+        "1",
+        "--output_dir",
+        str(tmp_path / "ood"),
+    ]
+    code, err = _error_of(argv, capsys)
+    assert code == 2, err
+    last = err.replace("\r", "\n").splitlines()[-1]  # after the progress bar
+    assert last.startswith("glowflow: error: cannot read image") and "img_999.png" in last, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    code = (
+        "import sys, glowflow.cli, glowflow\n"
+        "assert 'torch' not in sys.modules, 'glowflow.cli imported torch'\n"
+        "assert glowflow.__version__ and glowflow.GlowflowError and glowflow.RunConfig\n"
+        "assert 'torch' not in sys.modules, 'the light names imported torch'\n"
+        "from glowflow import Glow, GlowConfig, load_checkpoint, preprocess, dequantize, postprocess, bits_per_dim\n"
+        "assert 'torch' in sys.modules and glowflow.Glow is Glow and callable(load_checkpoint)\n"
+        "assert set(glowflow.__all__) <= set(dir(glowflow))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _wait_until_torch_loads(proc, limit=300.0):
+    """Wait until the process ``proc`` has mapped libtorch (it is importing torch), or has ended."""
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with open(maps) as f:
+                if "libtorch" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see torch loading")
+@pytest.mark.parametrize("after", [0.0, 0.2])
+def test_ctrl_c_while_torch_loads_is_one_line(tiny, tmp_path, after):
+    run = tmp_path / "early"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glowflow", "--train", "--dataset", tiny["in"], "--output_dir", str(run), *TINY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_until_torch_loads(proc)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode in (130, 2), err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err, err[-2000:]
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
+    """SIGINT delivered by the process to itself while ``glowflow.cli`` is being imported."""
+    code = (
+        "import os, signal, sys\n"
+        "sys.argv = ['glowflow', '--help']\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'glowflow.config':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "import runpy\n"
+        "runpy.run_module('glowflow', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr == "glowflow: interrupted\n" and proc.stdout == ""
+
+
+def test_training_on_a_dataset_with_a_255_character_name(tmp_path, capsys):
+    data = write_smooth_npz(tmp_path / ("d" * 251 + ".npz"), n=32)
+    run = tmp_path / "run"
+    argv = ["--train", "--dataset", data, "--output_dir", str(run), *TINY[2:], "--n_epochs", "1"]
+    assert main([*argv, "--sample_and_save_freq", "0"]) == 0
+    (best,) = [p for p in os.listdir(run) if p.startswith("Glow_")]
+    assert len(best) <= len("Glow_.pt") + 80 and best.startswith("Glow_ddd")
+    argv = [
+        "--outlier_detection",
+        "--checkpoint",
+        str(run / best),
+        "--out_dataset",
+        "constant",
+        "--output_dir",
+        str(run),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert any(p.startswith("ood_ddd") and p.endswith("_vs_constant.json") for p in os.listdir(run))
 
 
 def test_unwritable_output_dir(tiny, tmp_path, capsys):

@@ -10,8 +10,9 @@ from typing import Dict, Iterable, Mapping, Optional
 
 from glowflow import data
 from glowflow.checkpoint import Checkpoint, check_image_shape
-from glowflow.config import RunConfig
+from glowflow.config import OUTPUT_ROOT, RunConfig
 from glowflow.errors import GlowflowError
+from glowflow.files import check_writable_folder
 from glowflow.ood.codecs import codec_description
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.reference import Reference, reference_cache_path_for, reference_for
@@ -150,6 +151,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     the synthetic development sets are generated at the model's size. The training reference is
     cached beside the checkpoint (:func:`reference_cache_path_for`).
     """
+    check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
     model = checkpoint.load_model(device)
