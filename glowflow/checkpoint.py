@@ -8,7 +8,8 @@ a crash never leaves a half-written checkpoint under the final name.
 Keys: ``format`` ("glowflow-checkpoint"), ``version``, ``model_config`` (:class:`GlowConfig` as a
 dict: architecture, image shape and ``n_bits``), ``model`` (state dict), and for training state
 ``run_config`` (:class:`RunConfig` as a dict), ``optimizer``, ``scheduler``, ``epoch`` (completed
-epochs), ``step`` (optimizer steps), ``best_test_bpd``, ``nonfinite_steps`` and ``rng``.
+epochs), ``step`` (optimizer steps), ``best_test_bpd``, ``nonfinite_steps``, ``nonfinite_in_a_row``
+(the divergence guard's count of steps skipped in a row) and ``rng``.
 Version 1 files (before ``n_bits`` joined the model configuration) keep it in ``run_config``;
 :attr:`Checkpoint.model_config` reads both.
 
@@ -205,6 +206,11 @@ class Checkpoint:
     def nonfinite_steps(self) -> int:
         """Steps skipped for a non-finite loss or gradient, over the whole run."""
         return self._counter("nonfinite_steps", 0)
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        """Steps skipped in a row at the end of the run so far (the divergence guard's count)."""
+        return self._counter("nonfinite_in_a_row", 0)
 
     @property
     def best_test_bpd(self) -> float:

@@ -64,7 +64,7 @@ from glowflow.checkpoint import Checkpoint, save_checkpoint
 from glowflow.config import SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
 from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
-from glowflow.files import remove_temporary_files
+from glowflow.files import check_writable_folder, remove_temporary_files
 from glowflow.model import Glow, classification_loss
 from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
@@ -119,13 +119,13 @@ class Trainer:
         self.output_dir = self.run.resolved_output_dir()
         self.dataset_name = dataset_slug(self.run.dataset)
         self.train_set, self.test_set = self._load_data(model_config)
+        torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
+        self.model = self._build_model(model_config, resumed)
         self.lock: Optional[RunLock] = None
-        if self.dist.is_main:  # after the data is found, so a missing dataset leaves no empty folder
-            _check_writable(self.output_dir)
+        if self.dist.is_main:  # after data and model are found good, so a bad input leaves no empty folder
+            check_writable_folder(self.output_dir)
             self.lock = self._lock_output_dir()
         try:
-            torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
-            self.model = self._build_model(model_config, resumed)
             self.sampler, self.steps_per_epoch = self._build_sampler()
             self.optimizer, self.scheduler = self._build_optimizer()
             self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
@@ -134,7 +134,7 @@ class Trainer:
             self.last_good: Optional[str] = self.run.resume
             self.saved_at: Optional[Tuple[int, int]] = None  # (epoch, step) of the last.pt this run wrote
             if resumed is not None:
-                self._restore_training_state(resumed.payload)
+                self._restore_training_state(resumed)
             elif not self.model.is_initialized():
                 initialize_actnorm(self.model, self.train_set, self.run, self.device, self.dist)
             self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
@@ -170,6 +170,7 @@ class Trainer:
         if not resumed.has_training_state:
             raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
         run = resumed_config(resumed.run_config, run)
+        run.validate()
         return run, resumed.model_config, resumed
 
     def _load_data(self, model_config: GlowConfig):
@@ -228,16 +229,17 @@ class Trainer:
         )
         return optimizer, scheduler
 
-    def _restore_training_state(self, payload: Dict) -> None:
-        """Continue where the checkpoint stopped: optimizer, scheduler, counters and RNG states."""
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.epoch = int(payload["epoch"])
-        self.step = int(payload["step"])
-        self.best_test_bpd = float(payload.get("best_test_bpd", math.inf))
-        self.nonfinite_total = int(payload.get("nonfinite_steps", 0))
-        self.nonfinite_in_a_row = int(payload.get("nonfinite_in_a_row", 0))
-        rng = payload.get("rng", {})
+    def _restore_training_state(self, resumed: Checkpoint) -> None:
+        """Continue where the checkpoint stopped: optimizer, scheduler, counters and RNG states
+        (each checked by the Checkpoint accessor that reads it)."""
+        self.optimizer.load_state_dict(resumed.optimizer_state)
+        self.scheduler.load_state_dict(resumed.scheduler_state)
+        self.epoch = resumed.epoch
+        self.step = resumed.step
+        self.best_test_bpd = resumed.best_test_bpd
+        self.nonfinite_total = resumed.nonfinite_steps
+        self.nonfinite_in_a_row = resumed.nonfinite_in_a_row
+        rng = resumed.rng_state
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -622,9 +624,13 @@ class RunLock:
 
     @classmethod
     def acquire(cls, folder: str) -> RunLock:
-        """The lock of ``folder`` (which must exist); GlowflowError naming the holder if another
+        """The lock of ``folder`` (made if missing); GlowflowError naming the holder if another
         run has it."""
         path = os.path.join(folder, LOCK_NAME)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise GlowflowError(f"cannot write to output directory {folder}: {err.strerror or err}") from None
         if fcntl is None:
             return cls(path, None)
         try:
@@ -904,18 +910,3 @@ def evaluate_bpd(
         dist_ctx.all_sum(total)
     model.train(was_training)
     return (total[0] / total[1].clamp_min(1)).item()
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _check_writable(folder: str) -> None:
-    """Create ``folder`` and prove a file can be written there, before any training time is spent."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise GlowflowError(f"cannot write to output directory {folder}: {err.strerror or err}") from None

@@ -161,6 +161,7 @@ def test_optimizer_state_of_other_shapes_is_refused_on_resume(trained, tmp_path,
     code = main(_commands(path, trained, tmp_path / "out")["resume"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "optimizer state exp_avg of parameter" in err, err
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_a_text_file_named_pt_is_refused(trained, tmp_path, capsys):
