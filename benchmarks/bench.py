@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from glowflow import Glow, bits_per_dim, dequantize, preprocess  # noqa: E402
 from glowflow.layers import ActNorm  # noqa: E402
-from glowflow.speed import autocast_context, compile_model  # noqa: E402
+from glowflow.runtime import autocast_context, compile_model  # noqa: E402
 
 CONFIGS = {
     "1x32x32": dict(image_shape=(1, 32, 32), hidden_channels=64, K=8, L=3, batch=128),
