@@ -5,11 +5,11 @@ training steps (forward, backward, Adamax step) on random model-space images, on
 activations kept (the default) and once with ``model.grad_checkpoint = True`` (each flow step's
 activations recomputed in the backward pass). Each measurement runs in a fresh process.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` of a step above what is allocated between
-steps; on a CPU the growth of the process's peak resident set over the steps above the resident
-set between steps (after one warm-up step; Linux's clear_refs resets the peak), which is what an
-out-of-memory kill sees beyond the model, its gradients and the optimizer state. Time: the
-median step after the warm-up.
+Memory: what the training steps add at their peak on top of the built and initialised model: on
+CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the first step; on a CPU the
+process's peak resident set above its resident set before the first step (Linux's clear_refs
+resets the peak), which is what an out-of-memory kill sees. Both include the gradients and the
+optimizer state. Time: the median step after a warm-up step.
 
     python3 benchmarks/grad_checkpoint.py                       # the table
     python3 benchmarks/grad_checkpoint.py --shapes 1x32x32 3x64x64 --K 8 --steps 2
@@ -73,11 +73,12 @@ def measure(shape: str, checkpointed: bool, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step()  # warm-up: optimizer state, allocator caches
-    baseline = reset_peak_rss() if device.type == "cpu" else None
+    # memory: everything a step adds on top of the built, initialised model (the first step's
+    # optimizer state included), so an allocator that keeps freed memory cannot hide the peak
+    baseline = reset_peak_rss() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device) / 2**20
+    step()  # warm-up: optimizer state, allocator caches
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
