@@ -123,7 +123,9 @@ def run_score(detector: OutlierDetector, dataset, name: str, output_dir: str) ->
         images = torch.stack([dataset[int(i)][0] for i in picks])
         captions = [f"#{i}\n{scores[score][i]:.3g}" for i in picks]
         rows.append((label, images, captions, outlier[picks]))
-    save_sheet(sheet_path, rows, f"{name}: {score} (higher = more outlying; red = flagged at {threshold:.4g})")
+    base = os.path.basename(os.path.normpath(name))
+    title = f"{base}: {score} (higher = more outlying; red = flagged at {threshold:.4g})"
+    save_sheet(sheet_path, rows, title)
     flagged, total = int(outlier.sum()), int(outlier.size)
     print(
         f"scored {total} images of {name} with {score}: {flagged} flagged as outliers ({100 * flagged / total:.1f}%) "
