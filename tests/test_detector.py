@@ -221,7 +221,7 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(images / f"c{k % 2}" / f"{k}.png")
     out2 = tmp_path / "out2"
     assert main(["--score", str(images), "--checkpoint", ckpt, "--output_dir", str(out2)]) == 0
-    assert "reusing the outlier detector" in capsys.readouterr().out
+    assert "reusing the training statistics" in capsys.readouterr().out
     rows = _rows(out2 / "scores_pngs.csv")
     assert len(rows) == 6 and all(r["image"].endswith(".png") and os.path.exists(r["image"]) for r in rows)
     assert (out2 / "scores_pngs_sheet.png").exists()

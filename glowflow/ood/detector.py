@@ -427,7 +427,7 @@ def _cached_detector(path: Optional[str], key: str, detector: OutlierDetector) -
     if cached.reference_.key != key:
         print(f"the cached outlier detector in {path} is for another checkpoint or settings; recomputing")
         return None
-    print(f"reusing the outlier detector (training statistics) cached in {path}")
+    print(f"reusing the training statistics (the fitted outlier detector) cached in {path}")
     detector.reference_ = cached.reference_
     detector.threshold_scores_ = cached.threshold_scores_
     return detector
