@@ -20,6 +20,7 @@ _EXPORTS = {
     "postprocess": "glowflow.pixels",
     "preprocess": "glowflow.pixels",
     "load_checkpoint": "glowflow.checkpoint",
+    "OutlierDetector": "glowflow.ood.detector",
 }
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "postprocess",
     "preprocess",
     "load_checkpoint",
+    "OutlierDetector",
 ]
 
 

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_architecture_flags(p.add_argument_group("architecture (stored in the checkpoint)"))
     _add_output_flags(p.add_argument_group("output and logging"))
     _add_sampling_flags(p.add_argument_group("sampling and manipulation (--sample)"))
-    _add_outlier_flags(p.add_argument_group("outlier detection (--outlier_detection)"))
+    _add_outlier_flags(p.add_argument_group("outlier detection (--outlier_detection, --score)"))
     return p
 
 
@@ -46,6 +46,14 @@ def _add_command_flags(group) -> None:
     group.add_argument("--train", action="store_true", help="Train model")
     group.add_argument("--sample", action="store_true", help="Sample from model (needs --checkpoint)")
     group.add_argument("--outlier_detection", action="store_true", help="Outlier detection (needs --checkpoint)")
+    group.add_argument(
+        "--score",
+        dest="score_path",
+        metavar="PATH",
+        default=_RUN.score_path,
+        help="Score every image of a folder or .npz for outliers: a CSV, a picture sheet and a summary "
+        "(needs --checkpoint)",
+    )
 
 
 def _add_data_flags(group) -> None:
@@ -176,6 +184,24 @@ def _add_outlier_flags(group) -> None:
         default=_RUN.max_eval_images,
         help="Use at most this many images of each split (quick looks)",
     )
+    group.add_argument(
+        "--detector",
+        default=_RUN.detector,
+        help="A saved outlier detector (.npz, e.g. the one cached beside the checkpoint) for --score, "
+        "instead of fitting one on the checkpoint's training data",
+    )
+    group.add_argument(
+        "--fit_images",
+        type=int,
+        default=_RUN.fit_images,
+        help="Training images the detector fits on (a seeded subset; a fifth held back for the threshold; 0 = all)",
+    )
+    group.add_argument(
+        "--tpr", type=float, default=_RUN.tpr, help="Share of held-back inlier images the decision threshold keeps"
+    )
+    group.add_argument(
+        "--detector_score", default=_RUN.detector_score, help="The score --score decides with (default: dos)"
+    )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -235,6 +261,12 @@ def _run(args: argparse.Namespace) -> int:
         from glowflow.ood import run_outlier_detection_command
 
         run_outlier_detection_command(run, dataset=args.dataset)
+    if run.score_path is not None:
+        if run.checkpoint is None:
+            raise GlowflowError("--score needs --checkpoint PATH (a .pt file written by glowflow --train)")
+        from glowflow.ood import run_score_command
+
+        run_score_command(run, dataset=args.dataset)
     return 0
 
 
@@ -244,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if not (args.train or args.sample or args.outlier_detection):
+        if not (args.train or args.sample or args.outlier_detection or args.score_path is not None):
             parser.print_help()
             return 0
         return _run(args)

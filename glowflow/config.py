@@ -70,6 +70,7 @@ RUN_INT_RANGES = {
     "sample_class": (0, None),
     "n_interpolation_steps": (1, 1024),
     "max_eval_images": (1, None),
+    "fit_images": (0, None),
 }
 # RunConfig's float fields: (lowest allowed, whether the lowest itself is allowed); all must be finite.
 RUN_FLOAT_RANGES = {
@@ -263,6 +264,12 @@ class RunConfig:
     # outlier detection
     background_checkpoint: Optional[str] = None
     max_eval_images: Optional[int] = None
+    # the deployable detector (--score, and the reference of --outlier_detection)
+    score_path: Optional[str] = None  # --score PATH: the folder or .npz whose images are scored
+    detector: Optional[str] = None  # a file written by OutlierDetector.save (else fitted and cached)
+    fit_images: int = 10_000  # training images the detector fits on (a seeded subset); 0 = all
+    tpr: float = 0.95  # share of held-back inlier images the threshold keeps
+    detector_score: str = "dos"
 
     def validate(self) -> None:
         """Raise GlowflowError with a one-line reason for a flag value that cannot work: a wrong
@@ -289,6 +296,10 @@ class RunConfig:
             raise GlowflowError("dataset must not be empty")
         if not self.out_dataset:
             raise GlowflowError("out_dataset needs at least one dataset")
+        if not (math.isfinite(self.tpr) and 0.0 < self.tpr <= 1.0):
+            raise GlowflowError(f"tpr must be in (0, 1], got {self.tpr}")
+        if self.score_path is not None and not self.score_path:
+            raise GlowflowError("score needs the path of a folder of images or a .npz file")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> RunConfig:

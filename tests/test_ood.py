@@ -356,7 +356,8 @@ def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
     assert ood.reference_key(model, 8, "mnist", max_images=100) != key
     assert ood.reference_key(model, 8, "mnist", codec="webp") != key
     assert ood.reference_key(model, 8, "mnist", codec=None) != key
-    assert ood.reference_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_reference_mnist_8bit.npz"
+    assert ood.reference_key(model, 8, "mnist", threshold_fraction=0.2) != key
+    assert ood.detector_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_detector_mnist_8bit.npz"
 
 
 # ----------------------------------------------------------------------------- end to end on a trained Glow
@@ -443,7 +444,7 @@ def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(t
 
 def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(trained, tmp_path, capsys):
     model, background, data = trained
-    cache = str(tmp_path / "ckpt" / "glow.ood_reference_smooth_8bit.npz")
+    cache = str(tmp_path / "ckpt" / "glow.ood_detector_smooth_8bit.npz")
     out_dir = str(tmp_path / "out")
     outs = {"noise": _loader(data["noise"], 64), "more/noise2": _loader(data["noise2"], 64)}
     settings = ood.OutlierDetectionSettings(
@@ -485,7 +486,12 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         assert report["n_in"] == 200 and report["n_out"] == len(data[out_name.split("/")[-1]])
         assert report["bits_per_dim"]["out"] > report["bits_per_dim"]["in"]
         assert "PNG" in report["codec"] and set(report["background_bits_per_dim"]) == {"in", "out"}
-        assert report["reference"]["n_train"] == 1024 and report["reference"]["reused_cache"] is False
+        # the detector fits on the 1024 training images, a fifth (205) held back for its threshold
+        assert report["reference"]["n_train"] == 819 and report["reference"]["reused_cache"] is False
+        assert report["reference"]["n_threshold"] == 205
+        decisions = report["detector"]
+        assert decisions["score"] == "dos" and decisions["tpr_target"] == 0.95
+        assert 0.85 < decisions["in_kept"] <= 1.0 and decisions["out_flagged"] > 0.9
         for kind in ("histograms", "roc"):
             png = os.path.join(out_dir, f"{stem}_{kind}.png")
             assert report["files"][kind] == png and png in printed
@@ -512,7 +518,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     third = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
     assert "another checkpoint" in capsys.readouterr().out
     assert third["noise"]["reference"]["reused_cache"] is False
-    assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth")
+    assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2)
     # a background model at another bit depth is refused before anything is computed
     five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
     with pytest.raises(GlowflowError, match="same bit depth"):

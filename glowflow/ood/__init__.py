@@ -1,13 +1,23 @@
 """Outlier detection with a trained Glow: per-image statistics, the training reference, the
 scores (higher = more outlying), their metrics, and the reports and figures of a run.
 
-Modules, each importing only those below it: ``command`` (a run, and ``glowflow
---outlier_detection``) -> ``report`` -> ``scores`` -> ``reference`` -> ``statistics`` ->
-``codecs`` and ``metrics``. What each score means and where it comes from: docs/outlier_scores.md.
+Modules, each importing only those below it: ``scoring`` (``glowflow --score``: CSV, picture
+sheet, summary) and ``command`` (a benchmark run, and ``glowflow --outlier_detection``) ->
+``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the cache) and
+``report`` -> ``scores`` -> ``reference`` -> ``statistics`` -> ``codecs`` and ``metrics``.
+What each score means and where it comes from: docs/outlier_scores.md.
 """
 
 from glowflow.ood.codecs import CODECS, codec_bits_per_dim, codec_description
 from glowflow.ood.command import OutlierDetectionSettings, run_outlier_detection, run_outlier_detection_command
+from glowflow.ood.detector import (
+    DETECTOR_FORMAT,
+    FIT_IMAGES,
+    OutlierDetector,
+    detector_cache_path_for,
+    detector_for,
+    threshold_at_tpr,
+)
 from glowflow.ood.metrics import fpr_at_tpr, outlier_metrics
 from glowflow.ood.reference import (
     DOS_COMPONENTS,
@@ -20,18 +30,25 @@ from glowflow.ood.reference import (
     fit_reference,
     load_reference,
     model_fingerprint,
-    reference_cache_path_for,
-    reference_for,
     reference_key,
     save_reference,
 )
 from glowflow.ood.report import format_summary, format_table, save_histograms, save_roc_curves
 from glowflow.ood.scores import SCORE_DEFINITIONS, ScoredSet, outlier_scores, score_definition
+from glowflow.ood.scoring import run_score, run_score_command
 from glowflow.ood.statistics import StatisticsSettings, compute_statistics, statistic_columns
 from glowflow.pixels import perturb  # re-exported: glowflow.ood.perturb predates glowflow.pixels
 
 __all__ = [
     "CODECS",
+    "DETECTOR_FORMAT",
+    "FIT_IMAGES",
+    "OutlierDetector",
+    "detector_cache_path_for",
+    "detector_for",
+    "run_score",
+    "run_score_command",
+    "threshold_at_tpr",
     "DOS_COMPONENTS",
     "DOS_STATISTICS",
     "REFERENCE_FORMAT",
@@ -55,8 +72,6 @@ __all__ = [
     "outlier_metrics",
     "outlier_scores",
     "perturb",
-    "reference_cache_path_for",
-    "reference_for",
     "reference_key",
     "run_outlier_detection",
     "run_outlier_detection_command",

@@ -1,5 +1,6 @@
 """Running outlier detection: one model (and an optional background model) against several
-outlier sets, with every score, metric, table, report and figure; and the
+outlier sets, with every score, metric, table, report and figure, the reference and scores
+coming from the same :class:`OutlierDetector` that ``glowflow --score`` deploys; and the
 ``glowflow --outlier_detection`` command that loads the checkpoint and the datasets for it."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from glowflow.config import OUTPUT_ROOT, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
 from glowflow.ood.codecs import codec_description
+from glowflow.ood.detector import FIT_IMAGES, OutlierDetector, detector_cache_path_for, detector_for
 from glowflow.ood.metrics import outlier_metrics
-from glowflow.ood.reference import Reference, reference_cache_path_for, reference_for
 from glowflow.ood.report import (
     build_report,
     file_slugs,
@@ -24,7 +25,7 @@ from glowflow.ood.report import (
     write_report,
     write_summary,
 )
-from glowflow.ood.scores import ScoredSet, outlier_scores
+from glowflow.ood.scores import ScoredSet
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
 
@@ -32,14 +33,34 @@ from glowflow.runtime import resolve_device
 @dataclass(frozen=True)
 class OutlierDetectionSettings:
     """Where a run writes and how it reads: ``output_dir`` for the reports and figures,
-    ``in_name`` the in-distribution dataset's name, ``reference_cache_path`` where the training
-    reference is cached (None: not cached), and ``statistics`` for every pass over a loader
-    (device, noise seed, image cap, codec, progress bar)."""
+    ``in_name`` the in-distribution dataset's name, ``reference_cache_path`` where the fitted
+    detector (the training reference and its threshold) is cached (None: not cached),
+    ``statistics`` for every pass over a loader (device, noise seed, image cap, codec, progress
+    bar), ``fit_images`` the training images the detector fits on (a seeded subset; None: all;
+    also capped by ``statistics.max_images``) and ``detector_score`` the score whose threshold
+    (at ``tpr`` of held-back training images) each report evaluates on the test images."""
 
     output_dir: str
     in_name: str
     reference_cache_path: Optional[str] = None
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
+    fit_images: Optional[int] = FIT_IMAGES
+    detector_score: str = "dos"
+    tpr: float = 0.95
+
+    def detector(self, model) -> OutlierDetector:
+        """An unfitted :class:`OutlierDetector` of ``model`` with these settings."""
+        caps = [n for n in (self.fit_images, self.statistics.max_images) if n is not None]
+        return OutlierDetector(
+            model,
+            self.detector_score,
+            tpr=self.tpr,
+            fit_images=min(caps) if caps else None,
+            device=self.statistics.device,
+            seed=self.statistics.seed,
+            codec=self.statistics.codec,
+            progress=self.statistics.progress,
+        )
 
 
 def run_outlier_detection(
@@ -57,10 +78,12 @@ def run_outlier_detection(
     ``settings.statistics`` (default: wherever each model's parameters are). Loaders yield
     ``(images in [0, 1], labels)``. ``train_loader`` (the in-distribution training set, read in
     a fixed order) provides the typicality and density-of-states reference
-    (:func:`reference_for`; it may be None once ``settings.reference_cache_path`` holds a valid
-    one). If the model fits its training images visibly better than its test images, pass a
-    held-out in-distribution split (not the one in ``in_test_loader``) as ``train_loader``
-    instead, so that typicality and the density of states see the bits/dim of unseen images.
+    (:func:`detector_for`: an :class:`OutlierDetector` fitted on a seeded subset of
+    ``settings.fit_images`` training images, a fifth of them held back for its threshold; it
+    may be None once ``settings.reference_cache_path`` holds a valid one). If the model fits
+    its training images visibly better than its test images, pass a held-out in-distribution
+    split (not the one in ``in_test_loader``) as ``train_loader`` instead, so that typicality
+    and the density of states see the bits/dim of unseen images.
 
     For each ``out_name, loader`` in ``out_loaders`` this prints a table and writes, in
     ``settings.output_dir``, ``ood_<in>_vs_<out>.json`` (:func:`build_report`),
@@ -78,16 +101,14 @@ def run_outlier_detection(
         raise GlowflowError("outlier detection needs at least one outlier dataset (--out_dataset)")
     os.makedirs(settings.output_dir, exist_ok=True)
     description = codec_description(settings.statistics.codec)
-    reference, reused = reference_for(
-        model, train_loader, settings.in_name, settings.statistics, settings.reference_cache_path
+    detector, reused = detector_for(
+        model, train_loader, settings.in_name, settings.detector(model), settings.reference_cache_path
     )
-    scorer = _Scorer(model, background_model, reference, settings.statistics)
+    scorer = _Scorer(model, background_model, detector, settings.statistics)
     in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
-    header = dict(
-        n_bits=model.config.n_bits,
-        codec=description,
-        reference=reference_summary(reference, settings.reference_cache_path, reused),
-    )
+    reference = reference_summary(detector.reference_, settings.reference_cache_path, reused)
+    reference.update(n_threshold=detector.n_threshold_, tpr=detector.tpr)
+    header = dict(n_bits=model.config.n_bits, codec=description, reference=reference)
     in_slug, out_slugs = file_slugs(settings.in_name, list(out_loaders))
     reports: Dict[str, dict] = {}
     for out_name, loader in out_loaders.items():
@@ -95,6 +116,7 @@ def run_outlier_detection(
         metrics = {name: outlier_metrics(in_set.scores[name], out_set.scores[name]) for name in in_set.scores}
         files = report_files(settings.output_dir, in_slug, out_slugs[out_name])
         reports[out_name] = build_report(in_set, out_set, metrics, files=files, **header)
+        reports[out_name]["detector"] = _decisions(detector, in_set, out_set)
         write_report(reports[out_name], in_set, out_set, metrics)
     if len(reports) > 1:
         write_summary(reports, settings.output_dir, settings.in_name, in_slug)
@@ -117,13 +139,27 @@ def _check_models(model, background_model) -> None:
         )
 
 
+def _decisions(detector: OutlierDetector, in_set: ScoredSet, out_set: ScoredSet) -> dict:
+    """The ``"detector"`` entry of a report: the detector's score and threshold (set on held-back
+    training images), and the share of the in-distribution test images it keeps and of the
+    outliers it flags there."""
+    name = detector.score
+    return {
+        "score": name,
+        "tpr_target": detector.tpr,
+        "threshold": detector.threshold_,
+        "in_kept": float(1.0 - detector.decide(in_set.scores[name]).mean()),
+        "out_flagged": float(detector.decide(out_set.scores[name]).mean()),
+    }
+
+
 @dataclass(frozen=True)
 class _Scorer:
-    """Scores image sets with one model, its optional background model and the reference."""
+    """Scores image sets with one model, its optional background model and the fitted detector."""
 
     model: object
     background_model: Optional[object]
-    reference: Reference
+    detector: OutlierDetector
     statistics: StatisticsSettings
 
     def score(self, loader: Iterable, name: str, desc: str) -> ScoredSet:
@@ -140,7 +176,7 @@ class _Scorer:
                     f"the {desc} loader gave {stats['bpd'].size} images to the model and "
                     f"{background['bpd'].size} to the background model; it must be deterministic"
                 )
-        return ScoredSet(name, stats, background, outlier_scores(stats, self.reference, background))
+        return ScoredSet(name, stats, background, self.detector.scores_from_statistics(stats, background))
 
 
 def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
@@ -148,8 +184,8 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
 
     Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
-    the synthetic development sets are generated at the model's size. The training reference is
-    cached beside the checkpoint (:func:`reference_cache_path_for`).
+    the synthetic development sets are generated at the model's size. The detector (training
+    reference and threshold) is cached beside the checkpoint (:func:`detector_cache_path_for`).
     """
     check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)
@@ -171,8 +207,11 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     settings = OutlierDetectionSettings(
         output_dir=run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir(),
         in_name=in_name,
-        reference_cache_path=reference_cache_path_for(run.checkpoint, in_name, model.config.n_bits),
+        reference_cache_path=detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits),
         statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
+        fit_images=run.fit_images or None,
+        detector_score=run.detector_score,
+        tpr=run.tpr,
     )
     return run_outlier_detection(
         model,

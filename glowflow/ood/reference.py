@@ -1,26 +1,25 @@
 """The training-set reference of the scores: the typicality mean, the density-of-states mixture
-fitted on the training images' statistics, its .npz cache (no pickle) and the cache's key."""
+fitted on the training images' statistics, its plain-array .npz form (no pickle) and the cache
+key (the cache itself is the saved detector, :mod:`glowflow.ood.detector`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from glowflow.config import dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
-from glowflow.ood.statistics import StatisticsSettings, statistic_columns
+from glowflow.ood.statistics import statistic_columns
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v4"
+REFERENCE_FORMAT = "glowflow-ood-reference-v5"
 
 DOS_STATISTICS = ("level_bpd", "codec_bpd")
 """The statistics the density of states uses by default (groups of :func:`statistic_columns`)."""
@@ -186,9 +185,10 @@ def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np
     return logsumexp(np.stack(per_component), axis=0)
 
 
-def save_reference(path: str, reference: Reference) -> None:
-    """Write ``reference`` to ``path`` as a .npz of plain arrays (no pickle), atomically."""
-    arrays = dict(
+def reference_arrays(reference: Reference) -> Dict[str, np.ndarray]:
+    """``reference`` as named plain arrays (strings, numbers, float arrays; no objects), the
+    content of :func:`save_reference`'s file; :func:`reference_from_arrays` reads them back."""
+    return dict(
         format=np.array(REFERENCE_FORMAT),
         key=np.array(reference.key),
         num_levels=np.array(reference.num_levels, dtype=np.int64),
@@ -202,31 +202,43 @@ def save_reference(path: str, reference: Reference) -> None:
         dos_means=reference.dos_means,
         dos_precision_cholesky=reference.dos_precision_cholesky,
     )
+
+
+def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Reference:
+    """The :class:`Reference` stored by :func:`reference_arrays` in ``data`` (an open .npz, read
+    from ``path``); :class:`GlowflowError` if it is of another format."""
+    if "format" not in data or str(data["format"]) != REFERENCE_FORMAT:
+        raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
+    return Reference(
+        key=str(data["key"]),
+        num_levels=int(data["num_levels"]),
+        n_train=int(data["n_train"]),
+        bpd_mean=float(data["bpd_mean"]),
+        bpd_std=float(data["bpd_std"]),
+        dos_features=tuple(str(s) for s in data["dos_features"]),
+        dos_mean=np.array(data["dos_mean"]),
+        dos_std=np.array(data["dos_std"]),
+        dos_log_weights=np.array(data["dos_log_weights"]),
+        dos_means=np.array(data["dos_means"]),
+        dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
+    )
+
+
+def save_reference(path: str, reference: Reference) -> None:
+    """Write ``reference`` to ``path`` as a .npz of plain arrays (no pickle), atomically."""
+    arrays = reference_arrays(reference)
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_reference(path: str) -> Reference:
-    """Read a reference written by :func:`save_reference` (``np.load(allow_pickle=False)``).
+    """Read a reference written by :func:`save_reference` (``np.load(allow_pickle=False)``); a
+    saved :class:`glowflow.ood.OutlierDetector` holds one too and reads as one.
 
     Raises :class:`GlowflowError` when the file is missing, unreadable or of another format.
     """
     try:
         with np.load(path, allow_pickle=False) as data:
-            if str(data["format"]) != REFERENCE_FORMAT:
-                raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
-            return Reference(
-                key=str(data["key"]),
-                num_levels=int(data["num_levels"]),
-                n_train=int(data["n_train"]),
-                bpd_mean=float(data["bpd_mean"]),
-                bpd_std=float(data["bpd_std"]),
-                dos_features=tuple(str(s) for s in data["dos_features"]),
-                dos_mean=np.array(data["dos_mean"]),
-                dos_std=np.array(data["dos_std"]),
-                dos_log_weights=np.array(data["dos_log_weights"]),
-                dos_means=np.array(data["dos_means"]),
-                dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
-            )
+            return reference_from_arrays(data, path)
     except GlowflowError:
         raise
     except FileNotFoundError:
@@ -248,13 +260,20 @@ def model_fingerprint(model) -> str:
 
 
 def reference_key(
-    model, n_bits: int, dataset: str, seed: int = 0, max_images: Optional[int] = None, codec: Optional[str] = "png"
+    model,
+    n_bits: int,
+    dataset: str,
+    seed: int = 0,
+    max_images: Optional[int] = None,
+    codec: Optional[str] = "png",
+    threshold_fraction: float = 0.0,
 ) -> str:
     """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
-    dataset's name, the noise seed, the image cap and the codec. A cached reference is reused only
-    when its key is identical, so a changed checkpoint (weights or architecture), bit depth,
-    dataset, seed, cap or codec recomputes it. (Changed *contents* under the same dataset name
-    are not detected.)"""
+    dataset's name, the noise seed, the image cap (the detector's fit images), the codec and the
+    fraction of those images held back for the detector's threshold. A cached reference is reused
+    only when its key is identical, so a changed checkpoint (weights or architecture), bit depth,
+    dataset, seed, cap, codec or hold-back recomputes it. (Changed *contents* under the same
+    dataset name are not detected.)"""
     return json.dumps(
         {
             "format": REFERENCE_FORMAT,
@@ -264,58 +283,7 @@ def reference_key(
             "seed": int(seed),
             "max_images": max_images,
             "codec": codec,
+            "threshold_fraction": float(threshold_fraction),
         },
         sort_keys=True,
     )
-
-
-def reference_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
-    """Where the command line caches a checkpoint's training reference: beside the checkpoint,
-    ``<checkpoint stem>.ood_reference_<dataset>_<n_bits>bit.npz``."""
-    stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
-    return f"{stem}.ood_reference_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
-
-
-def reference_for(
-    model,
-    train_loader: Optional[Iterable],
-    dataset: str,
-    settings: StatisticsSettings,
-    cache_path: Optional[str] = None,
-) -> Tuple[Reference, bool]:
-    """The reference of ``model`` on ``dataset``'s training images, and whether it came from the cache.
-
-    With ``cache_path``, a reference stored there under the same :func:`reference_key` is
-    reused; otherwise the statistics of ``train_loader`` are computed with ``settings`` and
-    fitted (:func:`fit_reference`, seeded with ``settings.seed``) and, with ``cache_path``,
-    stored there. ``train_loader`` may be None when the cache is valid.
-    """
-    key = reference_key(model, model.config.n_bits, dataset, settings.seed, settings.max_images, settings.codec)
-    cached = _cached_reference(cache_path, key)
-    if cached is not None:
-        return cached, True
-    if train_loader is None:
-        raise GlowflowError("outlier detection needs the training images (no valid cached reference)")
-    train_stats = settings.compute(model, train_loader, f"{dataset} train")
-    reference = fit_reference(train_stats, key=key, seed=settings.seed)
-    if cache_path is not None:
-        save_reference(cache_path, reference)
-        print(f"wrote {cache_path}")
-    return reference, False
-
-
-def _cached_reference(path: Optional[str], key: str) -> Optional[Reference]:
-    """The reference cached at ``path`` if there is a readable one with ``key``, else None
-    (saying why it is not used)."""
-    if path is None or not os.path.exists(path):
-        return None
-    try:
-        cached = load_reference(path)
-    except GlowflowError as exc:
-        print(f"ignoring the outlier reference cache: {exc}")
-        return None
-    if cached.key != key:
-        print(f"the cached training statistics in {path} are for another checkpoint or settings; recomputing")
-        return None
-    print(f"reusing the training statistics cached in {path}")
-    return cached
