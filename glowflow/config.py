@@ -271,6 +271,9 @@ class RunConfig:
     y_weight: weight of the classification loss when y_condition.
     max_grad_clip / max_grad_norm: gradient value clip / norm clip, 0 = off.
     sample_and_save_freq: epochs between sample grids.
+    val_size: validation images carved from the training split (None: :func:`default_val_size`;
+    0: none); ema: Polyak averaging decay (0: off); augment: random shifts and RGB flips;
+    grad_checkpoint: recompute activations in the backward pass; preset: a key of PRESETS.
     """
 
     dataset: str = "mnist"
