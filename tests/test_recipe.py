@@ -13,6 +13,7 @@ from glowflow.cli import apply_preset, build_parser, main, model_config_from_arg
 from glowflow.config import PRESETS, RunConfig
 from glowflow.data import load_dataset, split_validation
 from glowflow.data.partition import held_out_test
+from glowflow.errors import GlowflowError
 from glowflow.model import Glow
 from glowflow.pixels import shift_and_flip
 from glowflow.train import Trainer, augment_draws, evaluate_bpd, resumed_config
@@ -164,6 +165,10 @@ def test_data_without_a_test_split_gets_disjoint_train_validation_and_test(tmp_p
     f_train, f_test = load_dataset(str(folder), "train"), load_dataset(str(folder), "test")
     assert (len(f_train), len(f_test)) == (27, 3) and not set(first(f_train)) & set(first(f_test))
     assert sorted(first(f_train) + first(f_test)) == list(range(30))
+
+    assert first(load_dataset(path, "all")) == list(range(200))  # every image, unpartitioned
+    with pytest.raises(GlowflowError, match="only for your own folders"):
+        load_dataset("cifar10", "all")
 
     # data with its own splits keeps them
     np.savez(

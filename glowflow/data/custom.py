@@ -6,7 +6,8 @@ reading no more than it needs for the info (the first image of a folder; a .npz'
 This is where data is found to lack a test split (a folder without train/ and test/ sub-folders,
 an .npz without ``train_``/``test_`` arrays): its test split is then a fixed tenth of its images,
 held out by :func:`glowflow.data.partition.held_out_test`, and its training split the rest; the
-dataset of either split says so in ``held_out_from`` (the number of images partitioned).
+dataset of either split says so in ``held_out_from`` (the number of images partitioned). The split
+``"all"`` is every image, unpartitioned (for looking at a file's contents; never for training).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
     image's mode (grey or RGB) and its shorter side, unless image_size is given."""
     split_dirs = {"train": _subfolder(path, ["train"]), "test": _subfolder(path, ["test", "val"])}
     if any(split_dirs.values()):
+        if split not in split_dirs:
+            raise GlowflowError(f"{path} has train/test sub-folders: load its splits by name, not {split!r}")
         folder = split_dirs[split]
         if folder is None:
             raise GlowflowError(
@@ -99,13 +102,13 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
     channels = 1 if first.mode in GREY_MODES else 3
     size = image_size or min(first.size)
     info = DatasetInfo(path, (channels, size, size), max(len(classes), 1), False)
-    held_out_from = None
-    if folder is None:  # no split of its own: hold out a fixed test split
-        held_out_from = len(samples)
-        samples = [samples[i] for i in _split_indices(len(samples), split, path)]
 
     def build(data_root: str, download: bool) -> Dataset:
-        return _mark(ImageFileDataset(ImageList(samples), info), held_out_from)
+        held_out_from, chosen = None, samples
+        if folder is None and split != "all":  # no split of its own: hold out a fixed test split
+            held_out_from = len(samples)
+            chosen = [samples[i] for i in _split_indices(len(samples), split, path)]
+        return _mark(ImageFileDataset(ImageList(chosen), info), held_out_from)
 
     return info, build
 
@@ -131,6 +134,8 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             prefix = "" if "images" in keys else f"{split}_"
+            if prefix and split not in ("train", "test"):
+                raise GlowflowError(f"{path} has train_/test_ arrays: load its splits by name, not {split!r}")
             if f"{prefix}images" not in keys:
                 raise GlowflowError(
                     f"{path} has no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'}); expected "
@@ -170,16 +175,16 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
         num_classes = int(labels.max()) + 1
     size = image_size or min(images.shape[-2:])
     info = DatasetInfo(path, (images.shape[1], size, size), num_classes, multilabel)
-    held_out_from = None
-    if not prefix:  # one array for both splits: hold out a fixed test split
-        held_out_from = n
-        keep = _split_indices(n, split, path)
-        images, labels = images[keep], labels[keep]
 
     def build(data_root: str, download: bool) -> Dataset:
-        pixels = square_resize(torch.from_numpy(np.ascontiguousarray(images)), size)
+        held_out_from, chosen, chosen_labels = None, images, labels
+        if not prefix and split != "all":  # one array for both splits: hold out a fixed test split
+            held_out_from = n
+            keep = _split_indices(n, split, path)
+            chosen, chosen_labels = images[keep], labels[keep]
+        pixels = square_resize(torch.from_numpy(np.ascontiguousarray(chosen)), size)
         dataset = ImageTensorDataset(
-            pixels, torch.from_numpy(labels).to(torch.float32 if multilabel else torch.int64), info
+            pixels, torch.from_numpy(chosen_labels).to(torch.float32 if multilabel else torch.int64), info
         )
         return _mark(dataset, held_out_from)
 
