@@ -6,12 +6,19 @@ object is ever unpickled. Writes are atomic (temporary file in the same folder, 
 a crash never leaves a half-written checkpoint under the final name.
 
 Keys: ``format`` ("glowflow-checkpoint"), ``version``, ``model_config`` (:class:`GlowConfig` as a
-dict: architecture, image shape and ``n_bits``), ``model`` (state dict), and for training state
-``run_config`` (:class:`RunConfig` as a dict), ``optimizer``, ``scheduler``, ``epoch`` (completed
-epochs), ``step`` (optimizer steps), ``best_test_bpd``, ``nonfinite_steps``, ``nonfinite_in_a_row``
-(the divergence guard's count of steps skipped in a row) and ``rng``.
+dict: architecture, image shape and ``n_bits``), ``model`` (state dict: the weights to evaluate and
+sample with, Polyak-averaged when the run had ``--ema``), ``raw_model`` (with ``--ema`` only: the
+trained weights themselves, which a resumed run continues from), and for training state
+``run_config`` (:class:`RunConfig` as a dict, with the validation split's size ``val_size`` and the
+``seed`` that drew it), ``optimizer``, ``scheduler``, ``epoch`` (completed epochs), ``step``
+(optimizer steps), ``best_val_bpd`` (the validation bits/dim that chose the best checkpoint; inf
+without a validation split), ``test_bpd_at_best`` (the chosen checkpoint's test bits/dim, reported
+only), ``nonfinite_steps``, ``nonfinite_in_a_row`` (the divergence guard's count of steps skipped
+in a row) and ``rng``.
 Version 1 files (before ``n_bits`` joined the model configuration) keep it in ``run_config``;
-:attr:`Checkpoint.model_config` reads both.
+:attr:`Checkpoint.model_config` reads both. Files written before the validation split hold
+``best_test_bpd`` (the best checkpoint was then chosen on the test split) instead of the last two:
+:attr:`Checkpoint.best_test_bpd` reads either, :attr:`Checkpoint.best_val_bpd` is inf for them.
 
 Reading trusts nothing in the file (:class:`Checkpoint`): the zip archive's CRC-32 checksums are
 verified before unpickling, and every field is checked (type, range, size) before it is used, so
@@ -112,12 +119,20 @@ class Checkpoint:
             raise GlowflowError(f"{self.path} has an unusable model configuration: {err}") from None
 
     def build_model(self) -> Glow:
-        """The model rebuilt from the checkpoint's own configuration, with its weights loaded, to
-        train on: a stored optimizer state must match its parameters."""
-        model = self._model_with_weights()
+        """The model rebuilt from the checkpoint's own configuration, with the weights to train on
+        loaded (``raw_model`` when the run averaged its weights, else ``model``): a stored
+        optimizer state must match its parameters."""
+        model = Glow.from_config(self.model_config)
+        model.load_state_dict(self.payload.get("raw_model", self.payload["model"]))
         if self.has_training_state:
             self._check_optimizer_matches(model)
         return model
+
+    @property
+    def averaged_weights(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The Polyak-averaged weights (the ``model`` state dict) of a run with ``--ema``, whose
+        trained weights are in ``raw_model``; None for a checkpoint without ``raw_model``."""
+        return self.payload["model"] if "raw_model" in self.payload else None
 
     def load_model(self, device: Any = "cpu") -> Glow:
         """The model with its weights on ``device``, in eval mode: ready for inference."""
@@ -130,27 +145,34 @@ class Checkpoint:
         return model
 
     def _check_weights(self) -> None:
-        """The stored weights are a dict of finite tensors with exactly the names and shapes of the
-        stored configuration's model (built on the meta device: no memory, no work)."""
-        weights = self.payload.get("model")
-        if not isinstance(weights, dict) or not weights:
-            raise GlowflowError(f"{self.path} has no model weights (a dict of tensors)")
-        for name, value in weights.items():
-            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-                raise GlowflowError(
-                    f"{self.path}: malformed weights: {name!r:.60} holds {type(value).__name__}, not a tensor"
-                )
+        """The stored weights (``model``, and ``raw_model`` when present) are dicts of finite
+        tensors with exactly the names and shapes of the stored configuration's model (built on the
+        meta device: no memory, no work)."""
         with torch.device("meta"):
             expected = {name: tuple(t.shape) for name, t in Glow.from_config(self.model_config).state_dict().items()}
-        stored = {name: tuple(t.shape) for name, t in weights.items()}
-        if stored != expected:
-            raise GlowflowError(
-                f"{self.path}: weights do not match the configuration stored with them "
-                f"({_first_difference(stored, expected):.200})"
-            )
-        for name, value in weights.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise GlowflowError(f"{self.path} is corrupt: its weight {name} holds non-finite values (nan or inf)")
+        for key in ("model", "raw_model"):
+            if key == "raw_model" and key not in self.payload:
+                continue
+            what = "weights" if key == "model" else "raw (not averaged) weights"
+            weights = self.payload.get(key)
+            if not isinstance(weights, dict) or not weights:
+                raise GlowflowError(f"{self.path} has no model {what} (a dict of tensors)")
+            for name, value in weights.items():
+                if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                    raise GlowflowError(
+                        f"{self.path}: malformed {what}: {name!r:.60} holds {type(value).__name__}, not a tensor"
+                    )
+            stored = {name: tuple(t.shape) for name, t in weights.items()}
+            if stored != expected:
+                raise GlowflowError(
+                    f"{self.path}: {what} do not match the configuration stored with them "
+                    f"({_first_difference(stored, expected):.200})"
+                )
+            for name, value in weights.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise GlowflowError(
+                        f"{self.path} is corrupt: its {what[:-1]} {name} holds non-finite values (nan or inf)"
+                    )
 
     # ------------------------------------------------------------------ the run that wrote it
 
@@ -213,13 +235,22 @@ class Checkpoint:
         return self._counter("nonfinite_in_a_row", 0)
 
     @property
+    def best_val_bpd(self) -> float:
+        """The validation bits/dim of the best checkpoint so far (inf before the first evaluation,
+        without a validation split, and in files written before there was one)."""
+        return self._bpd("best_val_bpd")
+
+    @property
     def best_test_bpd(self) -> float:
-        """The best test bits/dim so far (inf before the first evaluation)."""
-        value = self.payload.get("best_test_bpd", math.inf)
+        """The test bits/dim of the best checkpoint so far, reported only (inf before the first
+        evaluation): ``test_bpd_at_best``, or in files written before the validation split
+        ``best_test_bpd``, the test bits/dim that then chose it."""
+        return self._bpd("best_test_bpd" if "best_test_bpd" in self.payload else "test_bpd_at_best")
+
+    def _bpd(self, key: str) -> float:
+        value = self.payload.get(key, math.inf)
         if not _is_number(value) or math.isnan(value):
-            raise GlowflowError(
-                f"{self.path}: malformed training state: best_test_bpd must be a number, got {value!r:.60}"
-            )
+            raise GlowflowError(f"{self.path}: malformed training state: {key} must be a number, got {value!r:.60}")
         return float(value)
 
     @property
@@ -264,7 +295,7 @@ class Checkpoint:
             RunConfig.from_dict(self.run_config)
         except GlowflowError as err:
             raise GlowflowError(f"{self.path}: unusable stored run configuration: {err}") from None
-        _ = self.epoch, self.step, self.nonfinite_steps, self.best_test_bpd  # each accessor checks its field
+        _ = self.epoch, self.step, self.nonfinite_steps, self.best_val_bpd, self.best_test_bpd  # each checks its field
         _ = self.optimizer_state, self.scheduler_state, self.rng_state
         if len(self.scheduler_state.get("base_lrs", [])) != len(self.optimizer_state["param_groups"]):
             raise GlowflowError(

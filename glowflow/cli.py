@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, GlowConfig, RunConfig
+from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, PRESETS, GlowConfig, RunConfig
 from glowflow.errors import GlowflowError, one_line_message
 
 _RUN = RunConfig()
@@ -104,6 +104,39 @@ def _add_training_flags(group) -> None:
         default=_RUN.perturb,
         help="Replace each pixel by a random value with this probability (background model "
         "for the likelihood-ratio outlier score)",
+    )
+    group.add_argument(
+        "--val_size",
+        type=int,
+        default=_RUN.val_size,
+        help="Validation images carved from the training split (seeded by --seed); they choose the best "
+        "checkpoint. Default: 10%% of the training split, at most 5000; 0: none (the best checkpoint is "
+        "then the last epoch's)",
+    )
+    group.add_argument(
+        "--ema",
+        type=float,
+        default=_RUN.ema,
+        help="Polyak averaging decay (e.g. 0.999): evaluation, checkpoints and samples use the averaged "
+        "weights; 0 = off",
+    )
+    group.add_argument(
+        "--augment",
+        action="store_true",
+        help="Random whole-pixel shifts (up to 10%% of the side, edges repeated) and, for RGB images, "
+        "left-right flips, seeded by (--seed, step)",
+    )
+    group.add_argument(
+        "--grad_checkpoint",
+        action="store_true",
+        help="Recompute each flow step's activations in the backward pass (less memory, more time)",
+    )
+    group.add_argument(
+        "--preset",
+        default=_RUN.preset,
+        choices=tuple(PRESETS),
+        help="A published configuration; flags given on the command line win. cifar10: "
+        + ", ".join(f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in PRESETS["cifar10"].items()),
     )
 
 
@@ -204,6 +237,21 @@ def _add_outlier_flags(group) -> None:
     )
 
 
+def apply_preset(args: argparse.Namespace, argv: Optional[List[str]]) -> argparse.Namespace:
+    """``args`` with --preset's values (glowflow.config.PRESETS) for every flag that ``argv`` does
+    not set itself; unchanged without --preset."""
+    if args.preset is None:
+        return args
+    probe = build_parser()  # the same flags, with no defaults: only what argv sets is parsed
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    for name, value in PRESETS[args.preset].items():
+        if name not in given:
+            setattr(args, name, value)
+    return args
+
+
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     fields = {f for f in RunConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and not (k == "dataset" and v is None)}
@@ -248,7 +296,11 @@ def _run(args: argparse.Namespace) -> int:
 
         model_config = None if run.resume else model_config_from_args(args, run)
         summary = train(run, model_config)
-        print(f"done: best test bits/dim {summary['best_test_bpd']:.4f}; checkpoints in {summary['output_dir']}")
+        if summary["chosen_on"] == "validation":
+            chosen = f"best validation bits/dim {summary['best_val_bpd']:.4f} chose the checkpoint"
+        else:
+            chosen = "no validation split: the checkpoint is the last epoch's"
+        print(f"done: {chosen} (test {summary['test_bpd']:.4f}); checkpoints in {summary['output_dir']}")
     if args.sample:
         if run.checkpoint is None:
             raise GlowflowError("--sample needs --checkpoint PATH (a .pt file written by glowflow --train)")
@@ -275,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     130 when interrupted (Ctrl-C), at any moment: while parsing, importing torch, or working."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = apply_preset(parser.parse_args(argv), argv)
         if not (args.train or args.sample or args.outlier_detection or args.score_path is not None):
             parser.print_help()
             return 0

@@ -52,6 +52,56 @@ OUTPUT_ROOT = "outputs"
 SLUG_LENGTH = 80
 """Longest :func:`dataset_slug`, so that every file name built from it fits in 255 bytes."""
 
+# ----------------------------------------------------------------------------- splits
+VAL_FRACTION = 0.1
+VAL_MAX = 5000
+"""The default validation split (``--val_size`` not given): ``min(VAL_MAX, round(VAL_FRACTION * n))``
+images of the ``n`` training images (:func:`default_val_size`), drawn by ``--seed``; it chooses the
+best checkpoint, and the training split keeps the rest."""
+TEST_FRACTION = 0.1
+PARTITION_SEED = 0
+"""Data without its own test split (a flat folder, an .npz with only ``images``) holds out
+``max(1, round(TEST_FRACTION * n))`` images as its test split, drawn by a generator seeded
+PARTITION_SEED (not ``--seed``: every command that reads the test split gets the same images);
+the validation split is then carved from the rest like any training split's (81/9/10 in all)."""
+
+# ----------------------------------------------------------------------------- the recipe
+AUGMENT_SHIFT_FRACTION = 0.1
+"""``--augment`` shifts each image by a whole number of pixels drawn uniformly from
+``-s..s`` in each direction, ``s = max(1, floor(AUGMENT_SHIFT_FRACTION * side))`` (3 at 32
+pixels), after openai/glow's width/height shift range of 0.1; the pixels shifted in repeat the
+edge (Keras' 'nearest' fill). RGB images are also flipped left-right with probability 1/2."""
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Kingma & Dhariwal (2018), CIFAR-10, as openai/glow trains it: depth 32, 3 levels, width 512,
+    # affine coupling, learnt top prior, batch 64, Adamax at 1e-3 warmed up over 10 epochs
+    # (--epochs_warmup), Polyak averaging (0.999: its 1 - 1/steps-per-epoch at batch 64), shifts.
+    "cifar10": {
+        "dataset": "cifar10",
+        "K": 32,
+        "L": 3,
+        "hidden_channels": 512,
+        "flow_coupling": "affine",
+        "learn_top": True,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "warmup": 10,
+        "ema": 0.999,
+        "augment": True,
+    },
+}
+"""``--preset NAME``: flag values set where the command line does not set the flag itself."""
+
+
+def default_val_size(n_train: int) -> int:
+    """Images the default validation split takes from ``n_train`` training images."""
+    return min(VAL_MAX, int(round(VAL_FRACTION * n_train)))
+
+
+def default_test_size(n: int) -> int:
+    """Images held out as the test split of ``n`` images that come without one (at least 1)."""
+    return max(1, int(round(TEST_FRACTION * n)))
+
+
 # Inclusive (low, high) bounds of RunConfig's integer fields (None: unbounded above).
 RUN_INT_RANGES = {
     "batch_size": (1, 2**20),
@@ -71,6 +121,7 @@ RUN_INT_RANGES = {
     "n_interpolation_steps": (1, 1024),
     "max_eval_images": (1, None),
     "fit_images": (0, None),
+    "val_size": (0, None),
 }
 # RunConfig's float fields: (lowest allowed, whether the lowest itself is allowed); all must be finite.
 RUN_FLOAT_RANGES = {
@@ -221,6 +272,9 @@ class RunConfig:
     y_weight: weight of the classification loss when y_condition.
     max_grad_clip / max_grad_norm: gradient value clip / norm clip, 0 = off.
     sample_and_save_freq: epochs between sample grids.
+    val_size: validation images carved from the training split (None: :func:`default_val_size`;
+    0: none); ema: Polyak averaging decay (0: off); augment: random shifts and RGB flips;
+    grad_checkpoint: recompute activations in the backward pass; preset: a key of PRESETS.
     """
 
     dataset: str = "mnist"
@@ -253,6 +307,12 @@ class RunConfig:
     actnorm_init_images: int = 512
     max_nonfinite_steps: int = 5
     eval_seed: int = 0
+    # the recipe of the paper (openai/glow), and choosing the checkpoint
+    val_size: Optional[int] = None  # None: default_val_size(training images); 0: no validation split
+    ema: float = 0.0  # Polyak averaging decay (e.g. 0.999); 0: off
+    augment: bool = False  # random shifts (and left-right flips of RGB images), seeded by (seed, step)
+    grad_checkpoint: bool = False  # recompute each flow step's activations in the backward pass
+    preset: Optional[str] = None  # the --preset whose values the command line filled in (a record)
     # sampling and manipulation
     n_samples: int = 64
     temperature: Tuple[float, ...] = (0.7,)
@@ -282,6 +342,10 @@ class RunConfig:
             if not (math.isfinite(value) and (value > low or (low_allowed and value == low))):
                 kind = "non-negative" if low_allowed else "positive"
                 raise GlowflowError(f"{name} must be a {kind} finite number, got {value}")
+        if not (math.isfinite(self.ema) and 0.0 <= self.ema < 1.0):
+            raise GlowflowError(f"ema must be in [0, 1) (0 = off; e.g. 0.999), got {self.ema}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise GlowflowError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if not 0.0 <= self.perturb < 1.0:
             raise GlowflowError(f"perturb must be in [0, 1), got {self.perturb}")
         if self.amp not in AMP_CHOICES:

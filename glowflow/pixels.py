@@ -6,7 +6,9 @@ torchvision's ``ToTensor`` gives). With ``n_bits`` < 8 they become ``floor(p / 2
 and outlier scoring all add dequantisation noise U(0, 1/n_bins) through
 :func:`dequantization_noise`. Bits/dim is ``-(log_prob - D log n_bins) / (D ln 2)``
 (:func:`bits_per_dim`). Also here: the input perturbation of a likelihood-ratio background model
-(:func:`perturb`) and saving model-space images as a PNG grid (:func:`save_grid`, written atomically).
+(:func:`perturb`), training's data augmentation (:func:`shift_and_flip`: whole-pixel shifts with
+the edge repeated, left-right flips; pixels stay on their grid) and saving model-space images as
+a PNG grid (:func:`save_grid`, written atomically).
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ def perturb(images01: torch.Tensor, rate: float, generator: Optional[torch.Gener
     offset = torch.randint(1, 256, images01.shape, generator=generator, device=gen_device).to(images01.device)
     new = torch.where(select, (pixels + offset) % 256, pixels)
     return new.to(images01.dtype) / 255.0
+
+
+def shift_and_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Each image of ``images`` (N, C, H, W) moved by whole pixels and, where ``flips`` says, flipped
+    left to right: output pixel (y, x) of image n is input pixel (clamp(y - dy), clamp(x' - dx))
+    with (dy, dx) = ``shifts[n]`` (N, 2) integers, x' = W - 1 - x for a flipped image, and the
+    clamp to the image repeating its edge (Keras' 'nearest' fill). Only copies values, so images on
+    the 8-bit grid stay on it, exactly."""
+    n, _, h, w = images.shape
+    shifts = shifts.to(images.device, torch.int64)
+    flips = flips.to(images.device, torch.bool)
+    rows = (torch.arange(h, device=images.device)[None, :] - shifts[:, :1]).clamp(0, h - 1)  # (N, H)
+    columns = torch.arange(w, device=images.device)[None, :].expand(n, w)
+    columns = torch.where(flips[:, None], w - 1 - columns, columns)
+    columns = (columns - shifts[:, 1:]).clamp(0, w - 1)  # (N, W)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    moved = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], columns[:, None, :]]  # (N, H, W, C)
+    return moved.permute(0, 3, 1, 2).contiguous()
 
 
 def save_grid(x: torch.Tensor, n_bits: int, path: str, nrow: int = 8) -> str:

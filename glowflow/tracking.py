@@ -1,6 +1,7 @@
 """Experiment tracking: metrics.csv always, wandb unless --no_wandb, TensorBoard with --tensorboard.
 
-metrics.csv has one row per epoch (and one for a run stopped mid-epoch by --max_steps). Each row
+metrics.csv has one row per epoch (and one for a run stopped mid-epoch by --max_steps): the
+columns of :data:`METRIC_COLUMNS` (train, validation and test bits/dim among them). Each row
 is flushed to disk before the run commits the epoch's last.pt; a resumed run first drops the rows
 beyond the checkpoint it resumes from (and a row cut short by a kill), since it writes them again,
 so a run killed anywhere and resumed has each row exactly once.
@@ -20,7 +21,17 @@ from typing import Any, Dict, Optional, Tuple
 
 from glowflow.files import atomic_write_text
 
-METRIC_COLUMNS = ("epoch", "step", "train_bpd", "test_bpd", "lr", "images_per_s", "seconds")
+METRIC_COLUMNS = (
+    "epoch",
+    "step",
+    "train_bpd",
+    "val_bpd",  # empty without a validation split
+    "test_bpd",
+    "raw_val_bpd",  # the raw (not averaged) weights' validation bits/dim: --ema only
+    "lr",
+    "images_per_s",
+    "seconds",
+)
 
 
 def _note(message: str) -> None:

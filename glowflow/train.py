@@ -1,8 +1,14 @@
 """The training loop of glowflow: one process or many (torchrun + DistributedDataParallel), CPU or GPU.
 
 This file owns :func:`train` (the ``--train`` command), the :class:`Trainer` it runs, and the pieces
-only training needs: the per-step dequantisation noise, ActNorm's data-dependent initialisation,
-test-split bits/dim, and what a resumed run keeps from its checkpoint (:data:`RESUME_OVERRIDES`).
+only training needs: the per-step dequantisation noise and augmentation, ActNorm's data-dependent
+initialisation, Polyak averaging of the weights (:class:`WeightAverage`, ``--ema``), bits/dim of an
+evaluation split, and what a resumed run keeps from its checkpoint (:data:`RESUME_OVERRIDES`).
+
+Three splits: the training split (less its validation part), the validation split (``--val_size``
+images carved from the training split, :func:`glowflow.data.split_validation`), which alone chooses
+the best checkpoint, and the test split, evaluated every epoch for the report and never used to
+choose anything. With ``--val_size 0`` the best checkpoint is the last epoch's.
 
 Reproducibility is built in rather than bolted on: the data order of epoch ``e`` is a permutation
 seeded by ``(seed, e)``, the dequantisation noise of optimizer step ``s`` is drawn from a generator
@@ -11,8 +17,9 @@ of the training set. A run stopped anywhere (``--max_steps``, Ctrl-C) and resume
 therefore ends with the same weights as an uninterrupted run, and N processes with per-process
 batch B/N reproduce one process with batch B.
 
-Per epoch: a progress bar, the test split's bits/dim (fixed noise seed), ``Glow_<dataset>.pt`` when
-the test bits/dim improves, a metrics.csv row, a sample grid every ``sample_and_save_freq`` epochs,
+Per epoch: a progress bar, the validation and test splits' bits/dim (fixed noise seed; with
+``--ema`` also the raw weights' validation bits/dim), ``Glow_<dataset>.pt`` when the validation
+bits/dim improves, a metrics.csv row, a sample grid every ``sample_and_save_freq`` epochs,
 and ``last.pt`` last of all: ``last.pt`` is the commit point. A run killed anywhere resumes from it
 and writes again, identically, whatever came after it; metrics.csv rows beyond it are dropped on
 resume (:class:`glowflow.tracking.Tracker`).
@@ -61,12 +68,12 @@ from tqdm import tqdm
 
 from glowflow import data as data_module
 from glowflow.checkpoint import Checkpoint, save_checkpoint
-from glowflow.config import SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
+from glowflow.config import AUGMENT_SHIFT_FRACTION, SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
 from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder, remove_temporary_files
 from glowflow.model import Glow, classification_loss
-from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid
+from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid, shift_and_flip
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
 from glowflow.tracking import Tracker
 
@@ -81,8 +88,8 @@ def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
 
 
 class NonFiniteLoss(GlowflowError):
-    """The run has diverged: --max_nonfinite_steps skipped steps in a row, or a non-finite test
-    bits/dim."""
+    """The run has diverged: --max_nonfinite_steps skipped steps in a row, or a non-finite
+    validation or test bits/dim."""
 
 
 @dataclasses.dataclass
@@ -102,10 +109,14 @@ class StepLoopTotals:
 class Trainer:
     """The model, optimizer, data and bookkeeping of one training run.
 
-    Two handles on the model:
+    Three handles on the model:
 
-    * ``self.model`` -- the bare :class:`Glow`. Checkpoints, evaluation, sampling, ActNorm
-      initialisation and gradient clipping use it.
+    * ``self.model`` -- the bare :class:`Glow` being trained (the raw weights). ActNorm
+      initialisation, gradient clipping and the optimizer use it.
+    * ``self.eval_model`` -- what evaluation, sampling and the checkpoints' ``model`` weights use:
+      the Polyak average of ``self.model`` with ``--ema`` (``self.average.model``), else
+      ``self.model`` itself. With ``--ema`` checkpoints also keep the raw weights (``raw_model``),
+      which a resumed run trains on.
     * ``self.step_model`` -- the module :meth:`train_step` calls for the forward pass: ``self.model``
       wrapped in DistributedDataParallel (under torchrun) and/or torch.compile (``--compile``), or
       the very same object as ``self.model`` when neither applies.
@@ -118,9 +129,10 @@ class Trainer:
         self.run, model_config, resumed = self._restore_run(run, model_config)
         self.output_dir = self.run.resolved_output_dir()
         self.dataset_name = dataset_slug(self.run.dataset)
-        self.train_set, self.test_set = self._load_data(model_config)
+        self.train_set, self.val_set, self.test_set = self._load_data(model_config)
         torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
         self.model = self._build_model(model_config, resumed)
+        self.model.grad_checkpoint = self.run.grad_checkpoint
         self.lock: Optional[RunLock] = None
         if self.dist.is_main:  # after data and model are found good, so a bad input leaves no empty folder
             check_writable_folder(self.output_dir)
@@ -128,7 +140,8 @@ class Trainer:
         try:
             self.sampler, self.steps_per_epoch = self._build_sampler()
             self.optimizer, self.scheduler = self._build_optimizer()
-            self.epoch, self.step, self.best_test_bpd, self.nonfinite_total = 0, 0, math.inf, 0
+            self.epoch, self.step, self.best_val_bpd, self.nonfinite_total = 0, 0, math.inf, 0
+            self.test_at_best = math.inf  # the test bits/dim of the checkpoint chosen so far (reported only)
             self.nonfinite_in_a_row = 0  # skipped steps since the last good one, across epochs
             # the newest checkpoint this run can go back to: the resumed file, then each last.pt saved
             self.last_good: Optional[str] = self.run.resume
@@ -137,8 +150,12 @@ class Trainer:
                 self._restore_training_state(resumed)
             elif not self.model.is_initialized():
                 initialize_actnorm(self.model, self.train_set, self.run, self.device, self.dist)
+            # after ActNorm's initialisation, so the average starts from the initialised weights
+            self.average = WeightAverage(self.model, self.run.ema) if self.run.ema > 0 else None
+            if self.average is not None and resumed is not None and resumed.averaged_weights is not None:
+                self.average.model.load_state_dict(resumed.averaged_weights)
             self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
-            self.train_loader, self.test_loader = self._build_loaders()
+            self.train_loader, self.val_loader, self.test_loader = self._build_loaders()
         except BaseException:
             self.close()
             raise
@@ -173,8 +190,17 @@ class Trainer:
         run.validate()
         return run, resumed.model_config, resumed
 
+    @property
+    def eval_model(self) -> Glow:
+        """The weights evaluation, sampling and the checkpoints' ``model`` use: the Polyak average
+        with --ema, else the trained weights themselves."""
+        return self.average.model if self.average is not None else self.model
+
     def _load_data(self, model_config: GlowConfig):
-        """Both splits of --dataset, checked against the model's image shape."""
+        """The training, validation (None with --val_size 0) and test splits of --dataset, checked
+        against the model's image shape. The validation split is carved from the training split
+        (--val_size images drawn by --seed); its size is recorded in self.run, hence in every
+        checkpoint's run_config."""
         run = self.run
         divisor = 2**model_config.L
         train_set = data_module.load_dataset(
@@ -188,7 +214,10 @@ class Trainer:
             raise GlowflowError(f"model image shape {model_config.image_shape} does not match the data's {data_shape}")
         check_labels(train_set, model_config, "training")
         check_labels(test_set, model_config, "test")
-        return train_set, test_set
+        val_size = data_module.resolve_val_size(run.val_size, len(train_set), self.dataset_name)
+        self.run = dataclasses.replace(run, val_size=val_size)
+        train_set, val_set, _ = data_module.split_validation(train_set, val_size, run.seed)
+        return train_set, val_set, test_set
 
     def _lock_output_dir(self) -> RunLock:
         """Hold the output folder for this run, then remove what interrupted writes left there."""
@@ -236,7 +265,8 @@ class Trainer:
         self.scheduler.load_state_dict(resumed.scheduler_state)
         self.epoch = resumed.epoch
         self.step = resumed.step
-        self.best_test_bpd = resumed.best_test_bpd
+        self.best_val_bpd = resumed.best_val_bpd
+        self.test_at_best = resumed.best_test_bpd
         self.nonfinite_total = resumed.nonfinite_steps
         self.nonfinite_in_a_row = resumed.nonfinite_in_a_row
         rng = resumed.rng_state
@@ -257,9 +287,9 @@ class Trainer:
             wrapped = compile_model(wrapped)
         return wrapped
 
-    def _build_loaders(self) -> Tuple[DataLoader, DataLoader]:
-        """The training loader (batches from self.sampler) and the test loader (each process takes
-        every world_size-th test image)."""
+    def _build_loaders(self) -> Tuple[DataLoader, Optional[DataLoader], DataLoader]:
+        """The training loader (batches from self.sampler), and the validation (None without a
+        validation split) and test loaders (each process takes every world_size-th image)."""
         run = self.run
         train_loader = data_module.make_loader(
             self.train_set,
@@ -270,19 +300,23 @@ class Trainer:
             device=self.device,
             sampler=self.sampler,
         )
-        test_sampler = None
+        val_loader = self._evaluation_loader(self.val_set) if self.val_set is not None else None
+        return train_loader, val_loader, self._evaluation_loader(self.test_set)
+
+    def _evaluation_loader(self, dataset) -> DataLoader:
+        """A loader of ``dataset`` in order; under torchrun each process takes every world_size-th image."""
+        sampler = None
         if self.dist.enabled:
-            test_sampler = list(range(len(self.test_set)))[self.dist.rank :: self.dist.world_size]
-        test_loader = data_module.make_loader(
-            self.test_set,
-            batch_size=run.eval_batch_size,
+            sampler = list(range(len(dataset)))[self.dist.rank :: self.dist.world_size]
+        return data_module.make_loader(
+            dataset,
+            batch_size=self.run.eval_batch_size,
             shuffle=False,
-            num_workers=run.num_workers,
-            seed=run.seed,
+            num_workers=self.run.num_workers,
+            seed=self.run.seed,
             device=self.device,
-            sampler=test_sampler,
+            sampler=sampler,
         )
-        return train_loader, test_loader
 
     # -------------------------------------------------------------- the loop
 
@@ -308,7 +342,9 @@ class Trainer:
         summary = {
             "epoch": self.epoch,
             "step": self.step,
-            "best_test_bpd": self.best_test_bpd,
+            "chosen_on": "validation" if self.val_loader is not None else "last epoch",
+            "best_val_bpd": self.best_val_bpd,
+            "test_bpd": self.test_at_best,
             "nonfinite_steps": self.nonfinite_total,
             "output_dir": self.output_dir,
         }
@@ -335,33 +371,38 @@ class Trainer:
         """Train the rest of the current epoch, then evaluate, record, save and report it;
         True if --max_steps stopped it early.
 
-        The end-of-epoch writes come in an order that a kill at any point cannot spoil: the best
-        checkpoint (when improved), the metrics row, the sample grid, and last.pt, the commit point,
-        last. A run resumed from an earlier last.pt writes all of them again, identically. A stop
-        signal waits for the commit.
+        The best checkpoint is the one with the lowest validation bits/dim (the last epoch's without
+        a validation split); the test split is evaluated for the report only. The end-of-epoch
+        writes come in an order that a kill at any point cannot spoil: the best checkpoint (when
+        improved), the metrics row, the sample grid, and last.pt, the commit point, last. A run
+        resumed from an earlier last.pt writes all of them again, identically. A stop signal waits
+        for the commit.
         """
         totals = self._run_steps()
         with self.signals.held("finishing this epoch's evaluation and checkpoints before stopping"):
             epoch = self.epoch + 1 if self.step >= (self.epoch + 1) * self.steps_per_epoch else self.epoch
-            # both are collective under torchrun: every process computes them, in this order
+            # all collective under torchrun: every process computes them, in this order
             train_bpd = self.dist.all_sum(totals.bpd_sum.clone()).item() / max(1, totals.steps * self.dist.world_size)
-            test_bpd = self.evaluate()
-            if not math.isfinite(test_bpd):
-                raise self._diverged(f"the test bits/dim after step {self.step} is {test_bpd}")
-            improved = test_bpd < self.best_test_bpd
-            best_test_bpd = test_bpd if improved else self.best_test_bpd
-            row = self._metrics_row(epoch, totals, train_bpd, test_bpd)
+            scores = self.evaluate()
+            for split, value in scores.items():
+                if value is not None and not math.isfinite(value):
+                    raise self._diverged(f"the {SPLIT_WORDS[split]} bits/dim after step {self.step} is {value}")
+            val_bpd, test_bpd = scores["val"], scores["test"]
+            improved = val_bpd is None or val_bpd < self.best_val_bpd  # no validation split: the last epoch
+            best_val_bpd = (val_bpd if val_bpd is not None else math.inf) if improved else self.best_val_bpd
+            test_at_best = test_bpd if improved else self.test_at_best
+            row = self._metrics_row(epoch, totals, train_bpd, scores)
             if self.dist.is_main:
                 rng = rng_state()  # last.pt's, as it was before the sample grid reseeded torch
                 if improved:
-                    self.save(self.best_name, epoch=epoch, best_test_bpd=best_test_bpd)
+                    self.save(self.best_name, epoch=epoch, best_val_bpd=best_val_bpd, test_bpd_at_best=test_at_best)
                 self.tracker.log_epoch(row)
-                self._print_epoch(epoch, row, totals, train_bpd, test_bpd, improved)
+                self._print_epoch(epoch, row, totals, improved)
                 freq = self.run.sample_and_save_freq
                 if epoch > self.epoch and freq > 0 and epoch % freq == 0:
                     path = self.save_samples(epoch)
                     self.tracker.log_image(self.step, "samples", path)
-            self.epoch, self.best_test_bpd = epoch, best_test_bpd
+            self.epoch, self.best_val_bpd, self.test_at_best = epoch, best_val_bpd, test_at_best
             if self.dist.is_main:
                 self._save_last(rng=rng)
         return totals.stopped_early
@@ -413,55 +454,83 @@ class Trainer:
         bar.close()
         return StepLoopTotals(bpd_sum, steps_done, images_done, time.perf_counter() - started, stopped_early)
 
-    def evaluate(self) -> float:
-        """The test split's bits/dim (noise seeded by --eval_seed, at most --max_eval_images images)."""
+    def evaluate(self) -> Dict[str, Optional[float]]:
+        """Bits/dim of the evaluation model (the averaged weights with --ema) on the validation
+        split ("val"; None without one) and the test split ("test"), and of the raw weights on the
+        validation split ("raw_val"; None without --ema or a validation split). Noise seeded by
+        --eval_seed, at most --max_eval_images images each."""
+        scores: Dict[str, Optional[float]] = {"val": None, "test": None, "raw_val": None}
+        if self.val_loader is not None:
+            scores["val"] = self.evaluate_split(self.eval_model, self.val_loader, "val")
+            if self.average is not None:
+                scores["raw_val"] = self.evaluate_split(self.model, self.val_loader, "raw_val")
+        scores["test"] = self.evaluate_split(self.eval_model, self.test_loader, "test")
+        return scores
+
+    def evaluate_split(self, model: Glow, loader: DataLoader, split: str) -> float:
+        """Mean bits/dim of ``model`` on ``loader``'s images (``split``: "val", "raw_val" or "test")."""
         return evaluate_bpd(
-            self.model,
-            self.test_loader,
+            model,
+            loader,
             self.device,
             self.run.eval_seed,
-            use_labels=self.model.config.y_condition,
+            use_labels=model.config.y_condition,
             dist_ctx=self.dist,
             max_images=self.run.max_eval_images,
-            desc="test bits/dim",
+            desc=f"{SPLIT_WORDS[split]} bits/dim",
         )
 
-    def _metrics_row(self, epoch: int, totals: StepLoopTotals, train_bpd: float, test_bpd: float) -> Dict:
-        """The epoch's metrics.csv row (and tracker entry); ``epoch``: the epochs completed."""
+    def _metrics_row(self, epoch: int, totals: StepLoopTotals, train_bpd: float, scores: Dict) -> Dict:
+        """The epoch's metrics.csv row (and tracker entry); ``epoch``: the epochs completed. A split
+        not evaluated (no validation split; raw weights without --ema) is left empty."""
         return {
             "epoch": epoch,
             "step": self.step,
             "train_bpd": round(train_bpd, 6),
-            "test_bpd": round(test_bpd, 6),
+            **{f"{split}_bpd": (None if value is None else round(value, 6)) for split, value in scores.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": round(totals.images / max(totals.seconds, 1e-9), 2),
             "seconds": round(totals.seconds, 3),
         }
 
     def _print_header(self) -> None:
-        """The run's one-line introduction: data, model size, device, processes, output folder."""
+        """The run's one-line introduction: data, model size, device, processes, output folder;
+        after a note when the data had no test split of its own, or the run has no validation split."""
+        held_out_from = getattr(self.test_set, "held_out_from", None)
+        if held_out_from is not None:
+            print(
+                f"note: {self.dataset_name} has no test split of its own: its {held_out_from} images are split "
+                f"{len(self.train_set)} train / {self.run.val_size} validation / {len(self.test_set)} test "
+                f"(a fixed partition)",
+                file=sys.stderr,
+            )
+        if self.val_set is None:
+            print("note: no validation split (--val_size 0): the best checkpoint is the last epoch's", file=sys.stderr)
         c, h, w = self.model.config.image_shape
         n_params = sum(p.numel() for p in self.model.parameters())
         print(
-            f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / {len(self.test_set)} test, "
+            f"glowflow: training on {self.dataset_name} ({len(self.train_set)} train / "
+            f"{len(self.val_set) if self.val_set is not None else 0} val / {len(self.test_set)} test, "
             f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
             f"{self.dist.world_size} process(es), output {self.output_dir}"
         )
 
-    def _print_epoch(
-        self, epoch: int, row: Dict, totals: StepLoopTotals, train_bpd: float, test_bpd: float, improved: bool
-    ) -> None:
-        """The epoch's line on stdout, after a note on stderr when steps have been skipped."""
+    def _print_epoch(self, epoch: int, row: Dict, totals: StepLoopTotals, improved: bool) -> None:
+        """The epoch's line on stdout, after a note on stderr when steps have been skipped:
+        train, validation (the raw weights' too, with --ema) and test bits/dim."""
         if self.nonfinite_total:
             print(
                 f"note: {self.nonfinite_total} step(s) skipped so far for a non-finite loss or gradient",
                 file=sys.stderr,
             )
-        print(
-            f"epoch {epoch}/{self.run.n_epochs}  step {self.step}  train {train_bpd:.4f} bpd  "
-            f"test {test_bpd:.4f} bpd{' (best)' if improved else ''}  lr {row['lr']:.2e}  "
-            f"{row['images_per_s']:.0f} img/s  {totals.seconds:.1f} s"
-        )
+        parts = [f"epoch {epoch}/{self.run.n_epochs}", f"step {self.step}", f"train {row['train_bpd']:.4f} bpd"]
+        if row["val_bpd"] is not None:
+            parts.append(f"val {row['val_bpd']:.4f} bpd{' (best)' if improved else ''}")
+        if row["raw_val_bpd"] is not None:
+            parts.append(f"val without EMA {row['raw_val_bpd']:.4f} bpd")
+        parts.append(f"test {row['test_bpd']:.4f} bpd")
+        parts += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{totals.seconds:.1f} s"]
+        print("  ".join(parts))
 
     def _make_tracker(self) -> Tracker:
         """metrics.csv, plus wandb and/or TensorBoard as the flags say; when resuming, appends after
@@ -491,12 +560,18 @@ class Trainer:
         self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update(self.model)
         return bpd.detach()
 
     def _model_inputs(self, images: torch.Tensor, labels: torch.Tensor):
         """The batch in model space on the device, dequantised with this step's noise (and first
-        perturbed, with --perturb); the labels when the model is class-conditional, else None."""
+        augmented, with --augment, then perturbed, with --perturb); the labels when the model is
+        class-conditional, else None."""
         run = self.run
+        if run.augment:
+            shifts, flips = augment_draws(images.shape, run.seed, self.step, self.dist.rank, self.dist.world_size)
+            images = shift_and_flip(images, shifts, flips)
         if run.perturb > 0:  # background model of the likelihood-ratio score (Ren et al. 2019)
             generator = torch.Generator().manual_seed(perturb_seed(run.seed, self.step))
             images = perturb(images, run.perturb, generator)
@@ -542,16 +617,20 @@ class Trainer:
 
     @property
     def best_name(self) -> str:
-        """File name of the checkpoint with the best test bits/dim so far."""
+        """File name of the checkpoint with the best validation bits/dim so far (without a
+        validation split: the last epoch's)."""
         return f"Glow_{self.dataset_name}.pt"
 
     def save(self, name: str, **fields) -> Optional[str]:
         """Write checkpoint ``name`` into the output folder (main process only); its path, or None.
-        ``fields`` replace those of :meth:`_checkpoint_fields`."""
+        Its ``model`` is the evaluation model's weights (averaged with --ema; the trained ones are
+        then in ``raw_model``). ``fields`` replace those of :meth:`_checkpoint_fields`."""
         if not self.dist.is_main:
             return None
         fields = {**self._checkpoint_fields(), **fields}
-        return save_checkpoint(os.path.join(self.output_dir, name), self.model, **fields)
+        if self.average is not None:
+            fields["raw_model"] = self.model.state_dict()
+        return save_checkpoint(os.path.join(self.output_dir, name), self.eval_model, **fields)
 
     def _save_last(self, **fields) -> Optional[str]:
         """Write last.pt (the commit point of the run's state) and remember it as the last good one."""
@@ -569,7 +648,8 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             epoch=self.epoch,
             step=self.step,
-            best_test_bpd=self.best_test_bpd,
+            best_val_bpd=self.best_val_bpd,
+            test_bpd_at_best=self.test_at_best,
             nonfinite_steps=self.nonfinite_total,
             nonfinite_in_a_row=self.nonfinite_in_a_row,
         )
@@ -592,12 +672,14 @@ class Trainer:
         """An 8x8 grid of samples at temperature 0.7 (one class per position for a class-conditional
         model) after ``epoch`` epochs, written as samples_epoch<NNN>.png; its path."""
         torch.manual_seed(run_seed_for_samples(self.run.seed, epoch))
+        model = self.eval_model
         y = None
-        if self.model.config.y_condition and not self.model.config.y_multilabel:
-            y = torch.arange(64, device=self.device) % self.model.config.num_classes
-        self.model.eval()
-        x = self.model.sample(64, temperature=0.7, y=y)
-        self.model.train()
+        if model.config.y_condition and not model.config.y_multilabel:
+            y = torch.arange(64, device=self.device) % model.config.num_classes
+        was_training = model.training
+        model.eval()
+        x = model.sample(64, temperature=0.7, y=y)
+        model.train(was_training)
         path = os.path.join(self.output_dir, f"samples_epoch{epoch:03d}.png")
         save_grid(x, self.model.config.n_bits, path, nrow=8)
         print(f"saved {path}")
@@ -750,7 +832,10 @@ RESUME_OVERRIDES = (
     "max_eval_images",
     "compile",
     "amp",
+    "grad_checkpoint",
 )
+# What a checkpoint written before a field existed means by its absence (not the new default).
+LEGACY_RUN_FIELDS = {"val_size": 0}  # no validation split: such runs trained on the whole training split
 
 
 def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
@@ -762,6 +847,7 @@ def resumed_config(stored: Dict, current: RunConfig) -> RunConfig:
     """
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
+    values.update({k: v for k, v in LEGACY_RUN_FIELDS.items() if k not in stored})
     values.update({k: getattr(current, k) for k in RESUME_OVERRIDES})
     if current.output_dir is None:
         values["output_dir"] = os.path.dirname(current.resume) or os.curdir
@@ -780,6 +866,12 @@ def noise_seed(seed: int, step: int) -> int:
 def perturb_seed(seed: int, step: int) -> int:
     """--perturb's pixel replacement in optimizer step ``step``."""
     return seed * SEED_STRIDE + step + 7
+
+
+def augment_seed(seed: int, step: int) -> int:
+    """--augment's shifts and flips in optimizer step ``step``: 2**40 above the step's noise seed,
+    away from every other stream of the same run seed."""
+    return seed * SEED_STRIDE + step + 2**40
 
 
 def actnorm_seed(seed: int) -> int:
@@ -809,6 +901,45 @@ def step_noise(shape, n_bits: int, seed: int, step: int, rank: int, world_size: 
     generator = torch.Generator().manual_seed(noise_seed(seed, step))
     noise = dequantization_noise(global_shape, n_bits, generator)[rank::world_size]
     return noise.to(device, non_blocking=True)
+
+
+def augment_draws(shape, seed: int, step: int, rank: int, world_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(shifts (N, 2) whole pixels, flips (N,) bools) of this process's share of global step
+    ``step`` for images of ``shape`` (N, C, H, W): each shift uniform in -s..s with
+    s = max(1, floor(AUGMENT_SHIFT_FRACTION * side)); flips with probability 1/2, and only for RGB
+    images. Drawn for the whole global batch from a generator seeded by (seed, step), as the noise is."""
+    n, c, h, w = shape
+    generator = torch.Generator().manual_seed(augment_seed(seed, step))
+    limits = torch.tensor([max(1, math.floor(AUGMENT_SHIFT_FRACTION * side)) for side in (h, w)])
+    unit = torch.rand((n * world_size, 2), generator=generator)
+    shifts = torch.minimum((unit * (2 * limits + 1)).floor().long() - limits, limits)
+    flips = torch.rand(n * world_size, generator=generator) < 0.5
+    if c != 3:
+        flips = torch.zeros_like(flips)
+    return shifts[rank::world_size], flips[rank::world_size]
+
+
+class WeightAverage:
+    """Polyak averaging (``--ema DECAY``), as openai/glow evaluates its models: a copy of the model
+    whose parameters follow ``average = decay * average + (1 - decay) * weights`` after every
+    optimizer step, and whose buffers (ActNorm's initialised flags, shuffle orders, the LU
+    decomposition's fixed parts) are copied. It starts from the weights it is made from (after
+    ActNorm's initialisation)."""
+
+    def __init__(self, model: Glow, decay: float):
+        self.decay = decay
+        self.model = Glow.from_config(model.config).to(next(model.parameters()).device)
+        self.model.load_state_dict(model.state_dict())
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: Glow) -> None:
+        average = list(self.model.parameters())
+        torch._foreach_mul_(average, self.decay)
+        torch._foreach_add_(average, [p.detach() for p in model.parameters()], alpha=1.0 - self.decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
 
 def max_abs(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -875,6 +1006,8 @@ def _stack_labels(labels) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+SPLIT_WORDS = {"val": "validation", "raw_val": "validation (raw weights, without EMA)", "test": "test"}
 
 
 @torch.inference_mode()

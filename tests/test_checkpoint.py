@@ -132,7 +132,9 @@ def _first_state(key, value):
 MALFORMED_TRAINING_STATE = [
     ("epoch text", _set("epoch", "3"), "epoch must be an integer"),
     ("step negative", _set("step", -1), "step must be an integer from 0"),
-    ("best nan", _set("best_test_bpd", math.nan), "best_test_bpd must be a number"),
+    ("best nan", _set("best_val_bpd", math.nan), "best_val_bpd must be a number"),
+    ("old best nan", _set("best_test_bpd", math.nan), "best_test_bpd must be a number"),
+    ("test at best nan", _set("test_bpd_at_best", math.nan), "test_bpd_at_best must be a number"),
     ("optimizer text", _set("optimizer", "abc"), "optimizer must be a dict"),
     ("lr text", _set_group("lr", "fast"), "parameter group field 'lr'"),
     ("betas", _set_group("betas", (0.9,)), "parameter group field 'betas'"),

@@ -708,7 +708,7 @@ def test_custom_flat_grey_folder(tmp_path):
         Image.fromarray(np.full((20, 24), 40 * k, dtype=np.uint8), mode="L").save(tmp_path / f"{k}.png")
     info = dataset_info(str(tmp_path))
     assert info.image_shape == (1, 20, 20) and info.num_classes == 1  # shorter side, centre crop
-    ds = load_dataset(str(tmp_path), "test", image_size=16)
+    ds = load_dataset(str(tmp_path), "all", image_size=16)
     images, labels = all_items(ds)
     check_images(images, (1, 16, 16))
     assert labels.tolist() == [0, 0, 0]
@@ -719,18 +719,18 @@ def test_custom_npz(tmp_path):
     rng = np.random.default_rng(5)
     grey = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "grey.npz", images=grey, labels=np.array([3, 1, 0, 3, 2]))
-    ds = load_dataset(str(tmp_path / "grey.npz"), "train")
+    ds = load_dataset(str(tmp_path / "grey.npz"), "all")
     images, labels = all_items(ds)
     assert ds.info == DatasetInfo(str(tmp_path / "grey.npz"), (1, 28, 28), 4, False)
     assert torch.equal(images[:, 0], torch.from_numpy(grey).float() / 255)
     assert labels.tolist() == [3, 1, 0, 3, 2] and labels.dtype == torch.int64
-    resized = load_dataset(str(tmp_path / "grey.npz"), "test", image_size=32, divisor=8)
+    resized = load_dataset(str(tmp_path / "grey.npz"), "all", image_size=32, divisor=8)
     expected = torch.stack([seed_transform(32)(Image.fromarray(a)) for a in grey])
     assert torch.equal(all_items(resized)[0], expected)
 
     rgb = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
     np.savez_compressed(tmp_path / "rgb.npz", images=rgb)  # no labels: all 0
-    ds = load_dataset(str(tmp_path / "rgb.npz"), "test")
+    ds = load_dataset(str(tmp_path / "rgb.npz"), "all")
     images, labels = all_items(ds)
     assert torch.equal(images, torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255)
     assert labels.tolist() == [0] * 4 and ds.info.num_classes == 1
@@ -738,13 +738,13 @@ def test_custom_npz(tmp_path):
     wide = rng.integers(0, 256, (2, 20, 24), dtype=np.uint8)  # not square: the centre 20x20 is kept
     np.savez(tmp_path / "wide.npz", images=wide)
     assert torch.equal(
-        all_items(load_dataset(str(tmp_path / "wide.npz"), "train"))[0][:, 0],
+        all_items(load_dataset(str(tmp_path / "wide.npz"), "all"))[0][:, 0],
         torch.from_numpy(wide[:, :, 2:22]).float() / 255,
     )
 
     hot = rng.integers(0, 2, (4, 5))
     np.savez(tmp_path / "multi.npz", images=rgb, labels=hot)
-    ds = load_dataset(str(tmp_path / "multi.npz"), "train")
+    ds = load_dataset(str(tmp_path / "multi.npz"), "all")
     assert ds.info.multilabel and ds.info.num_classes == 5
     assert ds[1][1].dtype == torch.float32 and ds[1][1].tolist() == hot[1].tolist()
 
@@ -760,7 +760,7 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     wide[0, :2] = [-5, 70000]  # beyond 16 bits: clipped
     Image.fromarray(wide).save(tmp_path / "c_int32.tif")
     assert Image.open(tmp_path / "c_int32.tif").mode == "I"
-    ds = load_dataset(str(tmp_path), "train")
+    ds = load_dataset(str(tmp_path), "all")
     assert ds.info.image_shape == (1, 32, 32)
     images, _ = all_items(ds)
     check_images(images, (1, 32, 32))
@@ -772,7 +772,7 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     assert pixels[2, 0, 0] == 0 and pixels[2, 0, 1] == 255 and np.array_equal(pixels[2, 1:], expected[1:])
     # an RGB dataset reads a 16-bit grey image as the same grey in all three channels
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "0_rgb.png")
-    rgb = all_items(load_dataset(str(tmp_path), "train"))[0]
+    rgb = all_items(load_dataset(str(tmp_path), "all"))[0]
     assert rgb.shape[1] == 3 and torch.equal(rgb[1], images[0].expand(3, -1, -1))
 
 
@@ -784,7 +784,7 @@ def test_symbolic_link_loops_list_each_image_once(tmp_path):
     os.symlink(".", flat / "loop")  # a link to itself: no class, nothing listed twice
     listed = readers.list_images(str(flat))
     assert [os.path.basename(p) for p in listed] == ["0.png", "1.png", "2.png", "3.png"], listed
-    ds = load_dataset(str(flat), "train")
+    ds = load_dataset(str(flat), "all")
     assert len(ds) == 4 and ds.info.num_classes == 1
     means = [round(float(ds[i][0].mean()) * 255) for i in range(len(ds))]
     assert means == [0, 60, 120, 180] and all(int(ds[i][1]) == 0 for i in range(4))
@@ -798,7 +798,7 @@ def test_symbolic_link_loops_list_each_image_once(tmp_path):
     os.symlink("..", pets / "cat" / "up")  # a link above the class folder: a loop, not followed
     os.symlink("..", pets / "dog" / "more" / "up")  # a link back to the class folder
     os.symlink(str(pets / "dog" / "more"), pets / "dog" / "same")  # the same folder twice: listed once
-    ds = load_dataset(str(pets), "train")
+    ds = load_dataset(str(pets), "all")
     assert ds.info.num_classes == 2 and len(ds) == 4
     assert [int(ds[i][1]) for i in range(4)] == [0, 0, 1, 1]
     assert [round(float(ds[i][0].mean()) * 255) for i in range(4)] == [0, 10, 100, 110]
@@ -827,12 +827,12 @@ def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path, monke
     assert bomb.stat().st_size < 1000
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b_fine.png")
     with pytest.raises(GlowflowError) as err:
-        load_dataset(str(folder), "train")
+        load_dataset(str(folder), "all")
     message = str(err.value)
     assert f"refused image {bomb}" in message and "pixels" in message and "\n" not in message
 
     bomb.rename(folder / "c_bomb.png")  # not the first image: refused when it is read
-    ds = load_dataset(str(folder), "train")
+    ds = load_dataset(str(folder), "all")
     assert ds[0][0].shape == (1, 8, 8)
     with pytest.raises(GlowflowError, match=f"refused image {folder / 'c_bomb.png'}"):
         ds[1]
@@ -842,7 +842,7 @@ def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path, monke
     warned = folder / "d_warned.png"
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(warned)  # 1600 pixels
     (folder / "c_bomb.png").unlink()
-    ds = load_dataset(str(folder), "train")
+    ds = load_dataset(str(folder), "all")
     with pytest.raises(GlowflowError, match=f"refused image {warned}: .*1600 pixels"):
         ds[1]
 
@@ -871,7 +871,7 @@ def test_errors_are_clear(tmp_path):
     (tmp_path / "later").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "later" / "a.png")
     (tmp_path / "later" / "b.png").write_bytes(b"not an image")
-    later = load_dataset(str(tmp_path / "later"), "train")
+    later = load_dataset(str(tmp_path / "later"), "all")
     assert later[0][0].shape == (1, 8, 8)
     with pytest.raises(GlowflowError, match=r"cannot read image .*b\.png"):
         later[1]

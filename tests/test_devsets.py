@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from glowflow.data import dataset_info, load_dataset
+from glowflow.data.partition import held_out_test
 from glowflow.errors import GlowflowError
 from tests.helpers import write_smooth_npz
 
@@ -34,7 +35,7 @@ def test_noise_and_constant_are_seeded():
 
 def test_class_subsets_and_flips_of_a_real_format(tmp_path):
     path = write_smooth_npz(tmp_path / "set.npz", n=60, num_classes=3)
-    labels = np.load(path)["labels"]
+    labels = np.load(path)["labels"][held_out_test(60, path)[0]]  # the training split: all but the test tenth
     subset = load_dataset(f"{path}:classes=0,2", "train")
     assert len(subset) == int(np.isin(labels, [0, 2]).sum())
     assert {int(subset[i][1]) for i in range(len(subset))} <= {0, 2}

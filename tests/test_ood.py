@@ -538,7 +538,7 @@ def test_outlier_sets_with_one_file_name_get_their_own_reports(trained, tmp_path
     settings = ood.OutlierDetectionSettings(
         output_dir=str(out_dir), in_name="smooth", statistics=ood.StatisticsSettings(progress=False)
     )
-    loaders = {path: make_loader(load_dataset(path, "test"), batch_size=64, shuffle=False) for path in paths.values()}
+    loaders = {path: make_loader(load_dataset(path, "all"), batch_size=64, shuffle=False) for path in paths.values()}
     reports = ood.run_outlier_detection(
         model, _loader(data["test"], 64), _loader(data["train"], 256), loaders, settings
     )

@@ -37,7 +37,7 @@ def _same_weights(a, b):
 
 def _rows(folder):
     lines = (folder / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "epoch,step,train_bpd,test_bpd,lr,images_per_s,seconds"
+    assert lines[0] == "epoch,step,train_bpd,val_bpd,test_bpd,raw_val_bpd,lr,images_per_s,seconds"
     return [line.split(",") for line in lines[1:]]
 
 
@@ -115,14 +115,14 @@ def test_a_kill_at_any_point_of_the_epoch_writes_loses_nothing(smooth, uninterru
 
     # metrics.csv: exactly one row per epoch, the uninterrupted run's (but for timings)
     rows, expected = _rows(run), _rows(uninterrupted)
-    assert [r[:5] for r in rows] == [r[:5] for r in expected]
+    assert [r[:7] for r in rows] == [r[:7] for r in expected]
 
-    # the best checkpoint is on disk, and it is the one the run reports
+    # the best checkpoint is on disk, and it is the one the run reports: chosen on validation
     best = torch.load(run / "Glow_smooth.pt", weights_only=True)
-    reported = float(out.split("done: best test bits/dim ")[1].split(";")[0])
-    assert best["best_test_bpd"] == pytest.approx(reported, abs=5e-5)
-    assert best["best_test_bpd"] == torch.load(run / "last.pt", weights_only=True)["best_test_bpd"]
-    assert best["best_test_bpd"] == pytest.approx(min(float(r[3]) for r in rows), abs=1e-6)
+    reported = float(out.split("done: best validation bits/dim ")[1].split()[0])
+    assert best["best_val_bpd"] == pytest.approx(reported, abs=5e-5)
+    assert best["best_val_bpd"] == torch.load(run / "last.pt", weights_only=True)["best_val_bpd"]
+    assert best["best_val_bpd"] == pytest.approx(min(float(r[3]) for r in rows), abs=1e-6)
     assert _same_weights(run / "Glow_smooth.pt", uninterrupted / "Glow_smooth.pt")
 
     # and the final weights are the uninterrupted run's, bit for bit; so are the sample grids
@@ -136,7 +136,7 @@ def test_resume_drops_metrics_rows_beyond_the_checkpoint(tmp_path):
 
     path = tmp_path / "metrics.csv"
     header = ",".join(METRIC_COLUMNS)
-    lines = [header, "0,4,7,7,0.1,1,1", "1,6,7,7,0.1,1,1", "2,12,7,7,0.1,1,1", "2,12,7,7"]
+    lines = [header, "0,4,7,7,7,,0.1,1,1", "1,6,7,7,7,,0.1,1,1", "2,12,7,7,7,,0.1,1,1", "2,12,7,7"]
     path.write_text("\r\n".join(lines) + "\r\n")
     assert drop_rows_after(str(path), 1, 6) == 2  # the row beyond step 6, and the one with too few values
     assert path.read_text().splitlines() == lines[:3]
@@ -219,7 +219,7 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes(smooth, tmp_path, cap
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted at step" in err and f"--resume {run / 'last.pt'}" in err
     saved = torch.load(run / "last.pt", weights_only=True)
-    assert saved["step"] >= 6
+    assert saved["step"] >= 4  # an epoch: 77 of smooth's 96 images train (10 test, 9 validation)
 
     # resumed past the next epoch's end (the lock went with the killed process): the weights of an
     # uninterrupted run, and one metrics row per epoch
@@ -285,8 +285,8 @@ def test_non_finite_steps_in_a_row_are_counted_across_epochs_and_resumes(smooth,
     # every training step is non-finite; evaluation (Glow.log_prob) stays finite
     monkeypatch.setattr(Glow, "forward", lambda self, x, y=None: (real_forward(self, x, y)[0] * float("nan"), None))
     run = tmp_path / "nan"
-    argv = ["--train", "--dataset", smooth, "--output_dir", str(run), *ARCH, "--batch_size", "32"]
-    argv += ["--sample_and_save_freq", "0"]  # 3 steps an epoch, at most 5 skipped in a row
+    argv = ["--train", "--dataset", smooth, "--output_dir", str(run), *ARCH, "--batch_size", "24"]
+    argv += ["--sample_and_save_freq", "0"]  # 3 steps an epoch (77 training images), at most 5 skipped in a row
     assert main([*argv, "--n_epochs", "1"]) == 0
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["nonfinite_steps"] == 3 and payload["nonfinite_in_a_row"] == 3
@@ -319,7 +319,7 @@ def test_a_non_finite_evaluation_stops_the_run_and_keeps_the_last_good_checkpoin
         result = real_log_prob(self, x, y)
         if not self.training:
             evaluations["n"] += 1
-            if evaluations["n"] > 1:  # the first epoch's evaluation is finite, the second's is not
+            if evaluations["n"] > 2:  # the first epoch's evaluations (validation, test) are finite, the second's not
                 return result * float("inf")
         return result
 
@@ -327,11 +327,11 @@ def test_a_non_finite_evaluation_stops_the_run_and_keeps_the_last_good_checkpoin
     run = tmp_path / "inf"
     code = main(["--train", "--dataset", smooth, "--output_dir", str(run), "--n_epochs", "3", *TINY])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and "the test bits/dim after step 12 is" in err and "training diverged" in err, err
+    assert code == 2 and "the validation bits/dim after step 8 is" in err and "training diverged" in err, err
     assert f"the last good checkpoint is kept in {run} (last.pt)" in err
     for name in ("last.pt", "Glow_smooth.pt"):
         payload = torch.load(run / name, weights_only=True)
-        assert payload["epoch"] == 1 and payload["step"] == 6 and np.isfinite(payload["best_test_bpd"]), name
+        assert payload["epoch"] == 1 and payload["step"] == 4 and np.isfinite(payload["best_val_bpd"]), name
     assert [r[0] for r in _rows(run)] == ["1"]
 
 

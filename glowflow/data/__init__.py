@@ -10,13 +10,16 @@ pixels back exactly), ``label`` an int64 scalar (a float32 multi-hot vector for 
 
 Modules, imports running one way: ``resolve`` (load by name or path) imports ``specs`` (the 13
 names), ``custom`` (the user's files) and ``devsets`` (development sets); ``specs`` imports
-``readers`` (one per on-disk format); all of them import ``datasets`` (the dataset classes, image
-crop and resize). ``loaders`` (DataLoader, training sampler) imports none of them.
+``readers`` (one per on-disk format); ``custom`` imports ``partition`` (the train/validation/test
+cuts: the test split held out of data without one, the validation split carved from a training
+split); all of them import ``datasets`` (the dataset classes, image crop and resize). ``loaders``
+(DataLoader, training sampler) imports none of them.
 """
 
 from glowflow.data.datasets import DatasetInfo, ImageFileDataset, ImageTensorDataset, match_shape
 from glowflow.data.devsets import SYNTHETIC, is_derived
 from glowflow.data.loaders import EpochSampler, make_loader
+from glowflow.data.partition import resolve_val_size, split_validation, subset
 from glowflow.data.resolve import SPLITS, dataset_info, load_dataset
 from glowflow.data.specs import DATASET_NAMES
 
@@ -33,4 +36,7 @@ __all__ = [
     "load_dataset",
     "make_loader",
     "match_shape",
+    "resolve_val_size",
+    "split_validation",
+    "subset",
 ]

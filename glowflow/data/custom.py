@@ -2,6 +2,12 @@
 
 :func:`custom_dataset` gives (DatasetInfo, build(data_root, download) -> Dataset) for a path,
 reading no more than it needs for the info (the first image of a folder; a .npz's arrays).
+
+This is where data is found to lack a test split (a folder without train/ and test/ sub-folders,
+an .npz without ``train_``/``test_`` arrays): its test split is then a fixed tenth of its images,
+held out by :func:`glowflow.data.partition.held_out_test`, and its training split the rest; the
+dataset of either split says so in ``held_out_from`` (the number of images partitioned). The split
+``"all"`` is every image, unpartitioned (for looking at a file's contents; never for training).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from glowflow.data.datasets import (
     open_image,
     square_resize,
 )
+from glowflow.data.partition import held_out_test
 from glowflow.errors import GlowflowError
 
 Build = Callable[[str, bool], Dataset]
@@ -55,11 +62,13 @@ def _subfolder(root: str, names: Sequence[str]) -> Optional[str]:
 def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
     """One sub-folder per class (label = its index in sorted order; a link back to the folder or
     above it is no class), or images directly in the folder (label 0). With train/ and test/ (or
-    val/) sub-folders those are the two splits; otherwise both splits are the whole folder.
-    Image shape: the first image's mode (grey or RGB) and its shorter side, unless image_size is
-    given."""
+    val/) sub-folders those are the two splits; otherwise the test split is a fixed tenth of the
+    images (:func:`held_out_test`) and the training split the rest. Image shape: the first
+    image's mode (grey or RGB) and its shorter side, unless image_size is given."""
     split_dirs = {"train": _subfolder(path, ["train"]), "test": _subfolder(path, ["test", "val"])}
     if any(split_dirs.values()):
+        if split not in split_dirs:
+            raise GlowflowError(f"{path} has train/test sub-folders: load its splits by name, not {split!r}")
         folder = split_dirs[split]
         if folder is None:
             raise GlowflowError(
@@ -68,7 +77,7 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
             )
         tops = [d for d in split_dirs.values() if d]
     else:
-        folder, tops = path, [path]
+        folder, tops = None, [path]
     classes = sorted(
         {
             d
@@ -79,30 +88,54 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
             and not loops_back(os.path.join(top, d), top)
         }
     )
+    listed = folder or path
     if classes:
-        samples = [(p, i) for i, c in enumerate(classes) for p in list_images(os.path.join(folder, c))]
+        samples = [(p, i) for i, c in enumerate(classes) for p in list_images(os.path.join(listed, c))]
     else:
-        samples = [(p, 0) for p in list_images(folder)]
+        samples = [(p, 0) for p in list_images(listed)]
     if not samples:
         raise GlowflowError(
-            f"no images in {folder}: expected one sub-folder per class, or image files "
+            f"no images in {listed}: expected one sub-folder per class, or image files "
             f"({' '.join(IMAGE_EXTENSIONS)}) directly in it"
         )
     first = open_image(samples[0][0])
     channels = 1 if first.mode in GREY_MODES else 3
     size = image_size or min(first.size)
     info = DatasetInfo(path, (channels, size, size), max(len(classes), 1), False)
-    return info, lambda data_root, download: ImageFileDataset(ImageList(samples), info)
+
+    def build(data_root: str, download: bool) -> Dataset:
+        held_out_from, chosen = None, samples
+        if folder is None and split != "all":  # no split of its own: hold out a fixed test split
+            held_out_from = len(samples)
+            chosen = [samples[i] for i in _split_indices(len(samples), split, path)]
+        return _mark(ImageFileDataset(ImageList(chosen), info), held_out_from)
+
+    return info, build
+
+
+def _split_indices(n: int, split: str, name: str):
+    """The indices of ``split`` among ``n`` images that come without a test split."""
+    train, test = held_out_test(n, name)
+    return test if split == "test" else train
+
+
+def _mark(dataset: Dataset, held_out_from: Optional[int]) -> Dataset:
+    """``dataset`` with ``held_out_from``: the number of images its split was held out of, or None."""
+    dataset.held_out_from = held_out_from
+    return dataset
 
 
 def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
     """``images`` uint8 (N, H, W) or (N, H, W, C) and optional ``labels``: (N,) integers or (N, K)
-    multi-hot. Per-split ``train_images``/``test_images`` (with ``train_labels``/``test_labels``)
-    are used when there is no ``images``. Read with allow_pickle=False."""
+    multi-hot, partitioned into a fixed test tenth and a training rest (:func:`held_out_test`).
+    Per-split ``train_images``/``test_images`` (with ``train_labels``/``test_labels``) are used
+    when there is no ``images``. Read with allow_pickle=False."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             prefix = "" if "images" in keys else f"{split}_"
+            if prefix and split not in ("train", "test"):
+                raise GlowflowError(f"{path} has train_/test_ arrays: load its splits by name, not {split!r}")
             if f"{prefix}images" not in keys:
                 raise GlowflowError(
                     f"{path} has no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'}); expected "
@@ -144,9 +177,15 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
     info = DatasetInfo(path, (images.shape[1], size, size), num_classes, multilabel)
 
     def build(data_root: str, download: bool) -> Dataset:
-        pixels = square_resize(torch.from_numpy(np.ascontiguousarray(images)), size)
-        return ImageTensorDataset(
-            pixels, torch.from_numpy(labels).to(torch.float32 if multilabel else torch.int64), info
+        held_out_from, chosen, chosen_labels = None, images, labels
+        if not prefix and split != "all":  # one array for both splits: hold out a fixed test split
+            held_out_from = n
+            keep = _split_indices(n, split, path)
+            chosen, chosen_labels = images[keep], labels[keep]
+        pixels = square_resize(torch.from_numpy(np.ascontiguousarray(chosen)), size)
+        dataset = ImageTensorDataset(
+            pixels, torch.from_numpy(chosen_labels).to(torch.float32 if multilabel else torch.int64), info
         )
+        return _mark(dataset, held_out_from)
 
     return info, build

@@ -31,6 +31,7 @@ from glowflow.data.specs import DATASET_NAMES, SPECS, DatasetSpec
 from glowflow.errors import GlowflowError
 
 SPLITS = ("train", "test")
+ALL = "all"  # every image of your own folder or .npz without splits of its own, unpartitioned
 # Seconds any one socket operation may block during a library download.
 DOWNLOAD_TIMEOUT_S = 15.0
 Build = custom.Build  # build(data_root, download) -> Dataset
@@ -55,13 +56,17 @@ def load_dataset(
     """The preprocessed ``split`` ("train" or "test") of a named dataset, folder or .npz file.
 
     "test" is the dataset's labelled evaluation split (val for Tiny-ImageNet, Places365 and
-    ImageNet). ``divisor`` (2**L) must divide the image size; that is checked before any image is
+    ImageNet; a fixed held-out tenth of a folder or .npz without a test split of its own, whose
+    training split is the rest). "all" is every image of such a folder or .npz.
+    ``divisor`` (2**L) must divide the image size; that is checked before any image is
     read or resized. The result has ``.info`` (:class:`DatasetInfo`) and yields (float32 image
     (C, H, W) in [0, 1], label). Raises GlowflowError for anything the user can fix: an unknown
     name, a missing or unreadable file, a bad size.
     """
-    if split not in SPLITS:
+    if split not in SPLITS and split != ALL:
         raise GlowflowError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == ALL and (name_or_path in SPECS or devsets.is_derived(name_or_path)):
+        raise GlowflowError(f"{name_or_path}: the split 'all' is only for your own folders and .npz files")
     info, build = _resolve(name_or_path, split, image_size)
     size = info.image_shape[1]
     if divisor < 1 or size % divisor:
