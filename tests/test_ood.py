@@ -643,3 +643,32 @@ def test_dos_statistics_can_be_chosen_by_group():
     assert ref.dos_features == ("logdet",)
     far = dict(train, logdet=train["logdet"] + 100.0)  # only the chosen statistic moves: dos sees it
     assert ood.outlier_scores(far, ref)["dos"].min() > ood.outlier_scores(train, ref)["dos"].max()
+
+
+def test_an_outlier_file_without_splits_is_scored_whole(tmp_path):
+    """An outlier .npz without a test split of its own contributes every image, not a held-out tenth."""
+    from glowflow.cli import main
+    from tests.helpers import write_noise_npz, write_smooth_npz
+
+    data = write_smooth_npz(tmp_path / "smooth.npz", n=64, size=16)
+    noise = write_noise_npz(tmp_path / "noise.npz", n=40, size=16)
+    checkpoint = os.path.join(os.path.dirname(__file__), "legacy", "cond_lu_shuffle_additive_5bit.pt")
+    out = tmp_path / "ood"
+    code = main(
+        [
+            "--outlier_detection",
+            "--checkpoint",
+            checkpoint,
+            "--dataset",
+            data,
+            "--out_dataset",
+            noise,
+            "--output_dir",
+            str(out),
+            "--fit_images",
+            "0",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "ood_smooth_vs_noise.json").read_text())
+    assert report["n_out"] == 40

@@ -20,7 +20,7 @@ from glowflow.data.datasets import DatasetInfo, ImageFileDataset, ImageTensorDat
 from glowflow.data.devsets import SYNTHETIC, is_derived
 from glowflow.data.loaders import EpochSampler, make_loader
 from glowflow.data.partition import resolve_val_size, split_validation, subset
-from glowflow.data.resolve import SPLITS, dataset_info, load_dataset
+from glowflow.data.resolve import SPLITS, dataset_info, load_dataset, load_scored_images
 from glowflow.data.specs import DATASET_NAMES
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "dataset_info",
     "is_derived",
     "load_dataset",
+    "load_scored_images",
     "make_loader",
     "match_shape",
     "resolve_val_size",

@@ -77,6 +77,18 @@ def load_dataset(
     return build(data_root, download)
 
 
+def load_scored_images(
+    name_or_path: str, data_root: str = "./data", image_size: Optional[int] = None, divisor: int = 1
+) -> Dataset:
+    """The images an outlier set or ``--score`` is made of: the test split of a dataset that has
+    one of its own, and every image of your own folder or .npz without one (none of them is
+    trained on, so holding out a tenth would only drop images)."""
+    dataset = load_dataset(name_or_path, "test", data_root, image_size, divisor=divisor)
+    if getattr(dataset, "held_out_from", None) is not None:
+        dataset = load_dataset(name_or_path, ALL, data_root, image_size, divisor=divisor)
+    return dataset
+
+
 def _resolve(name_or_path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
     """(DatasetInfo, build(data_root, download) -> dataset) without reading any image."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):

@@ -224,10 +224,11 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
 
 
 def _outlier_set(name: str, run: RunConfig, shape: tuple):
-    """The test split of outlier set ``name`` as images of ``shape`` (C, H, W); a synthetic
-    development set is generated at that size."""
+    """Outlier set ``name`` (:func:`glowflow.data.load_scored_images`: its test split, or every
+    image of a file without one) as images of ``shape`` (C, H, W); a synthetic development set is
+    generated at that size."""
     size = shape[1] if name in data.SYNTHETIC else None
-    return data.match_shape(data.load_dataset(name, "test", run.data_root, size), shape)
+    return data.match_shape(data.load_scored_images(name, run.data_root, size), shape)
 
 
 def _loader(dataset, run: RunConfig, device):

@@ -149,7 +149,7 @@ def load_images_to_score(path: str, run: RunConfig, image_shape: Sequence[int]):
         raise GlowflowError(f"--score: cannot read {path} (permission denied)")
     if os.path.isdir(path) and not os.access(path, os.X_OK):
         raise GlowflowError(f"--score: cannot read {path} (permission denied)")
-    dataset = data.load_dataset(path, "test", run.data_root, image_shape[1])
+    dataset = data.load_scored_images(path, run.data_root, image_shape[1])
     if len(dataset) == 0:
         raise GlowflowError(f"--score: {path} holds no images")
     return dataset if tuple(dataset.info.image_shape) == tuple(image_shape) else data.match_shape(dataset, image_shape)
