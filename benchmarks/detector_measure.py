@@ -1,7 +1,7 @@
 """Measurements behind the README's "deployable detector" numbers, from one checkpoint.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python3 benchmarks/detector_measure.py \
-        --checkpoint /work/runs/fmnist_epoch2.pt --cache /tmp/fmnist_epoch2_stats.npz \
+        --checkpoint fmnist_epoch2.pt --cache /tmp/fmnist_epoch2_stats.npz \
         --json docs/detector_fashionmnist_epoch2.json
 
 One pass over every training image, the test split and each outlier set computes the per-image
