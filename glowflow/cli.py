@@ -157,11 +157,35 @@ def _add_sampling_flags(group) -> None:
         help="Move SOURCE-class images towards TARGET along the class-mean latent difference",
     )
     group.add_argument(
+        "--manipulate_attribute",
+        type=_index_list,
+        default=_RUN.manipulate_attribute,
+        metavar="ATTRIBUTE",
+        help="Attribute manipulation (Glow, section 5), any model: move test images along the mean latent of "
+        "training images with ATTRIBUTE minus those without. ATTRIBUTE: a class, a group of classes "
+        "(e.g. 5,7,9: footwear in Fashion-MNIST) or, for multi-label data, a finding index (or several: any present)",
+    )
+    group.add_argument(
+        "--manipulate_scales",
+        type=float,
+        nargs="+",
+        default=list(_RUN.manipulate_scales),
+        help="Scales of the attribute direction, one column each (0: the test image itself)",
+    )
+    group.add_argument(
         "--n_interpolation_steps",
         type=int,
         default=_RUN.n_interpolation_steps,
         help="Images per interpolation / manipulation row",
     )
+
+
+def _index_list(text: str) -> tuple:
+    """'5,7,9' -> (5, 7, 9): class or finding indices of --manipulate_attribute."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 5,7,9), got {text!r}") from None
 
 
 def _add_outlier_flags(group) -> None:
@@ -183,6 +207,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     values = {k: v for k, v in vars(args).items() if k in fields and not (k == "dataset" and v is None)}
     values["out_dataset"] = tuple(values["out_dataset"])
     values["temperature"] = tuple(values["temperature"])
+    values["manipulate_scales"] = tuple(values["manipulate_scales"])
     if values.get("manipulate") is not None:
         values["manipulate"] = tuple(values["manipulate"])
     run = RunConfig(**values)

@@ -259,6 +259,8 @@ class RunConfig:
     reconstruct: bool = False
     interpolate: bool = False
     manipulate: Optional[Tuple[int, int]] = None
+    manipulate_attribute: Optional[Tuple[int, ...]] = None  # class / finding indices: one attribute
+    manipulate_scales: Tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
     n_interpolation_steps: int = 8
     # outlier detection
     background_checkpoint: Optional[str] = None
@@ -285,6 +287,15 @@ class RunConfig:
             raise GlowflowError(f"temperatures must be non-negative finite numbers, got {list(self.temperature)}")
         if self.manipulate is not None and min(self.manipulate) < 0:
             raise GlowflowError(f"manipulate needs two class numbers (0 or more), got {list(self.manipulate)}")
+        if self.manipulate_attribute is not None and (
+            not self.manipulate_attribute or min(self.manipulate_attribute) < 0
+        ):
+            raise GlowflowError(
+                "manipulate_attribute needs class or finding numbers (0 or more), "
+                f"got {list(self.manipulate_attribute)}"
+            )
+        if not self.manipulate_scales or any(not math.isfinite(s) for s in self.manipulate_scales):
+            raise GlowflowError(f"manipulate_scales must be finite numbers, got {list(self.manipulate_scales)}")
         if not self.dataset:
             raise GlowflowError("dataset must not be empty")
         if not self.out_dataset:
