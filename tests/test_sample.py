@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from glowflow.cli import main
 from glowflow.data import load_dataset
 from glowflow.errors import GlowflowError
 from glowflow.pixels import preprocess
 from glowflow.sample import attribute_direction, attribute_rows, manipulate, manipulate_attribute
-from tests.helpers import randomised_model
+from tests.helpers import randomised_model, write_smooth_npz
 
 
 class _Labelled(torch.utils.data.Dataset):
@@ -183,3 +184,21 @@ def test_an_attribute_every_image_has_is_a_one_line_error():
     dataset = _Labelled(torch.rand(4, 1, 8, 8).double(), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(GlowflowError, match="no images without attribute 0,1"):
         attribute_direction(model, dataset, (0, 1))
+
+
+def test_sample_command_prints_the_check_and_manipulates_an_attribute(tmp_path, capsys):
+    data = write_smooth_npz(tmp_path / "smooth.npz", n=48, size=16)
+    run = tmp_path / "run"
+    train = ["--train", "--dataset", data, "--output_dir", str(run), "--no_wandb", "--batch_size", "16"]
+    tiny = ["--n_epochs", "1", "--max_steps", "2", "--hidden_channels", "8", "--K", "2", "--L", "2"]
+    assert main([*train, *tiny, "--sample_and_save_freq", "0", "--warmup", "1"]) == 0
+    capsys.readouterr()
+    sample = ["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"), "--n_samples", "4"]
+    assert main([*sample, "--manipulate_attribute", "1,2", "--manipulate_scales", "-1", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "samples (T=0.7): 4 drawn, 0 not finite, none redrawn" in out
+    assert "attribute 1,2: mean latent of" in out
+    grid = np.asarray(Image.open(run / "s" / "manipulation_attribute_1_2.png"))
+    assert grid.shape[:2] == (6 * 18 + 2, 3 * 18 + 2)  # 6 test images, 3 scales, 16 pixels + 2 padding
+    assert main([*sample, "--manipulate_attribute", "3"]) == 2  # the data has classes 0..2
+    assert "attribute 3 is outside 0..2" in capsys.readouterr().err
