@@ -135,7 +135,13 @@ def _add_output_flags(group) -> None:
 
 
 def _add_sampling_flags(group) -> None:
-    group.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")
+    group.add_argument(
+        "--n_samples",
+        type=int,
+        default=_RUN.n_samples,
+        help="Samples per grid; samples that are not finite (or pass 100 in absolute value at a level) are "
+        "drawn again, up to 10 rounds, and each grid's count is printed",
+    )
     group.add_argument(
         "--temperature", type=float, nargs="+", default=list(_RUN.temperature), help="One or more sampling temperatures"
     )
@@ -154,7 +160,8 @@ def _add_sampling_flags(group) -> None:
         nargs=2,
         metavar=("SOURCE", "TARGET"),
         default=_RUN.manipulate,
-        help="Move SOURCE-class images towards TARGET along the class-mean latent difference",
+        help="Class-to-class manipulation (class-conditional models): move SOURCE-class test images towards "
+        "TARGET along the difference of the class-mean latents (of test images)",
     )
     group.add_argument(
         "--manipulate_attribute",
@@ -176,7 +183,7 @@ def _add_sampling_flags(group) -> None:
         "--n_interpolation_steps",
         type=int,
         default=_RUN.n_interpolation_steps,
-        help="Images per interpolation / manipulation row",
+        help="Images per interpolation / class-to-class manipulation row",
     )
 
 

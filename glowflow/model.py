@@ -158,21 +158,24 @@ class SampleReport:
         return not any(self.failed)
 
     def describe(self) -> str:
-        """One line: what failed, what was redrawn and what is left."""
+        """One line: what failed, what was redrawn and what is left (what every command prints
+        for a grid of samples; the training's sample grids can print it too)."""
         head = f"{self.n} samples at temperature {self.temperature:g}"
         if self.clean:
-            return f"{head}: all finite and within {self.bound:g} at every level"
+            return f"{head}: all finite and within {self.bound:g} at every level, none redrawn"
         levels = ", ".join(
             f"level {i + 1}: {f} ({nf} not finite)"
             for i, (f, nf) in enumerate(zip(self.failed, self.failed_nonfinite))
             if f
         )
-        text = f"{head}: first draws failed the check (non-finite or |value| > {self.bound:g}) at {levels}"
+        text = f"{head}: first draw failed the check (non-finite or |value| > {self.bound:g}) at {levels}"
         if self.max_rounds:
             text += f"; {self.redrawn} redrawn ({self.redraws} draws in {self.rounds} rounds)"
         else:
             text += "; not redrawn"
         text += f"; {self.left} still failing, {self.nonfinite} not finite in the result"
+        if self.nonfinite:
+            text += " (saved black)"
         return text
 
 

@@ -36,19 +36,10 @@ def _class_condition(model: Glow, cls: int, n: int, device) -> torch.Tensor:
 
 
 def checked_sample(model: Glow, n: int, temperature: float, y: Optional[torch.Tensor] = None, what: str = ""):
-    """``model.sample`` with its default check and redraws, printing the report in one line:
-    always for a failure, and a short line otherwise. Returns the samples (n, C, H, W). For every
-    command that saves samples (the training's sample grids too)."""
+    """``model.sample`` with its default check and redraws, printing its report in one line
+    (:meth:`glowflow.model.SampleReport.describe`). Returns the samples (n, C, H, W)."""
     x, report = model.sample_with_report(n, temperature, y)
-    if report.clean:
-        print(f"samples ({what}T={temperature:g}): {n} drawn, 0 not finite, none redrawn")
-    else:
-        print(f"samples ({what}T={temperature:g}): {report.describe()}")
-    if report.nonfinite:
-        print(
-            f"warning: {report.nonfinite} of {n} samples at T={temperature:g} are still not finite after "
-            f"{report.rounds} rounds of redraws; they are saved black"
-        )
+    print(f"samples ({what}T={temperature:g}): {report.describe()}")
     return x
 
 

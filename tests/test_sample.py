@@ -109,7 +109,7 @@ def test_without_redraw_the_failures_are_returned_and_counted():
     x, report = model.sample_with_report(3, temperature=1.0, redraw=False)
     assert report.nonfinite == 1 and report.left == 1 and report.redrawn == 0
     assert not torch.isfinite(x[0]).all() and torch.isfinite(x[1:]).all()
-    assert "not redrawn" in report.describe()
+    assert "not redrawn" in report.describe() and "1 not finite in the result (saved black)" in report.describe()
 
 
 def test_samples_past_the_bound_are_redrawn_at_most_max_rounds():
@@ -196,7 +196,9 @@ def test_sample_command_prints_the_check_and_manipulates_an_attribute(tmp_path, 
     sample = ["--sample", "--checkpoint", str(run / "last.pt"), "--output_dir", str(run / "s"), "--n_samples", "4"]
     assert main([*sample, "--manipulate_attribute", "1,2", "--manipulate_scales", "-1", "0", "1"]) == 0
     out = capsys.readouterr().out
-    assert "samples (T=0.7): 4 drawn, 0 not finite, none redrawn" in out
+    assert (
+        "samples (T=0.7): 4 samples at temperature 0.7: all finite and within 100 at every level, none redrawn" in out
+    )
     assert "attribute 1,2: mean latent of" in out
     grid = np.asarray(Image.open(run / "s" / "manipulation_attribute_1_2.png"))
     assert grid.shape[:2] == (6 * 18 + 2, 3 * 18 + 2)  # 6 test images, 3 scales, 16 pixels + 2 padding
