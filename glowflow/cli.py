@@ -109,6 +109,13 @@ def _add_architecture_flags(group) -> None:
     )
     group.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS, help="Flow coupling")
     group.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
+    group.add_argument(
+        "--coupling_scale_min",
+        type=float,
+        default=_ARCH.coupling_scale_min,
+        help="Lower bound of the affine coupling's scale: s_min + (1 - s_min) * sigmoid(raw + 2) (0: the paper's "
+        "sigmoid(raw + 2)); bounds what a reverse coupling can multiply a value by (docs/sampling.md)",
+    )
     group.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
     group.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")
     group.add_argument(
@@ -239,6 +246,7 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
         flow_permutation=args.flow_permutation,
         flow_coupling=args.flow_coupling,
         LU_decomposed=args.LU_decomposed,
+        coupling_scale_min=args.coupling_scale_min,
         learn_top=args.learn_top,
         y_condition=args.y_condition,
         num_classes=num_classes,

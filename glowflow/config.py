@@ -97,6 +97,9 @@ class GlowConfig:
     y_condition: class-conditional top prior plus a classifier head on the top latent.
     num_classes: classes for y_condition.
     y_multilabel: labels are multi-hot (e.g. ChestMNIST): the classifier uses binary cross-entropy.
+    coupling_scale_min: lower bound of the affine coupling's scale, which becomes
+    s_min + (1 - s_min) * sigmoid(raw + 2); 0 (default) is the paper's sigmoid(raw + 2). A bound
+    caps what one reverse coupling can multiply a value by at 1 / s_min (docs/sampling.md).
     """
 
     image_shape: Tuple[int, int, int] = (1, 32, 32)
@@ -112,6 +115,7 @@ class GlowConfig:
     num_classes: int = 10
     y_multilabel: bool = False
     n_bits: int = 8
+    coupling_scale_min: float = 0.0
 
     def __post_init__(self):
         check_field_types(self, self.__dict__)
@@ -146,6 +150,8 @@ class GlowConfig:
             raise GlowflowError(f"hidden_channels must be at least 1, got {self.hidden_channels}")
         if not (math.isfinite(self.actnorm_scale) and self.actnorm_scale > 0):
             raise GlowflowError(f"actnorm_scale must be a positive finite number, got {self.actnorm_scale}")
+        if not (math.isfinite(self.coupling_scale_min) and 0.0 <= self.coupling_scale_min < 1.0):
+            raise GlowflowError(f"coupling_scale_min must be in [0, 1), got {self.coupling_scale_min}")
         if self.num_classes < 1:
             raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
         factor = 2**self.L

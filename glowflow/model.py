@@ -217,6 +217,7 @@ class Glow(nn.Module):
                         cfg.flow_permutation,
                         cfg.flow_coupling,
                         cfg.LU_decomposed,
+                        cfg.coupling_scale_min,
                     )
                     for _ in range(cfg.K)
                 )
