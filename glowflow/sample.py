@@ -271,6 +271,13 @@ def manipulate_attribute(
     )
     x = preprocess(_first_images(test_set, n_images), model.config.n_bits).to(device)
     rows = attribute_rows(model, x, direction, scales)
+    bad = ~torch.isfinite(rows).flatten(1).all(dim=1).view(len(x), len(scales))
+    if bool(bad.any()):  # the reverse pass left the floats: said, not silently saved black
+        per_scale = ", ".join(f"{s:g}: {int(k)}" for s, k in zip(scales, bad.sum(0).tolist()) if k)
+        print(
+            f"warning: {int(bad.sum())} of {bad.numel()} manipulated images are not finite (saved black); "
+            f"per scale {per_scale} (docs/sampling.md)"
+        )
     return _save(model, rows, output_dir, f"manipulation_attribute_{name}.png", len(scales))
 
 
