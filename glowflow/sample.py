@@ -218,17 +218,16 @@ def attribute_direction(
     if not num_classes:  # a dataset without its info: the classes its labels show
         num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
     with_it = has_attribute(labels, attribute, num_classes)
-    groups = []
+    means, counts = [], []
     for mask, name in ((with_it, "with"), (~with_it, "without")):
         indices = mask.nonzero().squeeze(1)[:max_per_group].tolist()
         if not indices:
             raise GlowflowError(
                 f"no images {name} attribute {','.join(map(str, attribute))} to estimate its mean latent"
             )
-        groups.append(_mean_latents(model, [dataset[i][0] for i in indices], batch_size, device))
-        groups[-1] = (groups[-1], len(indices))
-    (mean_with, n_with), (mean_without, n_without) = groups
-    return [a - b for a, b in zip(mean_with, mean_without)], n_with, n_without
+        means.append(_mean_latents(model, [dataset[i][0] for i in indices], batch_size, device))
+        counts.append(len(indices))
+    return [a - b for a, b in zip(*means)], counts[0], counts[1]
 
 
 @torch.no_grad()
