@@ -150,6 +150,13 @@ def _add_architecture_flags(group) -> None:
     )
     group.add_argument("--flow_coupling", default=_ARCH.flow_coupling, choices=FLOW_COUPLINGS, help="Flow coupling")
     group.add_argument("--LU_decomposed", action="store_true", help="Train with LU decomposed 1x1 convs")
+    group.add_argument(
+        "--coupling_scale_min",
+        type=float,
+        default=_ARCH.coupling_scale_min,
+        help="Lower bound of the affine coupling's scale: s_min + (1 - s_min) * sigmoid(raw + 2) (0: the paper's "
+        "sigmoid(raw + 2)); bounds what a reverse coupling can multiply a value by (docs/sampling.md)",
+    )
     group.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
     group.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")
     group.add_argument(
@@ -176,7 +183,13 @@ def _add_output_flags(group) -> None:
 
 
 def _add_sampling_flags(group) -> None:
-    group.add_argument("--n_samples", type=int, default=_RUN.n_samples, help="Samples per grid")
+    group.add_argument(
+        "--n_samples",
+        type=int,
+        default=_RUN.n_samples,
+        help="Samples per grid; samples that are not finite (or pass 100 in absolute value at a level) are "
+        "drawn again, up to 10 rounds, and each grid's count is printed",
+    )
     group.add_argument(
         "--temperature", type=float, nargs="+", default=list(_RUN.temperature), help="One or more sampling temperatures"
     )
@@ -195,14 +208,39 @@ def _add_sampling_flags(group) -> None:
         nargs=2,
         metavar=("SOURCE", "TARGET"),
         default=_RUN.manipulate,
-        help="Move SOURCE-class images towards TARGET along the class-mean latent difference",
+        help="Class-to-class manipulation (class-conditional models): move SOURCE-class test images towards "
+        "TARGET along the difference of the class-mean latents (of test images)",
+    )
+    group.add_argument(
+        "--manipulate_attribute",
+        type=_index_list,
+        default=_RUN.manipulate_attribute,
+        metavar="ATTRIBUTE",
+        help="Attribute manipulation (Glow, section 5), any model: move test images along the mean latent of "
+        "training images with ATTRIBUTE minus those without. ATTRIBUTE: a class, a group of classes "
+        "(e.g. 5,7,9: footwear in Fashion-MNIST) or, for multi-label data, a finding index (or several: any present)",
+    )
+    group.add_argument(
+        "--manipulate_scales",
+        type=float,
+        nargs="+",
+        default=list(_RUN.manipulate_scales),
+        help="Scales of the attribute direction, one column each (0: the test image itself)",
     )
     group.add_argument(
         "--n_interpolation_steps",
         type=int,
         default=_RUN.n_interpolation_steps,
-        help="Images per interpolation / manipulation row",
+        help="Images per interpolation / class-to-class manipulation row",
     )
+
+
+def _index_list(text: str) -> tuple:
+    """'5,7,9' -> (5, 7, 9): class or finding indices of --manipulate_attribute."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 5,7,9), got {text!r}") from None
 
 
 def _add_outlier_flags(group) -> None:
@@ -257,6 +295,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     values = {k: v for k, v in vars(args).items() if k in fields and not (k == "dataset" and v is None)}
     values["out_dataset"] = tuple(values["out_dataset"])
     values["temperature"] = tuple(values["temperature"])
+    values["manipulate_scales"] = tuple(values["manipulate_scales"])
     if values.get("manipulate") is not None:
         values["manipulate"] = tuple(values["manipulate"])
     run = RunConfig(**values)
@@ -281,6 +320,7 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
         flow_permutation=args.flow_permutation,
         flow_coupling=args.flow_coupling,
         LU_decomposed=args.LU_decomposed,
+        coupling_scale_min=args.coupling_scale_min,
         learn_top=args.learn_top,
         y_condition=args.y_condition,
         num_classes=num_classes,

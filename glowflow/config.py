@@ -149,6 +149,9 @@ class GlowConfig:
     y_condition: class-conditional top prior plus a classifier head on the top latent.
     num_classes: classes for y_condition.
     y_multilabel: labels are multi-hot (e.g. ChestMNIST): the classifier uses binary cross-entropy.
+    coupling_scale_min: lower bound of the affine coupling's scale, which becomes
+    s_min + (1 - s_min) * sigmoid(raw + 2); 0 (default) is the paper's sigmoid(raw + 2). A bound
+    caps what one reverse coupling can multiply a value by at 1 / s_min (docs/sampling.md).
     """
 
     image_shape: Tuple[int, int, int] = (1, 32, 32)
@@ -164,6 +167,7 @@ class GlowConfig:
     num_classes: int = 10
     y_multilabel: bool = False
     n_bits: int = 8
+    coupling_scale_min: float = 0.0
 
     def __post_init__(self):
         check_field_types(self, self.__dict__)
@@ -198,6 +202,8 @@ class GlowConfig:
             raise GlowflowError(f"hidden_channels must be at least 1, got {self.hidden_channels}")
         if not (math.isfinite(self.actnorm_scale) and self.actnorm_scale > 0):
             raise GlowflowError(f"actnorm_scale must be a positive finite number, got {self.actnorm_scale}")
+        if not (math.isfinite(self.coupling_scale_min) and 0.0 <= self.coupling_scale_min < 1.0):
+            raise GlowflowError(f"coupling_scale_min must be in [0, 1), got {self.coupling_scale_min}")
         if self.num_classes < 1:
             raise GlowflowError(f"num_classes must be at least 1, got {self.num_classes}")
         factor = 2**self.L
@@ -320,6 +326,8 @@ class RunConfig:
     reconstruct: bool = False
     interpolate: bool = False
     manipulate: Optional[Tuple[int, int]] = None
+    manipulate_attribute: Optional[Tuple[int, ...]] = None  # class / finding indices: one attribute
+    manipulate_scales: Tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
     n_interpolation_steps: int = 8
     # outlier detection
     background_checkpoint: Optional[str] = None
@@ -356,6 +364,15 @@ class RunConfig:
             raise GlowflowError(f"temperatures must be non-negative finite numbers, got {list(self.temperature)}")
         if self.manipulate is not None and min(self.manipulate) < 0:
             raise GlowflowError(f"manipulate needs two class numbers (0 or more), got {list(self.manipulate)}")
+        if self.manipulate_attribute is not None and (
+            not self.manipulate_attribute or min(self.manipulate_attribute) < 0
+        ):
+            raise GlowflowError(
+                "manipulate_attribute needs class or finding numbers (0 or more), "
+                f"got {list(self.manipulate_attribute)}"
+            )
+        if not self.manipulate_scales or any(not math.isfinite(s) for s in self.manipulate_scales):
+            raise GlowflowError(f"manipulate_scales must be finite numbers, got {list(self.manipulate_scales)}")
         if not self.dataset:
             raise GlowflowError("dataset must not be empty")
         if not self.out_dataset:

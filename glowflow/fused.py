@@ -290,6 +290,13 @@ def _coupling_forward(
             return x, None
         return torch.cat([x_a, x_b + h], dim=1), None
     shift, raw = h.chunk(2, dim=1)
+    if coupling.scale_min:  # scale_min + (1 - scale_min) * sigmoid(raw) (the +2 is in the bias)
+        scale = torch.sigmoid(raw).mul(1.0 - coupling.scale_min).add(coupling.scale_min)
+        logdet = torch.log(scale).sum(dim=(1, 2, 3))
+        if scratch:
+            x_b.add_(shift).mul_(scale)
+            return x, logdet
+        return torch.cat([x_a, (x_b + shift) * scale], dim=1), logdet
     # log sigmoid(raw) = -softplus(-raw), stable (logsigmoid's backward would return a
     # contiguous-format gradient, see above)
     logdet = -F.softplus(-raw).sum(dim=(1, 2, 3))
@@ -309,6 +316,12 @@ def _coupling_reverse(coupling: Coupling, y: torch.Tensor, network: Params, scra
             return y
         return torch.cat([y_a, y_b - h], dim=1)
     shift, raw = h.chunk(2, dim=1)
+    if coupling.scale_min:
+        scale = torch.sigmoid(raw).mul(1.0 - coupling.scale_min).add(coupling.scale_min)
+        if scratch:
+            y_b.div_(scale).sub_(shift)
+            return y
+        return torch.cat([y_a, y_b / scale - shift], dim=1)
     if scratch:
         y_b.div_(raw.sigmoid_()).sub_(shift)
         return y

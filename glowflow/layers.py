@@ -213,14 +213,18 @@ class Coupling(nn.Module):
     """Additive or affine coupling. x = [x_a, x_b] split on channels (x_a the first C//2).
 
     Additive: y_b = x_b + NN(x_a); log-det 0.
-    Affine: shift, raw = NN(x_a) (interleaved channels); scale = sigmoid(raw + 2);
+    Affine: shift, raw = NN(x_a) (interleaved channels); scale = sigmoid(raw + 2), or with
+    ``scale_min`` > 0, scale_min + (1 - scale_min) * sigmoid(raw + 2);
     y_b = (x_b + shift) * scale; log-det sum(log scale).
     y_a = x_a in both. Shapes: (N, C, H, W) -> (N, C, H, W).
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, affine: bool, actnorm_scale: float):
+    def __init__(
+        self, num_channels: int, hidden_channels: int, affine: bool, actnorm_scale: float, scale_min: float = 0.0
+    ):
         super().__init__()
         self.affine = affine
+        self.scale_min = float(scale_min)
         self.split = num_channels // 2
         out = num_channels - self.split
         self.net = coupling_network(self.split, 2 * out if affine else out, hidden_channels, actnorm_scale)
@@ -230,7 +234,10 @@ class Coupling(nn.Module):
         if not self.affine:
             return h, None
         shift, raw = h[:, 0::2], h[:, 1::2]
-        return shift, torch.sigmoid(raw + 2.0)
+        scale = torch.sigmoid(raw + 2.0)
+        if self.scale_min:
+            scale = self.scale_min + (1.0 - self.scale_min) * scale
+        return shift, scale
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
@@ -261,6 +268,7 @@ class FlowStep(nn.Module):
         flow_permutation: str,
         flow_coupling: str,
         LU_decomposed: bool,
+        coupling_scale_min: float = 0.0,
     ):
         super().__init__()
         self.actnorm = ActNorm(num_channels, actnorm_scale)
@@ -268,7 +276,9 @@ class FlowStep(nn.Module):
             self.permute = InvConv1x1(num_channels, LU_decomposed)
         else:
             self.permute = Permute(num_channels, shuffle=flow_permutation == "shuffle")
-        self.coupling = Coupling(num_channels, hidden_channels, flow_coupling == "affine", actnorm_scale)
+        self.coupling = Coupling(
+            num_channels, hidden_channels, flow_coupling == "affine", actnorm_scale, coupling_scale_min
+        )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, logdet = self.actnorm(x)

@@ -15,7 +15,7 @@ counterparts of glowflow/fused.py (``model.fast``, on by default).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -104,6 +104,81 @@ def _plain_log_density_sum(x: torch.Tensor, mean: torch.Tensor, log_std: torch.T
     return sum_except_batch(gaussian_log_density(x, mean, log_std))
 
 
+SAMPLE_BOUND = 100.0
+"""Default bound of :meth:`Glow.sample`'s check: on real images every level's values stay within
+about 10 in absolute value (docs/sampling.md); a sample past 100 at a level has left the data's
+region and its reverse couplings are amplifying it (it ends non-finite or saturated)."""
+SAMPLE_MAX_ROUNDS = 10
+"""Default number of rounds in which :meth:`Glow.sample` draws again the samples that failed its check."""
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the rows of ``x`` whose values are all finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def _outside(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """(N,) bool: the rows of ``x`` with a non-finite value or one above ``bound`` in absolute value."""
+    return ~(x.abs() <= bound).flatten(1).all(dim=1)  # NaN compares False: caught too
+
+
+@dataclass
+class SampleReport:
+    """What one :meth:`Glow.sample` call met, level by level (lists indexed like the levels: 0 is
+    the finest, whose output is the image; the reverse pass runs from the last).
+
+    failed[i]: samples of the first draw whose values first failed the check (a non-finite value,
+    or one above ``bound`` in absolute value) at the output of level i; failed_nonfinite[i]: those
+    of them with a non-finite value there. redrawn: samples drawn again (from the top, every level
+    anew); redraws: whole samples drawn again in all (one sample may be drawn several times);
+    rounds: rounds of redraws. left: samples still failing after ``max_rounds`` rounds (returned as
+    they are); nonfinite: non-finite samples returned.
+    """
+
+    n: int
+    temperature: float
+    bound: float
+    max_rounds: int
+    failed: List[int] = field(default_factory=list)
+    failed_nonfinite: List[int] = field(default_factory=list)
+    redraws: int = 0
+    rounds: int = 0
+    redrawn: int = 0
+    left: int = 0
+    nonfinite: int = 0
+
+    @property
+    def first_draw_failures(self) -> int:
+        """Samples that failed some level's check on that level's first draw (at most ``n``)."""
+        return sum(self.failed)
+
+    @property
+    def clean(self) -> bool:
+        """True when no sample failed any check (nothing was redrawn or left)."""
+        return not any(self.failed)
+
+    def describe(self) -> str:
+        """One line: what failed, what was redrawn and what is left (what every command prints
+        for a grid of samples; the training's sample grids can print it too)."""
+        head = f"{self.n} samples at temperature {self.temperature:g}"
+        if self.clean:
+            return f"{head}: all finite and within {self.bound:g} at every level, none redrawn"
+        levels = ", ".join(
+            f"level {i + 1}: {f} ({nf} not finite)"
+            for i, (f, nf) in enumerate(zip(self.failed, self.failed_nonfinite))
+            if f
+        )
+        text = f"{head}: first draw failed the check (non-finite or |value| > {self.bound:g}) at {levels}"
+        if self.max_rounds:
+            text += f"; {self.redrawn} redrawn ({self.redraws} draws in {self.rounds} rounds)"
+        else:
+            text += "; not redrawn"
+        text += f"; {self.left} still failing, {self.nonfinite} not finite in the result"
+        if self.nonfinite:
+            text += " (saved black)"
+        return text
+
+
 class Glow(nn.Module):
     """Glow (Kingma & Dhariwal, 2018), built from a :class:`GlowConfig` or its fields as keywords
     (the command-line flags): ``Glow(config)`` or ``Glow(image_shape=(1, 32, 32), K=8, ...)``.
@@ -142,6 +217,7 @@ class Glow(nn.Module):
                         cfg.flow_permutation,
                         cfg.flow_coupling,
                         cfg.LU_decomposed,
+                        cfg.coupling_scale_min,
                     )
                     for _ in range(cfg.K)
                 )
@@ -163,6 +239,7 @@ class Glow(nn.Module):
         self.grad_checkpoint = False  # recompute each flow step's activations in the backward pass
         self.plain = PlainFlow(self.levels, self.splits)  # the reference computation
         self.fused = FusedFlow(self.levels, self.splits)  # the fast path, with its FusionCache
+        self.last_sample_report: Optional[SampleReport] = None  # set by sample()
 
     @classmethod
     def from_config(cls, config: GlowConfig) -> Glow:
@@ -346,14 +423,90 @@ class Glow(nn.Module):
         return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        y: Optional[torch.Tensor] = None,
+        redraw: bool = True,
+        max_rounds: int = SAMPLE_MAX_ROUNDS,
+        bound: float = SAMPLE_BOUND,
+    ) -> torch.Tensor:
         """``n`` model-space samples (n, C, H, W). ``y``: classes (n,) or (n, K) for a conditional
         model; without it classes are drawn uniformly (single-label) or left empty (multi-label).
-        Temperature 0 decodes the prior means."""
+        Temperature 0 decodes the prior means.
+
+        Every level's output is checked: a sample with a non-finite value there, or one above
+        ``bound`` in absolute value, is drawn again from the top (``redraw``; at most ``max_rounds``
+        rounds; what still fails is returned and counted). The first draw is exactly a plain draw
+        (the random numbers and values of :meth:`decode`), and no random number is used after it
+        when every sample passes. The samples kept follow the model's distribution restricted to
+        the passing region (the density itself is unchanged). What happened is in
+        ``self.last_sample_report`` (a :class:`SampleReport`); :meth:`sample_with_report` returns it."""
+        x, _ = self.sample_with_report(n, temperature, y, redraw=redraw, max_rounds=max_rounds, bound=bound)
+        return x
+
+    @torch.no_grad()
+    def sample_with_report(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        y: Optional[torch.Tensor] = None,
+        redraw: bool = True,
+        max_rounds: int = SAMPLE_MAX_ROUNDS,
+        bound: float = SAMPLE_BOUND,
+    ) -> Tuple[torch.Tensor, SampleReport]:
+        """(samples (n, C, H, W), :class:`SampleReport`): :meth:`sample` with its report."""
         if y is not None and y.shape[0] != n:
             raise ValueError(f"y has {y.shape[0]} rows for {n} samples")
-        top = self._sample_top(n, y, temperature)
-        return self.decode([None] * (len(self.levels) - 1) + [top], y=y, temperature=temperature)
+        if not (bound > 0):
+            raise ValueError(f"bound must be positive, got {bound}")
+        if max_rounds < 0:
+            raise ValueError(f"max_rounds must be 0 or more, got {max_rounds}")
+        rounds = max_rounds if redraw else 0
+        flow = self._flow()
+        levels = len(flow.levels)
+        report = SampleReport(n=n, temperature=float(temperature), bound=float(bound), max_rounds=rounds)
+        x, bad, failed_at, nonfinite_at = self._checked_draw(flow, n, y, temperature, bound)
+        report.failed = [int((failed_at == i).sum()) for i in range(levels)]
+        report.failed_nonfinite = [int((failed_at == i).logical_and(nonfinite_at).sum()) for i in range(levels)]
+        report.redrawn = int(bad.sum()) if rounds else 0
+        for _ in range(rounds):
+            if not bool(bad.any()):
+                break
+            rows = bad.nonzero().squeeze(1)
+            report.rounds += 1
+            report.redraws += len(rows)
+            redo, redo_bad, _, _ = self._checked_draw(
+                flow, len(rows), None if y is None else y[rows], temperature, bound
+            )
+            x[rows] = redo.to(x.dtype)
+            bad[rows] = redo_bad
+        report.left = int(bad.sum())
+        report.nonfinite = int((~_finite_rows(x)).sum())
+        self.last_sample_report = report
+        return x, report
+
+    def _checked_draw(self, flow, n: int, y: Optional[torch.Tensor], temperature: float, bound: float):
+        """One draw of ``n`` samples, as :meth:`decode` of fresh latents (the same random numbers
+        and values), checking every level's output. Returns (samples (n, C, H, W), failed (n,)
+        bool, the level (n,) int64 where each sample first failed (-1: none), whether it was a
+        non-finite value there (n,) bool)."""
+        x = self._sample_top(n, y, temperature)
+        failed_at = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        nonfinite_at = torch.zeros(n, dtype=torch.bool, device=x.device)
+        x = flow.scratch_copy(x)
+        for index in reversed(range(len(flow.levels))):
+            if index < len(flow.splits):
+                x = flow.splits[index].reverse(x, None, temperature)
+            for step in reversed(flow.levels[index]):
+                x = step.reverse(x)
+            x = flow.unsqueeze(x)
+            new = _outside(x, bound) & (failed_at < 0)
+            if bool(new.any()):
+                failed_at[new] = index
+                nonfinite_at[new] = ~_finite_rows(x[new])
+        return flow.finish(x), failed_at >= 0, failed_at, nonfinite_at
 
     # ------------------------------------------------------------------ state
 

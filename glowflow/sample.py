@@ -1,6 +1,8 @@
 """Sampling and latent manipulation: temperature grids, class grids, reconstructions,
-interpolations and class-attribute manipulation, and the ``--sample`` command that makes them from
-a checkpoint alone. Every picture is a PNG under the output directory; its path is printed.
+interpolations, attribute manipulation (Glow, section 5) and class-to-class manipulation, and the
+``--sample`` command that makes them from a checkpoint alone. Every picture is a PNG under the
+output directory; its path is printed, and so is every sample grid's check report (samples that
+were not finite or left the bound, redrawn; :meth:`glowflow.model.Glow.sample_with_report`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def _class_condition(model: Glow, cls: int, n: int, device) -> torch.Tensor:
     return torch.full((n,), cls, dtype=torch.long, device=device)
 
 
+def checked_sample(model: Glow, n: int, temperature: float, y: Optional[torch.Tensor] = None, what: str = ""):
+    """``model.sample`` with its default check and redraws, printing its report in one line
+    (:meth:`glowflow.model.SampleReport.describe`). Returns the samples (n, C, H, W)."""
+    x, report = model.sample_with_report(n, temperature, y)
+    print(f"samples ({what}T={temperature:g}): {report.describe()}")
+    return x
+
+
 def _save(model: Glow, x: torch.Tensor, output_dir: str, name: str, nrow: int) -> str:
     return save_grid(x, model.config.n_bits, os.path.join(output_dir, name), nrow=nrow)
 
@@ -56,7 +66,7 @@ def sample_grids(
     columns = min(n_samples, 10)
     written, sheet = [], []
     for t in temperatures:
-        x = model.sample(n_samples, temperature=t, y=y)
+        x = checked_sample(model, n_samples, t, y)
         written.append(_save(model, x, output_dir, f"samples_T{t:g}{suffix}.png", nrow))
         sheet.append(x[:columns])
     written.append(_save(model, torch.cat(sheet), output_dir, f"samples_temperatures{suffix}.png", columns))
@@ -71,7 +81,8 @@ def _class_grids(model: Glow, output_dir: str, temperatures: Sequence[float], co
     written = []
     for t in temperatures:
         per_class = [
-            model.sample(columns, temperature=t, y=_class_condition(model, c, columns, device)) for c in range(rows)
+            checked_sample(model, columns, t, _class_condition(model, c, columns, device), f"class {c}, ")
+            for c in range(rows)
         ]
         written.append(_save(model, torch.cat(per_class), output_dir, f"samples_by_class_T{t:g}.png", columns))
     if rows < model.config.num_classes:
@@ -164,6 +175,111 @@ def manipulate(
     return _save(model, torch.cat(rows), output_dir, f"manipulation_{source}_to_{target}.png", steps)
 
 
+DEFAULT_SCALES = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+"""The manipulation row's scales of the attribute direction (scale 0: the image itself)."""
+
+
+def _all_labels(dataset) -> torch.Tensor:
+    """Every label of ``dataset``: (N,) integer classes, or (N, K) multi-hot."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and len(labels) == len(dataset):
+        return labels
+    return torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+
+
+def has_attribute(labels: torch.Tensor, attribute: Sequence[int], num_classes: int) -> torch.Tensor:
+    """(N,) bool: which images have the attribute. ``labels``: (N,) classes (the attribute is a
+    class or a group of classes: the label is one of them) or (N, K) multi-hot (a finding or a
+    group of findings: any of them present). ``attribute``: indices in 0..num_classes-1."""
+    for index in attribute:
+        if not 0 <= index < num_classes:
+            raise GlowflowError(f"attribute {index} is outside 0..{num_classes - 1} (the dataset's classes)")
+    index = torch.as_tensor(list(attribute), dtype=torch.long)
+    if labels.dim() == 2:
+        return labels[:, index].gt(0).any(dim=1)
+    return torch.isin(labels.long(), index)
+
+
+@torch.no_grad()
+def attribute_direction(
+    model: Glow,
+    dataset,
+    attribute: Sequence[int],
+    max_per_group: int = 1000,
+    batch_size: int = 256,
+    device="cpu",
+) -> Tuple[List[torch.Tensor], int, int]:
+    """The paper's attribute direction (Glow, section 5): per level, the mean latent of the images
+    with the attribute minus the mean latent of those without, each (C_i, H_i, W_i). The means use
+    the first ``max_per_group`` images of each group in dataset order (normally the training
+    split), encoded ``batch_size`` at a time. Returns (direction, images with, images without)."""
+    labels = _all_labels(dataset)
+    num_classes = getattr(getattr(dataset, "info", None), "num_classes", None)
+    if not num_classes:  # a dataset without its info: the classes its labels show
+        num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
+    with_it = has_attribute(labels, attribute, num_classes)
+    means, counts = [], []
+    for mask, name in ((with_it, "with"), (~with_it, "without")):
+        indices = mask.nonzero().squeeze(1)[:max_per_group].tolist()
+        if not indices:
+            raise GlowflowError(
+                f"no images {name} attribute {','.join(map(str, attribute))} to estimate its mean latent"
+            )
+        means.append(_mean_latents(model, [dataset[i][0] for i in indices], batch_size, device))
+        counts.append(len(indices))
+    return [a - b for a, b in zip(*means)], counts[0], counts[1]
+
+
+@torch.no_grad()
+def attribute_rows(
+    model: Glow, x: torch.Tensor, direction: Sequence[torch.Tensor], scales: Sequence[float]
+) -> torch.Tensor:
+    """Model-space images ``x`` (n, C, H, W) moved along ``direction``: every level's latent
+    z + s * d for each scale s. Returns (n * len(scales), C, H, W), a row of scales per image."""
+    latents, _ = model.encode(x)
+    scales = torch.as_tensor(list(scales), dtype=x.dtype, device=x.device)
+    rows = []
+    for i in range(len(x)):
+        moved = [z[i] + scales.view(-1, 1, 1, 1) * d.to(z.dtype) for z, d in zip(latents, direction)]
+        rows.append(model.decode(moved))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def manipulate_attribute(
+    model: Glow,
+    train_set,
+    test_set,
+    output_dir: str,
+    attribute: Sequence[int],
+    scales: Sequence[float] = DEFAULT_SCALES,
+    n_images: int = 6,
+    max_per_group: int = 1000,
+    batch_size: int = 256,
+    device="cpu",
+) -> str:
+    """Attribute manipulation as in the Glow paper (section 5), for any model (unconditional or
+    conditional; the latents do not depend on the label) and single- or multi-label data: the
+    direction is :func:`attribute_direction` on ``train_set``; the first ``n_images`` test images
+    move along it, a row each, one column per scale. Prints the group sizes; returns the PNG path."""
+    direction, n_with, n_without = attribute_direction(model, train_set, attribute, max_per_group, batch_size, device)
+    name = "_".join(map(str, attribute))
+    print(
+        f"attribute {','.join(map(str, attribute))}: mean latent of {n_with} training images with it "
+        f"minus that of {n_without} without"
+    )
+    x = preprocess(_first_images(test_set, n_images), model.config.n_bits).to(device)
+    rows = attribute_rows(model, x, direction, scales)
+    bad = ~torch.isfinite(rows).flatten(1).all(dim=1).view(len(x), len(scales))
+    if bool(bad.any()):  # the reverse pass left the floats: said, not silently saved black
+        per_scale = ", ".join(f"{s:g}: {int(k)}" for s, k in zip(scales, bad.sum(0).tolist()) if k)
+        print(
+            f"warning: {int(bad.sum())} of {bad.numel()} manipulated images are not finite (saved black); "
+            f"per scale {per_scale} (docs/sampling.md)"
+        )
+    return _save(model, rows, output_dir, f"manipulation_attribute_{name}.png", len(scales))
+
+
 def _images_of_classes(dataset, classes: Sequence[int], max_per_class: int) -> Dict[int, List[torch.Tensor]]:
     """The first ``max_per_class`` images of each class in ``classes``, in dataset order."""
     picked: Dict[int, List[torch.Tensor]] = {cls: [] for cls in classes}
@@ -195,7 +311,8 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     """--sample: everything the flags ask for, from --checkpoint alone. Returns the written paths.
 
     ``dataset`` (``--dataset``) names the test images of ``--reconstruct``, ``--interpolate`` and
-    ``--manipulate``; by default the checkpoint's own dataset (at its own ``--image_size``)."""
+    ``--manipulate`` (and the training images of ``--manipulate_attribute``'s means); by default
+    the checkpoint's own dataset (at its own ``--image_size``)."""
     check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
@@ -205,7 +322,7 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(run.seed)
     written = sample_grids(model, output_dir, run.n_samples, run.temperature, run.sample_class, device)
-    if run.reconstruct or run.interpolate or run.manipulate is not None:
+    if run.reconstruct or run.interpolate or run.manipulate is not None or run.manipulate_attribute is not None:
         image_size = checkpoint.image_size if dataset_name == checkpoint.dataset else None
         test_set = load_dataset(
             dataset_name, "test", data_root=run.data_root, image_size=image_size, divisor=2**model.config.L
@@ -221,6 +338,21 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
             source, target = run.manipulate
             written.append(
                 manipulate(model, test_set, output_dir, source, target, steps=run.n_interpolation_steps, device=device)
+            )
+        if run.manipulate_attribute is not None:
+            train_set = load_dataset(
+                dataset_name, "train", data_root=run.data_root, image_size=image_size, divisor=2**model.config.L
+            )
+            written.append(
+                manipulate_attribute(
+                    model,
+                    train_set,
+                    test_set,
+                    output_dir,
+                    run.manipulate_attribute,
+                    scales=run.manipulate_scales,
+                    device=device,
+                )
             )
     for path in written:
         print(f"saved {path}")

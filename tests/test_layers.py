@@ -57,6 +57,7 @@ LAYERS = {
     "reverse": lambda: Permute(SHAPE[0], shuffle=False),
     "coupling-additive": lambda: Coupling(SHAPE[0], 8, affine=False, actnorm_scale=1.0),
     "coupling-affine": lambda: Coupling(SHAPE[0], 8, affine=True, actnorm_scale=1.0),
+    "coupling-affine-scale-min": lambda: Coupling(SHAPE[0], 8, affine=True, actnorm_scale=1.0, scale_min=0.3),
 }
 
 
@@ -84,6 +85,21 @@ def test_flow_step_plain_and_fused(perm, coupling, lu):
     y_plain, logdet_plain = check_flow_layer(step, x)
     fused = FusedFlowStep(step, FusionCache())
     y_fused, logdet_fused = check_flow_layer(fused, x)
+    assert torch.allclose(y_fused, y_plain, atol=1e-12) and torch.allclose(logdet_fused, logdet_plain, atol=1e-10)
+
+
+def test_bounded_coupling_scale_plain_and_fused():
+    """coupling_scale_min: scale = s + (1 - s) sigmoid(raw + 2), never below s, the fused path equal."""
+    torch.manual_seed(0)
+    x = _data()
+    step = _initialised(FlowStep(SHAPE[0], 8, 1.0, "invconv", "affine", False, coupling_scale_min=0.3).double(), x)
+    with torch.no_grad():
+        step.coupling.net[4].conv.bias.fill_(-30.0)  # raw far below -2: the paper's scale would be ~1e-13
+        h, _ = step.permute(step.actnorm(x)[0])
+        _, scale = step.coupling._shift_scale(h[:, : step.coupling.split])
+    assert scale.min() >= 0.3 and scale.min() < 0.3 + 1e-9
+    y_plain, logdet_plain = check_flow_layer(step, x)
+    y_fused, logdet_fused = check_flow_layer(FusedFlowStep(step, FusionCache()), x)
     assert torch.allclose(y_fused, y_plain, atol=1e-12) and torch.allclose(logdet_fused, logdet_plain, atol=1e-10)
 
 
