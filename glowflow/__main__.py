@@ -14,9 +14,9 @@ def _interrupted_while_loading(signum, frame):
 
 
 signal.signal(signal.SIGINT, _interrupted_while_loading)
-from glowflow.cli import main  # noqa: E402 -- after the handler, so that a Ctrl-C here is one line
+from glowflow.cli import run  # noqa: E402 -- after the handler, so that a Ctrl-C here is one line
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

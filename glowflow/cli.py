@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -360,6 +361,16 @@ def _run(args: argparse.Namespace) -> int:
 
         run_score_command(run, dataset=args.dataset)
     return 0
+
+
+def run() -> None:
+    """The program's entry point (the ``glowflow`` command and ``python -m glowflow``): :func:`main`,
+    then exit with its status. Once the work is done, a Ctrl-C or SIGTERM while Python shuts down
+    is ignored, so it cannot turn a finished run into a death by signal."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

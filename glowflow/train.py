@@ -678,11 +678,11 @@ class Trainer:
             y = torch.arange(64, device=self.device) % model.config.num_classes
         was_training = model.training
         model.eval()
-        x = model.sample(64, temperature=0.7, y=y)
+        x, report = model.sample_with_report(64, temperature=0.7, y=y)  # failed samples redrawn, counted
         model.train(was_training)
         path = os.path.join(self.output_dir, f"samples_epoch{epoch:03d}.png")
         save_grid(x, self.model.config.n_bits, path, nrow=8)
-        print(f"saved {path}")
+        print(f"saved {path} ({report.describe()})")
         return path
 
 

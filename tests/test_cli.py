@@ -392,9 +392,12 @@ def test_ctrl_c_while_torch_loads_is_one_line(tiny, tmp_path, after):
     _wait_until_torch_loads(proc)
     time.sleep(after)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode in (130, 2), err[-2000:]
-    assert "Traceback" not in err and "interrupted" in err, err[-2000:]
+    out, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err, err[-2000:]
+    if proc.returncode == 0:  # on a loaded machine the signal can land after the work is done
+        assert "done:" in out, out[-2000:]
+        return
+    assert proc.returncode in (130, 2) and "interrupted" in err, err[-2000:]
 
 
 def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
