@@ -5,7 +5,7 @@ For each checkpoint and temperature, ``--n`` samples at seed 0 are drawn twice: 
 (docs/sampling.md has the measured one); ``--json FILE`` keeps the numbers.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python3 benchmarks/sampling_stability.py \\
-        --checkpoints /work/runs/fmnist_epoch1.pt /work/runs/fmnist_epoch2.pt
+        --checkpoints fmnist_epoch1.pt fmnist_epoch2.pt
 """
 
 import argparse
