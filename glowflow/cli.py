@@ -1,4 +1,4 @@
-"""Command line: flags -> config -> train / sample / outlier detection; nothing else.
+"""Command line: flags -> config -> train / sample / outlier detection / score / export; nothing else.
 
 The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
 meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A
@@ -54,6 +54,13 @@ def _add_command_flags(group) -> None:
         default=_RUN.score_path,
         help="Score every image of a folder or .npz for outliers: a CSV, a picture sheet and a summary "
         "(needs --checkpoint)",
+    )
+    group.add_argument(
+        "--export",
+        metavar="FOLDER",
+        default=None,
+        help="Write the checkpoint's model as a shareable folder: config.json, model.safetensors and a "
+        "README.md model card, loaded by glowflow.Glow.from_pretrained and by every --checkpoint (needs --checkpoint)",
     )
 
 
@@ -169,7 +176,11 @@ def _add_architecture_flags(group) -> None:
 
 
 def _add_output_flags(group) -> None:
-    group.add_argument("--checkpoint", default=_RUN.checkpoint, help="Checkpoint path")
+    group.add_argument(
+        "--checkpoint",
+        default=_RUN.checkpoint,
+        help="Checkpoint path: a .pt file written by --train, or a model folder (config.json + model.safetensors)",
+    )
     group.add_argument("--output_dir", default=_RUN.output_dir, help="Output folder (default outputs/Glow_<dataset>)")
     group.add_argument("--no_wandb", action="store_true", help="Disable Wandb")
     group.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
@@ -360,6 +371,12 @@ def _run(args: argparse.Namespace) -> int:
         from glowflow.ood import run_score_command
 
         run_score_command(run, dataset=args.dataset)
+    if args.export is not None:
+        if run.checkpoint is None:
+            raise GlowflowError("--export needs --checkpoint PATH (a .pt file written by glowflow --train)")
+        from glowflow.checkpoint import export_checkpoint
+
+        print(f"wrote the model folder {export_checkpoint(run.checkpoint, args.export)}")
     return 0
 
 
@@ -379,7 +396,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
         args = apply_preset(parser.parse_args(argv), argv)
-        if not (args.train or args.sample or args.outlier_detection or args.score_path is not None):
+        if not (
+            args.train
+            or args.sample
+            or args.outlier_detection
+            or args.score_path is not None
+            or args.export is not None
+        ):
             parser.print_help()
             return 0
         return _run(args)
