@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from glowflow.cli import main
 from tests.helpers import write_noise_npz, write_smooth_npz
@@ -55,6 +56,9 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
         assert (full / name).exists(), name
     rows = (full / "metrics.csv").read_text().strip().splitlines()
     assert rows[0] == "epoch,step,train_bpd,val_bpd,test_bpd,raw_val_bpd,lr,images_per_s,seconds" and len(rows) == 3
+    with Image.open(full / "training_curves.png") as picture:  # the curves of both epochs, a valid PNG
+        picture.verify()
+        assert picture.format == "PNG" and picture.size == (640, 400)
     payload = torch.load(full / "last.pt", weights_only=True)
     assert payload["step"] == 8 and payload["epoch"] == 2 and payload["model_config"]["K"] == 2
 
