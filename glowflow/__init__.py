@@ -20,6 +20,8 @@ _EXPORTS = {
     "postprocess": "glowflow.pixels",
     "preprocess": "glowflow.pixels",
     "load_checkpoint": "glowflow.checkpoint",
+    "from_pretrained": "glowflow.checkpoint",
+    "save_pretrained": "glowflow.checkpoint",
     "OutlierDetector": "glowflow.ood.detector",
 }
 
@@ -33,6 +35,8 @@ __all__ = [
     "postprocess",
     "preprocess",
     "load_checkpoint",
+    "from_pretrained",
+    "save_pretrained",
     "OutlierDetector",
 ]
 

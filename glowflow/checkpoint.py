@@ -20,6 +20,12 @@ Version 1 files (before ``n_bits`` joined the model configuration) keep it in ``
 ``best_test_bpd`` (the best checkpoint was then chosen on the test split) instead of the last two:
 :attr:`Checkpoint.best_test_bpd` reads either, :attr:`Checkpoint.best_val_bpd` is inf for them.
 
+A model folder (config.json + model.safetensors, glowflow/pretrained.py) is read wherever a
+checkpoint is (:meth:`Checkpoint.read` with a folder or ``pretrained:NAME``): its weights become
+``model`` and its dataset and image size ``run_config``; it holds no training state, so it cannot
+be resumed. :func:`export_checkpoint` (``glowflow --export``) writes a checkpoint's model as such a
+folder, with a model card from the stored run.
+
 Reading trusts nothing in the file (:class:`Checkpoint`): the zip archive's CRC-32 checksums are
 verified before unpickling, and every field is checked (type, range, size) before it is used, so
 a damaged or crafted file is a one-line :class:`GlowflowError`, never a traceback, a hang or a
@@ -36,10 +42,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from glowflow.config import GlowConfig, RunConfig, check_field_types
+from glowflow.config import GlowConfig, RunConfig, check_field_types, training_command
 from glowflow.errors import GlowflowError
-from glowflow.files import atomic_write
+from glowflow.files import atomic_write, check_writable_folder
 from glowflow.model import Glow
+from glowflow.pretrained import PretrainedFolder, first_difference, is_model_folder, saved_dtype
 
 FORMAT = "glowflow-checkpoint"
 VERSION = 2
@@ -68,8 +75,10 @@ class Checkpoint:
     scheduler, counters, random states) is checked by :attr:`has_training_state`, when resuming.
     """
 
-    def __init__(self, path: str, payload: Dict[str, Any]):
+    def __init__(self, path: str, payload: Dict[str, Any], is_folder: bool = False):
         self.path, self.payload = path, payload
+        self.is_folder = is_folder
+        """Whether it was read from a model folder (config.json + model.safetensors): no training state."""
 
     @classmethod
     def read(cls, path: Optional[str], map_location: Any = "cpu") -> Checkpoint:
@@ -77,6 +86,8 @@ class Checkpoint:
         malformed file."""
         if path is None:
             raise GlowflowError("no checkpoint given: pass --checkpoint PATH (a .pt file written by glowflow --train)")
+        if is_model_folder(path):
+            return cls._read_folder(path)
         if not os.path.isfile(path):
             raise GlowflowError(f"checkpoint not found: {path}")
         _check_archive(path)
@@ -101,6 +112,25 @@ class Checkpoint:
         _ = checkpoint.model_config, checkpoint.run_config  # both checked now, before anything is built
         checkpoint._check_weights()
         return checkpoint
+
+    @classmethod
+    def _read_folder(cls, path: str) -> Checkpoint:
+        """A model folder (glowflow/pretrained.py) read as a checkpoint without training state: its
+        configuration, its weights as ``model`` and its dataset and image size as ``run_config``."""
+        folder = PretrainedFolder.open(path)
+        with torch.device("meta"):
+            expected = Glow.from_config(folder.config).state_dict()
+        run_config = {"image_size": folder.image_size}
+        if folder.dataset is not None:
+            run_config["dataset"] = folder.dataset
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_config": folder.config.to_dict(),
+            "model": folder.read_weights(expected),
+            "run_config": run_config,
+        }
+        return cls(path, payload, is_folder=True)
 
     # ------------------------------------------------------------------ the model
 
@@ -141,6 +171,8 @@ class Checkpoint:
     def _model_with_weights(self) -> Glow:
         """The configuration's model with the stored weights (checked by :meth:`read`)."""
         model = Glow.from_config(self.model_config)
+        if self.is_folder and saved_dtype(self.payload["model"]) is not None:
+            model.to(saved_dtype(self.payload["model"]))  # as Glow.from_pretrained loads it
         model.load_state_dict(self.payload["model"])
         return model
 
@@ -166,7 +198,7 @@ class Checkpoint:
             if stored != expected:
                 raise GlowflowError(
                     f"{self.path}: {what} do not match the configuration stored with them "
-                    f"({_first_difference(stored, expected):.200})"
+                    f"({first_difference(stored, expected):.200})"
                 )
             for name, value in weights.items():
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -322,8 +354,38 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Glow:
-    """Rebuild a model from a glowflow checkpoint alone, in eval mode (``glowflow.load_checkpoint``)."""
+    """Rebuild a model from a glowflow checkpoint alone, or from a model folder (config.json +
+    model.safetensors), in eval mode (``glowflow.load_checkpoint``)."""
     return load_model(path, map_location=map_location)
+
+
+def from_pretrained(folder: str, device: Any = "cpu") -> Glow:
+    """The model of a model folder, in eval mode (``glowflow.from_pretrained``; :meth:`Glow.from_pretrained`)."""
+    return Glow.from_pretrained(folder, device)
+
+
+def save_pretrained(model: Glow, folder: str, **card: Any) -> str:
+    """Write ``model`` as a model folder (``glowflow.save_pretrained``; :meth:`Glow.save_pretrained`,
+    whose keywords ``card`` takes)."""
+    return model.save_pretrained(folder, **card)
+
+
+def export_checkpoint(path: str, folder: str) -> str:
+    """``glowflow --export FOLDER --checkpoint PATH``: the checkpoint's model (its ``model`` weights:
+    the averaged ones of a run with ``--ema``) as a model folder, whose card gets the stored
+    dataset, the training command rebuilt from the stored flags, and the best validation bits/dim
+    and its test bits/dim when the checkpoint records them. Returns ``folder``."""
+    check_writable_folder(folder)
+    checkpoint = Checkpoint.read(path)
+    model = checkpoint.load_model()
+    run_config = checkpoint.run_config
+    command = None if checkpoint.is_folder else training_command(run_config, model.config)
+    scores = {}
+    if math.isfinite(checkpoint.best_val_bpd):
+        scores["best validation bits/dim"] = checkpoint.best_val_bpd
+    if math.isfinite(checkpoint.best_test_bpd):
+        scores["test bits/dim at the best validation" if scores else "test bits/dim"] = checkpoint.best_test_bpd
+    return model.save_pretrained(folder, checkpoint.dataset, checkpoint.image_size, command, scores)
 
 
 def load_model(path: str, map_location: Any = "cpu", image_shape: Optional[tuple] = None) -> Glow:
@@ -366,17 +428,6 @@ def _check_archive(path: str) -> None:
             f"{path} is corrupt: its part {damaged!r} does not match its checksum (damaged on disk or in "
             f"transfer); use another copy"
         )
-
-
-def _first_difference(stored: Dict[str, tuple], expected: Dict[str, tuple]) -> str:
-    """The first weight (name -> shape) that is missing, unexpected or of another shape."""
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing:
-        return f"missing {missing[0]}"
-    if unexpected:
-        return f"unexpected {unexpected[0]}"
-    name = min(n for n in stored if stored[n] != expected[n])
-    return f"{name} has shape {stored[name]}, the model needs {expected[name]}"
 
 
 def _is_int(value: Any) -> bool:

@@ -1,9 +1,12 @@
-"""Command line: flags -> config -> train / sample / outlier detection; nothing else.
+"""Command line: flags -> config -> train / sample / outlier detection / score / export; nothing else.
 
 The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
 meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A
 user-fixable problem prints one line and exits with status 2; Ctrl-C prints one line and exits
 with status 130. This module imports no torch: the commands (and torch) load when one runs.
+
+A sampling sub-mode alone (``--reconstruct``, ``--interpolate``, ``--manipulate``,
+``--manipulate_attribute``) implies ``--sample``; no command at all is an error that lists them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import signal
 import sys
 from typing import List, Optional
 
+from glowflow import __version__
 from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, PRESETS, GlowConfig, RunConfig
 from glowflow.errors import GlowflowError, one_line_message
 
@@ -33,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Glow (Kingma & Dhariwal, 2018): train, sample and detect outliers.",
     )
+    p.add_argument("--version", action="version", version=f"glowflow {__version__}")
     _add_command_flags(p.add_argument_group("what to do"))
     _add_data_flags(p.add_argument_group("data"))
     _add_training_flags(p.add_argument_group("training"))
@@ -54,6 +59,13 @@ def _add_command_flags(group) -> None:
         default=_RUN.score_path,
         help="Score every image of a folder or .npz for outliers: a CSV, a picture sheet and a summary "
         "(needs --checkpoint)",
+    )
+    group.add_argument(
+        "--export",
+        metavar="FOLDER",
+        default=None,
+        help="Write the checkpoint's model as a shareable folder: config.json, model.safetensors and a "
+        "README.md model card, loaded by glowflow.Glow.from_pretrained and by every --checkpoint (needs --checkpoint)",
     )
 
 
@@ -169,7 +181,11 @@ def _add_architecture_flags(group) -> None:
 
 
 def _add_output_flags(group) -> None:
-    group.add_argument("--checkpoint", default=_RUN.checkpoint, help="Checkpoint path")
+    group.add_argument(
+        "--checkpoint",
+        default=_RUN.checkpoint,
+        help="Checkpoint path: a .pt file written by --train, or a model folder (config.json + model.safetensors)",
+    )
     group.add_argument("--output_dir", default=_RUN.output_dir, help="Output folder (default outputs/Glow_<dataset>)")
     group.add_argument("--no_wandb", action="store_true", help="Disable Wandb")
     group.add_argument("--tensorboard", action="store_true", help="Also write TensorBoard logs")
@@ -360,7 +376,30 @@ def _run(args: argparse.Namespace) -> int:
         from glowflow.ood import run_score_command
 
         run_score_command(run, dataset=args.dataset)
+    if args.export is not None:
+        if run.checkpoint is None:
+            raise GlowflowError("--export needs --checkpoint PATH (a .pt file written by glowflow --train)")
+        from glowflow.checkpoint import export_checkpoint
+
+        print(f"wrote the model folder {export_checkpoint(run.checkpoint, args.export)}")
     return 0
+
+
+COMMANDS = "--train, --sample, --outlier_detection, --score PATH, --export FOLDER"
+SAMPLE_SUB_MODES = ("reconstruct", "interpolate", "manipulate", "manipulate_attribute")
+"""Flags that ask --sample for more than sample grids: alone, they imply --sample."""
+
+
+def choose_command(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with --sample set when a sampling sub-mode is given without any command;
+    GlowflowError listing the commands when there is none at all."""
+    commands = (args.train, args.sample, args.outlier_detection, args.score_path is not None, args.export is not None)
+    if any(commands):
+        return args
+    if any(getattr(args, name) not in (None, False) for name in SAMPLE_SUB_MODES):
+        args.sample = True
+        return args
+    raise GlowflowError(f"no command given: use one of {COMMANDS} (glowflow --help lists every flag)")
 
 
 def run() -> None:
@@ -378,10 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     130 when interrupted (Ctrl-C), at any moment: while parsing, importing torch, or working."""
     try:
         parser = build_parser()
-        args = apply_preset(parser.parse_args(argv), argv)
-        if not (args.train or args.sample or args.outlier_detection or args.score_path is not None):
-            parser.print_help()
-            return 0
+        args = choose_command(apply_preset(parser.parse_args(argv), argv))
         return _run(args)
     except GlowflowError as err:
         print(f"glowflow: error: {one_line_message(err)}", file=sys.stderr)

@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import re
+import shlex
 import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -406,6 +407,55 @@ class RunConfig:
     def resolved_output_dir(self) -> str:
         """--output_dir, or outputs/Glow_<dataset>."""
         return self.output_dir or os.path.join(OUTPUT_ROOT, f"Glow_{dataset_slug(self.dataset)}")
+
+
+TRAINING_COMMAND_FIELDS = (
+    "dataset",
+    "image_size",
+    "n_epochs",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "decay",
+    "max_grad_clip",
+    "max_grad_norm",
+    "y_weight",
+    "num_classes",
+    "seed",
+    "val_size",
+    "ema",
+    "augment",
+    "perturb",
+    "amp",
+)
+"""The run flags that decide what a training run learns (not where it reads or writes, or how
+fast), in the order :func:`training_command` writes them."""
+
+
+def training_command(run_values: Dict[str, Any], model: GlowConfig) -> str:
+    """The ``glowflow --train`` command that trains ``model`` as the stored run configuration
+    ``run_values`` (a checkpoint's ``run_config``) records: the flags of TRAINING_COMMAND_FIELDS and
+    the architecture flags that differ from their defaults (``--dataset`` always)."""
+    run_defaults, arch_defaults = RunConfig(), GlowConfig()
+    words = ["glowflow", "--train"]
+
+    def add(name: str, value: Any, default: Any) -> None:
+        if value == default and name != "dataset":
+            return
+        if isinstance(value, bool):
+            words.extend([f"--{name}"] if value else [])
+        elif value is not None:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            words.extend([f"--{name}", *(shlex.quote(str(v)) for v in values)])
+
+    for name in TRAINING_COMMAND_FIELDS:
+        if name in run_values:
+            add(name, run_values[name], getattr(run_defaults, name))
+    for field in dataclasses.fields(GlowConfig):
+        if field.name not in ("image_shape", "num_classes", "y_multilabel"):  # these follow the dataset
+            add(field.name, getattr(model, field.name), getattr(arch_defaults, field.name))
+    return " ".join(words)
 
 
 def dataset_slug(dataset: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ from glowflow.layers import (
     unsqueeze2x,
 )
 from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
+from glowflow.pretrained import PretrainedFolder, model_card, saved_dtype, write_folder
 
 _DEFAULTS = GlowConfig()
 
@@ -244,6 +245,36 @@ class Glow(nn.Module):
     @classmethod
     def from_config(cls, config: GlowConfig) -> Glow:
         return cls(config)
+
+    # ------------------------------------------------------------------ sharing (glowflow/pretrained.py)
+
+    def save_pretrained(
+        self,
+        folder: str,
+        dataset: Optional[str] = None,
+        image_size: Optional[int] = None,
+        command: Optional[str] = None,
+        scores: Optional[Dict[str, float]] = None,
+    ) -> str:
+        """Write the model folder ``folder``: ``config.json`` (the configuration, and ``dataset`` /
+        ``image_size`` it was trained on, if given), ``model.safetensors`` (every tensor of the state
+        dict, buffers included) and a ``README.md`` model card (``command``: the training command;
+        ``scores``: e.g. ``{"test bits/dim": 3.27}``). Returns ``folder``."""
+        card = model_card(self.config, dataset, command, scores)
+        return write_folder(folder, self.config, self.state_dict(), dataset, image_size, card)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, device: Any = "cpu") -> Glow:
+        """The model of a folder written by :meth:`save_pretrained` (or ``glowflow --export``, or
+        ``pretrained:NAME``), in eval mode on ``device``, in the floating-point type its weights were
+        saved in. Every file is checked first (one-line GlowflowError); nothing is unpickled."""
+        found = PretrainedFolder.open(folder)
+        model = cls(found.config)
+        weights = found.read_weights(model.state_dict())
+        if saved_dtype(weights) is not None:
+            model.to(saved_dtype(weights))
+        model.load_state_dict(weights)
+        return model.to(device).eval()
 
     @property
     def num_dims(self) -> int:

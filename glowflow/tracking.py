@@ -6,6 +6,11 @@ is flushed to disk before the run commits the epoch's last.pt; a resumed run fir
 beyond the checkpoint it resumes from (and a row cut short by a kill), since it writes them again,
 so a run killed anywhere and resumed has each row exactly once.
 
+Beside it, ``training_curves.png`` (:func:`plot_curves`) draws the bits/dim of every split in it
+(train, validation, test, and the raw weights' validation with --ema) against optimizer steps; it
+is drawn again from metrics.csv after every row (matplotlib's Agg canvas, no display) and written
+atomically, so a kill leaves the previous picture.
+
 wandb never crashes or hangs a run: where it is not installed the run goes on without it; where no
 API key is configured (not logged in) it runs in offline mode; where an online start fails
 (no network) it falls back to offline mode. Each fallback prints one line.
@@ -15,11 +20,15 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
 from typing import Any, Dict, Optional, Tuple
 
-from glowflow.files import atomic_write_text
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from glowflow.files import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = (
     "epoch",
@@ -31,6 +40,13 @@ METRIC_COLUMNS = (
     "lr",
     "images_per_s",
     "seconds",
+)
+CURVES_NAME = "training_curves.png"
+CURVES = (  # metrics.csv column -> what the picture calls it, and its line style
+    ("train_bpd", "train (mean over the epoch)", "-"),
+    ("val_bpd", "validation", "-"),
+    ("test_bpd", "test", "-"),
+    ("raw_val_bpd", "validation, raw weights (no EMA)", "--"),
 )
 
 
@@ -119,6 +135,7 @@ class Tracker:
             csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
             handle.flush()
             os.fsync(handle.fileno())  # on disk before last.pt, which is written after it
+        plot_curves(self.csv_path, os.path.join(os.path.dirname(self.csv_path), CURVES_NAME))
         self.log(
             int(row["step"]),
             {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))},
@@ -135,6 +152,42 @@ class Tracker:
             self.wandb_run.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def plot_curves(csv_path: str, png_path: str) -> Optional[str]:
+    """Draw the bits/dim columns of metrics.csv ``csv_path`` against the optimizer step into
+    ``png_path`` (atomically); its path, or None when the file has no row to draw yet."""
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for column, label, style in CURVES:
+        points = [(_number(r.get("step")), _number(r.get(column))) for r in rows]
+        points = [(s, v) for s, v in points if s is not None and v is not None]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, marker="o", markersize=3, label=label)
+            drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(f"bits/dim per split ({len(rows)} epoch{'s' if len(rows) != 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return atomic_write(png_path, lambda handle: fig.savefig(handle, format="png"))
+
+
+def _number(text: Any) -> Optional[float]:
+    """A metrics.csv cell as a finite number, or None (empty, not a number, or not finite)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def drop_rows_after(path: str, epoch: int, step: int) -> int:

@@ -184,6 +184,11 @@ class Trainer:
                 raise GlowflowError("no model configuration given")
             return run, model_config, None
         resumed = Checkpoint.read(run.resume)
+        if resumed.is_folder:
+            raise GlowflowError(
+                f"{run.resume} is a model folder (config.json + model.safetensors): it holds no training state "
+                f"(optimizer, counters, random states) and cannot be resumed; resume from the run's last.pt"
+            )
         if not resumed.has_training_state:
             raise GlowflowError(f"{run.resume} holds no training state (optimizer); it cannot be resumed")
         run = resumed_config(resumed.run_config, run)

@@ -9,7 +9,9 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
+import glowflow
 from glowflow.cli import main
 from tests.helpers import write_noise_npz, write_smooth_npz
 
@@ -55,6 +57,9 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
         assert (full / name).exists(), name
     rows = (full / "metrics.csv").read_text().strip().splitlines()
     assert rows[0] == "epoch,step,train_bpd,val_bpd,test_bpd,raw_val_bpd,lr,images_per_s,seconds" and len(rows) == 3
+    with Image.open(full / "training_curves.png") as picture:  # the curves of both epochs, a valid PNG
+        picture.verify()
+        assert picture.format == "PNG" and picture.size == (640, 400)
     payload = torch.load(full / "last.pt", weights_only=True)
     assert payload["step"] == 8 and payload["epoch"] == 2 and payload["model_config"]["K"] == 2
 
@@ -697,3 +702,42 @@ def test_compiled_training_matches_eager_training(tiny, tmp_path):
     a, b = _weights(eager / "last.pt"), _weights(compiled / "last.pt")
     assert a.keys() == b.keys()
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-4
+
+
+# ----------------------------------------------------------------------------- choosing the command
+
+
+def test_no_command_is_an_error_that_lists_the_commands(capsys):
+    code, err = _error_of([], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for command in ("--train", "--sample", "--outlier_detection", "--score", "--export"):
+        assert command in err, err
+    code, err = _error_of(["--dataset", "mnist", "--K", "4"], capsys)  # flags, but no command
+    assert code == 2 and "no command given" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"glowflow {glowflow.__version__}"
+
+
+@pytest.mark.parametrize(
+    "flags, picture",
+    [
+        (["--reconstruct"], "reconstructions.png"),
+        (["--interpolate", "--n_interpolation_steps", "3"], "interpolations.png"),
+        (["--manipulate_attribute", "1", "--manipulate_scales", "0", "1"], "manipulation_attribute_1.png"),
+    ],
+)
+def test_a_sampling_sub_mode_alone_implies_sample(checkpoint, tmp_path, capsys, flags, picture):
+    out = tmp_path / "out"
+    assert main(["--checkpoint", checkpoint, "--n_samples", "4", "--output_dir", str(out), *flags]) == 0
+    assert (out / "samples_T0.7.png").exists() and (out / picture).exists(), sorted(os.listdir(out))
+    capsys.readouterr()
+
+
+def test_a_sub_mode_alone_needs_a_checkpoint_like_sample(capsys, tmp_path):
+    code, err = _error_of(["--reconstruct", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--sample needs --checkpoint" in err, err

@@ -1,5 +1,5 @@
 """The package's imports run one way: command line -> workflows -> checkpoint/data/runtime -> model
--> fused -> layers -> pixels/config/errors. Read from the source (ast), so a cycle hidden by an
+-> fused -> layers -> pixels/pretrained/config/errors. Read from the source (ast), so a cycle hidden by an
 import inside a function shows too."""
 
 import ast
@@ -16,6 +16,7 @@ RANKS = {
     "files": 1,
     "config": 1,
     "pixels": 2,
+    "pretrained": 2,
     "layers": 3,
     "fused": 4,
     "model": 5,

@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from glowflow.cli import main
+from glowflow.tracking import METRIC_COLUMNS, plot_curves
 from tests.helpers import write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
@@ -376,3 +378,16 @@ def test_labels_beyond_num_classes_are_one_line_errors(tmp_path, capsys):
     assert "labels" in err and "go up to 5" in err and "num_classes 3" in err
     assert not run.exists()
     assert main([*argv[:-1], "6", "--max_steps", "1"]) == 0  # enough classes: trains
+
+
+def test_training_curves_are_drawn_from_metrics_csv(tmp_path):
+    path = tmp_path / "metrics.csv"
+    header = ",".join(METRIC_COLUMNS)
+    assert path.write_text(header + "\n") and plot_curves(str(path), str(tmp_path / "c.png")) is None  # no row yet
+    assert not (tmp_path / "c.png").exists()
+    rows = ["1,4,7.5,7.2,7.3,,0.1,1,1", "2,8,6.5,nan,6.4,,0.1,1,1", "3,12,6.1,6.0,6.1,,0.1,1,1"]
+    path.write_text("\n".join([header, *rows]) + "\n")  # a non-finite value is left out, not drawn
+    assert plot_curves(str(path), str(tmp_path / "c.png")) == str(tmp_path / "c.png")
+    with Image.open(tmp_path / "c.png") as picture:
+        picture.verify()
+    assert _temporary_files(tmp_path) == []

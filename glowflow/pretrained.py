@@ -1,0 +1,285 @@
+"""Model folders: the format in which a trained model is shared, the way the field shares models
+(Hugging Face transformers and diffusers, timm): a folder holding
+
+- ``config.json``: the :class:`GlowConfig` (architecture and data space: image shape, ``n_bits``,
+  classes) as flat fields, plus ``format`` ("glowflow-pretrained"), ``format_version``,
+  ``glowflow_version`` (that wrote it), ``model_type`` ("glow"), ``dataset`` (the name or path the
+  model was trained on, or null) and ``image_size`` (the ``--image_size`` it was trained with, or
+  null: the dataset's own);
+- ``model.safetensors``: every tensor of the model's state dict, buffers included (shuffle orders,
+  ActNorm's initialised flags, the fixed parts of the LU 1x1 convolution). safetensors holds
+  tensors and a header of names, shapes and types, nothing else: loading it cannot run code, and
+  ``torch.load`` is never called;
+- ``README.md``: a short model card (data, the training command, bits/dim, date), for people.
+
+This module owns the format: writing a folder (:func:`write_folder`, each file atomic) and reading
+one (:class:`PretrainedFolder`), trusting nothing in it: ``config.json`` is checked field by field
+(unknown fields, types, ranges and the model's size, through :class:`GlowConfig`), and the
+safetensors header's names, shapes and kinds of number are checked against the model before any
+tensor is read, then every weight's finiteness. Each problem is a one-line
+:class:`GlowflowError`. It knows nothing of :class:`glowflow.model.Glow` (which ranks above it
+and builds its ``save_pretrained`` / ``from_pretrained`` on it) or of training checkpoints
+(glowflow/checkpoint.py, which reads a folder wherever it reads a checkpoint).
+
+``pretrained:NAME`` names a model folder shipped inside the package (:data:`SHIPPED`); none ships
+with this version, and :func:`resolve` says so in one line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from glowflow import __version__
+from glowflow.config import MAX_IMAGE_SIZE, GlowConfig
+from glowflow.errors import GlowflowError
+from glowflow.files import atomic_write, atomic_write_text
+
+FORMAT = "glowflow-pretrained"
+VERSION = 1
+MODEL_TYPE = "glow"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest ``config.json`` read (a real one is well under 1 KiB)."""
+META_FIELDS = ("format", "format_version", "glowflow_version", "model_type", "dataset", "image_size")
+"""The fields of ``config.json`` besides :class:`GlowConfig`'s."""
+PREFIX = "pretrained:"
+SHIPPED: Dict[str, str] = {}
+"""``pretrained:NAME`` -> the model folder shipped in the package (relative to this file). None
+ships with this version; a trained Fashion-MNIST model is meant to join here."""
+
+
+def resolve(path: str) -> str:
+    """The model folder that ``path`` names: ``pretrained:NAME`` -> a folder shipped in the package
+    (GlowflowError when none of that name ships), any other path unchanged."""
+    if not isinstance(path, str) or not path.startswith(PREFIX):
+        return path
+    name = path[len(PREFIX) :]
+    if name not in SHIPPED:
+        available = ", ".join(sorted(SHIPPED)) or "none"
+        raise GlowflowError(
+            f"no pretrained model named {name!r} ships with this version of glowflow ({__version__}); "
+            f"available: {available}"
+        )
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[name])
+
+
+def is_model_folder(path: str) -> bool:
+    """Whether ``path`` is a folder (or ``pretrained:NAME``): read as a model folder, not a checkpoint file."""
+    return isinstance(path, str) and (path.startswith(PREFIX) or os.path.isdir(path))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def config_json(config: GlowConfig, dataset: Optional[str] = None, image_size: Optional[int] = None) -> dict:
+    """The content of ``config.json`` for a model of ``config`` trained on ``dataset``."""
+    return {
+        "format": FORMAT,
+        "format_version": VERSION,
+        "glowflow_version": __version__,
+        "model_type": MODEL_TYPE,
+        "dataset": dataset,
+        "image_size": image_size,
+        **config.to_dict(),
+    }
+
+
+def model_card(
+    config: GlowConfig,
+    dataset: Optional[str] = None,
+    command: Optional[str] = None,
+    scores: Optional[Mapping[str, float]] = None,
+    date: Optional[str] = None,
+) -> str:
+    """A short model card (Markdown): the data, the architecture, the training command and the
+    bits/dim, where known, the date, and how to load the folder."""
+    c, h, w = config.image_shape
+    lines = [
+        f"# Glow: {dataset or 'unknown data'}",
+        "",
+        f"A Glow normalizing flow (Kingma & Dhariwal, 2018) written by glowflow {__version__}.",
+        "",
+        f"- Data: {dataset or 'not recorded'}; {c}x{h}x{w} images, {config.n_bits}-bit pixels"
+        + (f", {config.num_classes} classes (class-conditional)" if config.y_condition else ""),
+        f"- Architecture: K {config.K}, L {config.L}, hidden channels {config.hidden_channels}, "
+        f"{config.flow_permutation} permutation{' (LU)' if config.LU_decomposed else ''}, "
+        f"{config.flow_coupling} coupling{', learned top prior' if config.learn_top else ''}",
+        f"- Training command: `{command}`" if command else "- Training command: not recorded",
+    ]
+    for name, value in (scores or {}).items():
+        lines.append(f"- {name}: {value:.4f}")
+    lines += [
+        f"- Written: {date or datetime.date.today().isoformat()}",
+        "",
+        "Load it with `glowflow.Glow.from_pretrained(folder)` (or `glowflow.load_checkpoint(folder)`), or",
+        "give the folder to any `--checkpoint` of the `glowflow` command. `config.json` holds the",
+        "configuration, `model.safetensors` the weights (no code, read without `torch.load`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_folder(
+    folder: str,
+    config: GlowConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    dataset: Optional[str] = None,
+    image_size: Optional[int] = None,
+    card: Optional[str] = None,
+) -> str:
+    """Write the model folder ``folder`` (made if needed): ``model.safetensors`` first, then the
+    card, then ``config.json``, each atomically. Returns ``folder``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise GlowflowError(f"cannot write the model folder {folder}: it is a file")
+    tensors = {name: value.detach().to("cpu").contiguous() for name, value in state_dict.items()}
+    payload = safetensors_bytes(tensors, metadata={"format": FORMAT})
+    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda handle: handle.write(payload))
+    atomic_write_text(os.path.join(folder, CARD_NAME), card if card is not None else model_card(config, dataset))
+    text = json.dumps(config_json(config, dataset, image_size), indent=2) + "\n"
+    atomic_write_text(os.path.join(folder, CONFIG_NAME), text)
+    return folder
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class PretrainedFolder:
+    """A model folder whose ``config.json`` has been read and checked (:meth:`open`); its weights
+    are read by :meth:`read_weights`, against the model they are for."""
+
+    path: str
+    config: GlowConfig
+    dataset: Optional[str]
+    image_size: Optional[int]
+
+    @classmethod
+    def open(cls, path: str) -> PretrainedFolder:
+        """Read and check ``path``/config.json; GlowflowError for a missing folder or file, bad
+        JSON, another format or a newer version, an unknown field or an unusable value."""
+        folder = resolve(path)
+        if not os.path.isdir(folder):
+            raise GlowflowError(f"model folder not found: {path}")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise GlowflowError(
+                    f"{path} has no {name}: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                    f"(written by save_pretrained or glowflow --export)"
+                )
+        where = os.path.join(path, CONFIG_NAME)
+        values = _read_json(os.path.join(folder, CONFIG_NAME), where)
+        if values.get("format") != FORMAT:
+            raise GlowflowError(f"{where} is not a glowflow model configuration (no format {FORMAT!r})")
+        version = values.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise GlowflowError(f"{where}: format_version must be a positive integer, got {version!r:.60}")
+        if version > VERSION:
+            raise GlowflowError(f"{where} was written by a newer glowflow (format version {version})")
+        unknown = sorted(k for k in values if k not in META_FIELDS and k not in GlowConfig.__dataclass_fields__)
+        if unknown:
+            raise GlowflowError(f"{where}: unknown field(s) {', '.join(repr(k)[:40] for k in unknown[:5])}")
+        if values.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise GlowflowError(f"{where}: model_type must be {MODEL_TYPE!r}, got {values['model_type']!r:.60}")
+        dataset, image_size = values.get("dataset"), values.get("image_size")
+        if dataset is not None and not (isinstance(dataset, str) and 0 < len(dataset) <= 4096):
+            raise GlowflowError(f"{where}: dataset must be a name or a path (text) or null, got {dataset!r:.60}")
+        if image_size is not None and not (
+            isinstance(image_size, int) and not isinstance(image_size, bool) and 1 <= image_size <= MAX_IMAGE_SIZE
+        ):
+            raise GlowflowError(
+                f"{where}: image_size must be null or an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r:.60}"
+            )
+        try:
+            config = GlowConfig.from_dict({k: v for k, v in values.items() if k not in META_FIELDS})
+        except GlowflowError as err:
+            raise GlowflowError(f"{where}: unusable model configuration: {err}") from None
+        return cls(path=path, config=config, dataset=dataset, image_size=image_size)
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(resolve(self.path), WEIGHTS_NAME)
+
+    def read_weights(self, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The tensors of ``model.safetensors``, on the CPU, checked against ``expected`` (the state
+        dict of the model they are for; a meta-device one will do): the same names, shapes and kinds
+        (floating point or not) from the header before any tensor is read, then all finite."""
+        where = os.path.join(self.path, WEIGHTS_NAME)
+        try:
+            with safe_open(self.weights_path, framework="pt", device="cpu") as handle:
+                header = {name: handle.get_slice(name) for name in handle.keys()}
+                shapes = {name: tuple(part.get_shape()) for name, part in header.items()}
+                wanted = {name: tuple(t.shape) for name, t in expected.items()}
+                if shapes != wanted:
+                    raise GlowflowError(
+                        f"{where} does not match {CONFIG_NAME} ({first_difference(shapes, wanted):.200})"
+                    )
+                for name, part in header.items():
+                    floating = part.get_dtype() in ("F16", "BF16", "F32", "F64")
+                    if floating != expected[name].is_floating_point():
+                        kind = "floating-point" if expected[name].is_floating_point() else "integer"
+                        raise GlowflowError(f"{where}: {name} holds {part.get_dtype()} values, the model {kind} ones")
+                weights = {name: handle.get_tensor(name) for name in header}
+        except GlowflowError:
+            raise
+        except Exception as err:  # safetensors' own error (SafetensorError) and whatever a damaged file raises
+            detail = " ".join(str(err).split())[:120]
+            raise GlowflowError(
+                f"{where} is not a readable safetensors file: corrupt or truncated ({detail})"
+            ) from None
+        for name, value in weights.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise GlowflowError(f"{where} is corrupt: its weight {name} holds non-finite values (nan or inf)")
+        return weights
+
+
+def saved_dtype(weights: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """The one floating-point type of ``weights`` (a model saved in float64 loads in float64, not
+    rounded to float32), or None when they mix several."""
+    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _read_json(path: str, where: str) -> dict:
+    """The JSON object in ``path``; GlowflowError for a file too large, not UTF-8, not JSON or not an object."""
+    try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise GlowflowError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes: not a model configuration")
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle, parse_constant=_refuse_constant)
+    except GlowflowError:
+        raise
+    except json.JSONDecodeError as err:
+        raise GlowflowError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as err:
+        raise GlowflowError(f"{where} cannot be read ({type(err).__name__})") from None
+    except ValueError as err:  # _refuse_constant
+        raise GlowflowError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise GlowflowError(f"{where} must hold a JSON object, got {type(values).__name__}")
+    return values
+
+
+def _refuse_constant(name: str):
+    """``json.load``'s hook for NaN and Infinity, which Python accepts and JSON does not."""
+    raise ValueError(f"it holds {name}, which is not a JSON number")
+
+
+def first_difference(stored: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str:
+    """The first weight (name -> shape) that is missing, unexpected or of another shape."""
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing:
+        return f"missing {missing[0]}"
+    if unexpected:
+        return f"unexpected {unexpected[0]}"
+    name = min(n for n in stored if stored[n] != expected[n])
+    return f"{name} has shape {stored[name]}, the model needs {expected[name]}"
