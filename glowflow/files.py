@@ -43,6 +43,7 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _created_file_mode())  # mkstemp's 0600, widened to what open() would give
         os.replace(tmp, path)
     except OSError as err:
         _remove_quietly(tmp)
@@ -50,6 +51,13 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _created_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> str:

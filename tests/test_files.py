@@ -67,3 +67,16 @@ def test_check_writable_folder_refuses_a_folder_it_cannot_write(tmp_path, monkey
     with pytest.raises(GlowflowError, match="cannot write to output directory .*: Permission denied"):
         check_writable_folder(str(tmp_path / "out"))
     assert not any(name.startswith(TEMP_PREFIX) for name in os.listdir(tmp_path))
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path):
+    import os
+
+    from glowflow.files import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write_text(str(tmp_path / "report.json"), "{}\n")
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # readable by others, as a file written with open()
