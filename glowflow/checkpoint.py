@@ -38,7 +38,7 @@ import math
 import os
 import zipfile
 import zlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -46,7 +46,7 @@ from glowflow.config import GlowConfig, RunConfig, check_field_types, training_c
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write, check_writable_folder
 from glowflow.model import Glow
-from glowflow.pretrained import PretrainedFolder, first_difference, is_model_folder, saved_dtype
+from glowflow.pretrained import PretrainedFolder, first_difference, first_non_finite, is_model_folder, saved_dtype
 
 FORMAT = "glowflow-checkpoint"
 VERSION = 2
@@ -200,11 +200,11 @@ class Checkpoint:
                     f"{self.path}: {what} do not match the configuration stored with them "
                     f"({first_difference(stored, expected):.200})"
                 )
-            for name, value in weights.items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise GlowflowError(
-                        f"{self.path} is corrupt: its {what[:-1]} {name} holds non-finite values (nan or inf)"
-                    )
+            name = first_non_finite(weights)
+            if name is not None:
+                raise GlowflowError(
+                    f"{self.path} is corrupt: its {what[:-1]} {name} holds non-finite values (nan or inf)"
+                )
 
     # ------------------------------------------------------------------ the run that wrote it
 
@@ -234,6 +234,13 @@ class Checkpoint:
     def image_size(self) -> Optional[int]:
         """The ``--image_size`` the model was trained with (None: the dataset's own)."""
         return self.run_config.get("image_size")
+
+    def data_to_read(self, dataset: Optional[str], default: str) -> Tuple[str, Optional[int]]:
+        """(name, image size) of the data a command reads with this model: ``dataset`` when given
+        (``--dataset``), else the dataset the model was trained on, else ``default``; the stored
+        ``--image_size`` applies to the model's own dataset only (another one keeps its size)."""
+        name = dataset or self.dataset or default
+        return name, (self.image_size if name == self.dataset else None)
 
     # ------------------------------------------------------------------ resuming
 

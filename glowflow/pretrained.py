@@ -236,10 +236,15 @@ class PretrainedFolder:
             raise GlowflowError(
                 f"{where} is not a readable safetensors file: corrupt or truncated ({detail})"
             ) from None
-        for name, value in weights.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise GlowflowError(f"{where} is corrupt: its weight {name} holds non-finite values (nan or inf)")
+        name = first_non_finite(weights)
+        if name is not None:
+            raise GlowflowError(f"{where} is corrupt: its weight {name} holds non-finite values (nan or inf)")
         return weights
+
+
+def first_non_finite(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``weights`` holding a NaN or an infinity, or None."""
+    return next((n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def saved_dtype(weights: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:

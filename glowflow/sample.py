@@ -317,13 +317,12 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
     model = checkpoint.load_model(device)
-    dataset_name = dataset or checkpoint.dataset or run.dataset
+    dataset_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
     output_dir = run.output_dir or RunConfig(dataset=checkpoint.dataset or dataset_name).resolved_output_dir()
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(run.seed)
     written = sample_grids(model, output_dir, run.n_samples, run.temperature, run.sample_class, device)
     if run.reconstruct or run.interpolate or run.manipulate is not None or run.manipulate_attribute is not None:
-        image_size = checkpoint.image_size if dataset_name == checkpoint.dataset else None
         test_set = load_dataset(
             dataset_name, "test", data_root=run.data_root, image_size=image_size, divisor=2**model.config.L
         )

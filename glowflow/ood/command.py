@@ -191,8 +191,7 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
     model = checkpoint.load_model(device)
-    in_name = dataset or checkpoint.dataset or run.dataset
-    image_size = checkpoint.image_size if in_name == checkpoint.dataset else None
+    in_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
     divisor = 2**model.config.L
     test_set = data.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
     check_image_shape(model, test_set.info.image_shape, run.checkpoint, in_name)

@@ -171,8 +171,7 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
         detector = OutlierDetector.load(run.detector, model, device=device, progress=True)
         detector.set_tpr(run.tpr).set_score(run.detector_score)
     else:
-        in_name = dataset or checkpoint.dataset or run.dataset
-        image_size = checkpoint.image_size if in_name == checkpoint.dataset else None
+        in_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
         train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=2**model.config.L)
         if tuple(train_set.info.image_shape) != shape:
             raise GlowflowError(f"{in_name} images are {train_set.info.image_shape}, the checkpoint's model {shape}")
