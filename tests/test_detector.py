@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import glowflow
+import glowflow.data
 from glowflow import GlowflowError, ood
 from glowflow.cli import main
 from tests.helpers import randomised_model, write_noise_npz, write_smooth_npz
@@ -228,6 +229,23 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
     out3 = tmp_path / "out3"
     assert main(["--score", str(images), "--checkpoint", ckpt, "--detector", cache, "--output_dir", str(out3)]) == 0
     assert (out3 / "scores_pngs.csv").read_text() == (out2 / "scores_pngs.csv").read_text()
+
+
+def test_a_valid_cached_detector_spares_reading_the_training_set(checkpoint, tmp_path, monkeypatch):
+    ckpt, _ = checkpoint
+    noise = write_noise_npz(tmp_path / "noise.npz", n=20, size=16)
+    assert main(["--score", noise, "--checkpoint", ckpt, "--output_dir", str(tmp_path / "first")]) == 0  # cached
+    load_dataset = glowflow.data.load_dataset
+
+    def no_training_split(name, split, *args, **kwargs):
+        assert split != "train", "the training set was read although the cached detector is valid"
+        return load_dataset(name, split, *args, **kwargs)
+
+    monkeypatch.setattr(glowflow.data, "load_dataset", no_training_split)
+    assert main(["--score", noise, "--checkpoint", ckpt, "--output_dir", str(tmp_path / "again")]) == 0
+    out = tmp_path / "ood"
+    assert main(["--outlier_detection", "--checkpoint", ckpt, "--out_dataset", noise, "--output_dir", str(out)]) == 0
+    assert (out / "ood_smooth_vs_noise.json").exists()
 
 
 def _bad_sets(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 from glowflow import data
 from glowflow.checkpoint import Checkpoint, check_image_shape
@@ -66,7 +66,7 @@ class OutlierDetectionSettings:
 def run_outlier_detection(
     model,
     in_test_loader: Iterable,
-    train_loader: Optional[Iterable],
+    train_loader: Union[None, Iterable, Callable[[], Iterable]],
     out_loaders: Mapping[str, Iterable],
     settings: OutlierDetectionSettings,
     background_model=None,
@@ -80,7 +80,8 @@ def run_outlier_detection(
     a fixed order) provides the typicality and density-of-states reference
     (:func:`detector_for`: an :class:`OutlierDetector` fitted on a seeded subset of
     ``settings.fit_images`` training images, a fifth of them held back for its threshold; it
-    may be None once ``settings.reference_cache_path`` holds a valid one). If the model fits
+    may be None once ``settings.reference_cache_path`` holds a valid one, or a function that
+    returns the loader, called only when there is none). If the model fits
     its training images visibly better than its test images, pass a held-out in-distribution
     split (not the one in ``in_test_loader``) as ``train_loader`` instead, so that typicality
     and the density of states see the bits/dim of unseen images.
@@ -195,7 +196,6 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     divisor = 2**model.config.L
     test_set = data.load_dataset(in_name, "test", run.data_root, image_size, divisor=divisor)
     check_image_shape(model, test_set.info.image_shape, run.checkpoint, in_name)
-    train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor)
     background = None
     if run.background_checkpoint:
         background = Checkpoint.read(run.background_checkpoint).load_model(device)
@@ -215,7 +215,8 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     return run_outlier_detection(
         model,
         _loader(test_set, run, device),
-        _loader(train_set, run, device),
+        # read only when no cached detector can be used
+        lambda: _loader(data.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor), run, device),
         out_loaders,
         settings,
         background_model=background,

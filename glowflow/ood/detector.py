@@ -20,7 +20,7 @@ import json
 import math
 import os
 from dataclasses import replace
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -380,7 +380,7 @@ def detector_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> 
 
 def detector_for(
     model,
-    train_images: Optional[Images],
+    train_images: Union[None, Images, Callable[[], Images]],
     dataset: str,
     detector: OutlierDetector,
     cache_path: Optional[str] = None,
@@ -391,7 +391,9 @@ def detector_for(
     With ``cache_path``, a detector stored there under the same key (:func:`reference_key` of
     the model, dataset, seed, fit images, codec and hold-back) is reused, keeping ``detector``'s
     score and tpr; otherwise ``detector`` is fitted on ``train_images`` and, with
-    ``cache_path``, saved there. ``train_images`` may be None when the cache is valid.
+    ``cache_path``, saved there. ``train_images`` may be None when the cache is valid, or a
+    function that returns them, called only when the detector has to be fitted (so that a valid
+    cache spares reading the training set).
     """
     key = reference_key(
         model,
@@ -407,7 +409,7 @@ def detector_for(
         return cached, True
     if train_images is None:
         raise GlowflowError("outlier detection needs the training images (no valid cached detector)")
-    detector.fit(train_images, key=key)
+    detector.fit(train_images() if callable(train_images) else train_images, key=key)
     if cache_path is not None:
         detector.save(cache_path)
         print(f"wrote {cache_path}")

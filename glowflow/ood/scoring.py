@@ -172,9 +172,15 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
         detector.set_tpr(run.tpr).set_score(run.detector_score)
     else:
         in_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
-        train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=2**model.config.L)
-        if tuple(train_set.info.image_shape) != shape:
-            raise GlowflowError(f"{in_name} images are {train_set.info.image_shape}, the checkpoint's model {shape}")
+
+        def training_images():  # read only when no cached detector can be used
+            train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=2**model.config.L)
+            if tuple(train_set.info.image_shape) != shape:
+                raise GlowflowError(
+                    f"{in_name} images are {train_set.info.image_shape}, the checkpoint's model {shape}"
+                )
+            return train_set
+
         settings = StatisticsSettings(device=device, seed=run.eval_seed)
         detector = OutlierDetector(
             model,
@@ -187,5 +193,5 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
             progress=True,
         )
         cache = detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits)
-        detector, _ = detector_for(model, train_set, in_name, detector, cache)
+        detector, _ = detector_for(model, training_images, in_name, detector, cache)
     return run_score(detector, to_score, run.score_path, output_dir)
