@@ -56,6 +56,9 @@ def test_fit_score_predict_and_their_signs(trained):
     # a fifth held back for the threshold, the rest for the reference
     assert detector.n_threshold_ == 205 and detector.reference_.n_train == 819
     assert set(detector.thresholds_) == set(detector.score_names()) and detector.score == "dos"
+    # unlabelled images: one Gaussian of the top latent, part of the density of states
+    assert detector.reference_.latent.classes.tolist() == [-1]
+    assert detector.reference_.dos_features[-1] == "top_gaussian"
 
     outlying = detector.outlier_scores(data["noise"])
     np.testing.assert_array_equal(detector.score_samples(data["noise"]), -outlying)
@@ -136,7 +139,11 @@ def test_threshold_keeps_its_true_positive_rate_on_unseen_inliers():
 
 def test_saved_detector_reloads_to_identical_scores_without_pickle(trained, tmp_path):
     model, data = trained
-    detector = glowflow.OutlierDetector(model, score="complexity", tpr=0.9, fit_images=600).fit(data["train"])
+    labels = torch.arange(len(data["train"])) % 3  # class labels: one top-latent Gaussian per class
+    labelled = TensorDataset(data["train"], labels)
+    detector = glowflow.OutlierDetector(model, score="complexity", tpr=0.9, fit_images=600).fit(labelled)
+    assert detector.reference_.latent.classes.tolist() == [0, 1, 2]
+    assert "top_gaussian" in detector.reference_.dos_features
     path = str(tmp_path / "detector.npz")
     detector.save(path)
     with np.load(path, allow_pickle=False) as f:  # plain arrays only
@@ -202,6 +209,7 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
         "level_1_bpd",
         "level_2_bpd",
         "hierarchy_ratio",
+        "top_gaussian",
         "dos",
         "outlier",
         "decision",

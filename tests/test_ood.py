@@ -187,8 +187,9 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     model.train()
     stats = ood.compute_statistics(model, _loader(images), n_bits=5, seed=3, codec=None, progress=False)
     assert model.training  # the training flag is restored
-    assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms"}
+    assert set(stats) == {"bpd", "level_bpd", "logdet", "latent_rms", "top_latent", "labels"}
     assert stats["level_bpd"].shape == (10, 3) and stats["latent_rms"].shape == (10, 3)
+    assert stats["labels"].tolist() == [-1] * 10  # float labels are not classes
     np.testing.assert_allclose(stats["level_bpd"].sum(1), stats["bpd"], rtol=0, atol=1e-10)
     # the same numbers the model gives with the same noise (drawn batch by batch from seed 3)
     g = torch.Generator().manual_seed(3)
@@ -201,6 +202,8 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     np.testing.assert_allclose(stats["logdet"], logdet.numpy(), rtol=0, atol=1e-9)
     rms = np.stack([z.flatten(1).pow(2).mean(1).sqrt().numpy() for z in latents], 1)
     np.testing.assert_allclose(stats["latent_rms"], rms, rtol=1e-12)
+    assert stats["top_latent"].dtype == np.float32
+    np.testing.assert_allclose(stats["top_latent"], latents[-1].flatten(1).float().numpy(), rtol=1e-6)
     # level i: -(log prior_i + logdet_i) plus its share of the discretisation constant
     terms = model.forward_terms(x)
     for i, d_i in enumerate(int(np.prod(s)) for s in model.latent_shapes):
@@ -290,8 +293,8 @@ def test_scores_definitions_on_given_statistics():
     test_m = test_m[:, :-1]  # the stats' codec_bpd: ignored by a reference fitted without it
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
-    assert len(ref.dos_log_weights) == 7  # 60 images: at most 60 // (2 * 3 + 2) components
-    mixture = GaussianMixture(7, covariance_type="full", reg_covar=1e-6, random_state=0)
+    assert len(ref.dos_log_weights) == ood.DOS_COMPONENTS == 4  # 60 images would allow 60 // (2 * 3 + 2) = 7
+    mixture = GaussianMixture(4, covariance_type="full", reg_covar=1e-6, random_state=0)
     mixture.fit((train_m - mean) / std)
     np.testing.assert_allclose(s["dos"], -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
     # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
@@ -324,9 +327,13 @@ def test_reference_round_trip_without_pickle(tmp_path):
         "level_bpd": rng.normal(1, 0.1, (50, 2)),
         "logdet": rng.normal(0, 1, 50),
         "latent_rms": rng.normal(1, 0.1, (50, 2)),
+        "top_latent": rng.normal(0, 1, (50, 3)).astype(np.float32),
+        "labels": np.repeat([0, 1], 25),
     }
-    ref = ood.fit_reference(train, key="k1", max_dos_points=40)
-    assert ref.dos_means.shape == (6, 2) and ref.dos_precision_cholesky.shape == (6, 2, 2) and ref.n_train == 50
+    ref = ood.fit_reference(train, key="k1", max_dos_points=40, components=8)  # capped at 40 // (2 * 3 + 2)
+    assert ref.dos_features == ("level_1_bpd", "level_2_bpd", "top_gaussian")
+    assert ref.dos_means.shape == (5, 3) and ref.dos_precision_cholesky.shape == (5, 3, 3) and ref.n_train == 50
+    assert ref.latent.classes.tolist() == [0, 1] and ref.latent.precision_cholesky.shape == (2, 3, 3)
     path = tmp_path / "ref.npz"
     ood.save_reference(str(path), ref)
     assert os.listdir(tmp_path) == ["ref.npz"]  # no temporary left behind
@@ -337,6 +344,9 @@ def test_reference_round_trip_without_pickle(tmp_path):
         assert getattr(back, field) == getattr(ref, field)
     for field in ("dos_mean", "dos_std", "dos_log_weights", "dos_means", "dos_precision_cholesky"):
         assert np.array_equal(getattr(back, field), getattr(ref, field))
+    for field in ("classes", "means", "precision_cholesky"):
+        assert np.array_equal(getattr(back.latent, field), getattr(ref.latent, field))
+    np.testing.assert_array_equal(ood.outlier_scores(train, back)["dos"], ood.outlier_scores(train, ref)["dos"])
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(GlowflowError, match="cannot read"):
         ood.load_reference(str(tmp_path / "bad.npz"))
@@ -432,6 +442,7 @@ def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(t
         "level_1_bpd",
         "level_2_bpd",
         "hierarchy_ratio",
+        "top_gaussian",
         "dos",
         "likelihood_ratio",
     ]
@@ -471,6 +482,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         "level_1_bpd",
         "level_2_bpd",
         "hierarchy_ratio",
+        "top_gaussian",
         "dos",
         "likelihood_ratio",
     }
@@ -675,3 +687,62 @@ def test_an_outlier_file_without_splits_is_scored_whole(tmp_path):
     assert code == 0
     report = json.loads((out / "ood_smooth_vs_noise.json").read_text())
     assert report["n_out"] == 40
+
+
+def test_statistics_pass_integer_class_labels_through():
+    shape = (1, 8, 8)
+    model = randomised_model(shape, 2, COMBO, K=1, hidden=4)
+    images = torch.rand(6, *shape).mul(255).round().div(255)
+    labels = torch.tensor([3, 0, 1, 3, 2, 0])
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    assert ood.compute_statistics(model, loader, 8, codec=None, progress=False)["labels"].tolist() == labels.tolist()
+    column = DataLoader(TensorDataset(images, labels[:, None]), batch_size=4)
+    assert ood.compute_statistics(model, column, 8, codec=None, progress=False)["labels"].tolist() == labels.tolist()
+    multi = DataLoader(TensorDataset(images, torch.ones(6, 3, dtype=torch.long)), batch_size=4)
+    assert ood.compute_statistics(model, multi, 8, codec=None, progress=False)["labels"].tolist() == [-1] * 6
+    bare = ood.compute_statistics(model, [images], 8, codec=None, progress=False)
+    assert bare["labels"].tolist() == [-1] * 6
+
+
+def test_latent_features_pool_a_large_top_latent_to_at_most_the_cap():
+    from glowflow.ood.statistics import MAX_LATENT_FEATURES, latent_features
+
+    small = torch.randn(2, 16, 4, 4)
+    assert torch.equal(latent_features(small), small.reshape(2, -1))
+    big = torch.randn(2, 48, 16, 16)  # 12288 features -> pooled twice to 48 x 4 x 4 = 768
+    pooled = latent_features(big)
+    assert pooled.shape == (2, 768) and pooled.shape[1] <= MAX_LATENT_FEATURES
+    torch.testing.assert_close(pooled, torch.nn.functional.avg_pool2d(big, 4).reshape(2, -1))
+
+
+def test_top_gaussian_is_the_nearest_class_gaussian_negative_log_density():
+    from scipy.stats import multivariate_normal
+
+    from glowflow.ood.reference import LATENT_SHRINKAGE, fit_latent_gaussians, top_gaussian_nll
+
+    rng = np.random.default_rng(0)
+    f = 5
+    centres = np.array([np.zeros(f), np.full(f, 4.0)])
+    labels = np.repeat([0, 1], 200)
+    features = centres[labels] + rng.normal(size=(400, f)) * np.array([1.0, 2.0, 0.5, 1.0, 1.0])
+    latent = fit_latent_gaussians(features, labels)
+    assert latent.classes.tolist() == [0, 1]
+    queries = rng.normal(size=(7, f)) * 3
+    expected = []
+    for c in (0, 1):
+        members = features[labels == c]
+        cov = np.cov(members.T, bias=True)
+        cov += LATENT_SHRINKAGE * np.mean(np.diag(cov)) * np.eye(f)
+        expected.append(multivariate_normal(members.mean(0), cov).logpdf(queries))
+    want = -np.max(expected, 0) / f
+    np.testing.assert_allclose(top_gaussian_nll(latent, queries), want, rtol=1e-5)
+    # unlabelled images (or one class) give one Gaussian over all of them
+    single = fit_latent_gaussians(features, np.full(400, -1))
+    assert single.classes.tolist() == [-1] and single.means.shape == (1, f)
+    assert fit_latent_gaussians(features, None).classes.tolist() == [-1]
+    # a class with a single image gets no Gaussian of its own
+    odd = labels.copy()
+    odd[0] = 7
+    assert fit_latent_gaussians(features, odd).classes.tolist() == [0, 1]
+    with pytest.raises(GlowflowError, match="top-latent features"):
+        top_gaussian_nll(latent, queries[:, :3])

@@ -135,7 +135,7 @@ class OutlierDetector:
         levels = int(self.model.config.L)
         names += [f"level_{i + 1}_bpd" for i in range(levels)]
         names += ["hierarchy_ratio"] if levels >= 2 else []
-        return tuple(names + ["dos"])
+        return tuple(names + ["top_gaussian", "dos"])
 
     def _check_score_name(self, name: str) -> None:
         if name not in self.score_names():

@@ -1,6 +1,7 @@
-"""The training-set reference of the scores: the typicality mean, the density-of-states mixture
-fitted on the training images' statistics, its plain-array .npz form (no pickle) and the cache
-key (the cache itself is the saved detector, :mod:`glowflow.ood.detector`)."""
+"""The training-set reference of the scores: the typicality mean, the class-conditional Gaussians
+of the top latent, the density-of-states mixture fitted on the training images' statistics, its
+plain-array .npz form (no pickle) and the cache key (the cache itself is the saved detector,
+:mod:`glowflow.ood.detector`)."""
 
 from __future__ import annotations
 
@@ -17,28 +18,39 @@ import torch
 
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
-from glowflow.ood.statistics import statistic_columns
+from glowflow.ood.statistics import NO_LABEL, statistic_columns
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v5"
+REFERENCE_FORMAT = "glowflow-ood-reference-v6"
 
-DOS_STATISTICS = ("level_bpd", "codec_bpd")
-"""The statistics the density of states uses by default (groups of :func:`statistic_columns`)."""
-STATISTIC_GROUPS = ("level_bpd", "logdet", "latent_rms", "codec_bpd", "bpd")
-"""Every group of :func:`statistic_columns`, in the order :func:`dos_features` takes them."""
-DOS_COMPONENTS = 8
+DOS_STATISTICS = ("level_bpd", "codec_bpd", "top_gaussian")
+"""The statistics the density of states uses by default (groups of :func:`statistic_columns`,
+and ``top_gaussian``)."""
+STATISTIC_GROUPS = ("level_bpd", "logdet", "latent_rms", "codec_bpd", "bpd", "top_gaussian")
+"""Every group of :func:`statistic_columns` and ``top_gaussian`` (:func:`top_gaussian_nll`), in
+the order :func:`dos_features` takes them."""
+LATENT_SHRINKAGE = 0.1
+"""Each class covariance of the top latent is ``S + LATENT_SHRINKAGE * mean(diag S) * I``
+(S the sample covariance): invertible with fewer images than features, and less overfitted."""
+MIN_CLASS_IMAGES = 2
+"""Classes with fewer fit images than this get no Gaussian of their own."""
+DOS_COMPONENTS = 4
 """Components of the density-of-states Gaussian mixture by default."""
 
 
 def dos_features(
-    stats: Mapping[str, np.ndarray], statistics: Sequence[str] = DOS_STATISTICS
+    stats: Mapping[str, np.ndarray],
+    statistics: Sequence[str] = DOS_STATISTICS,
+    latent: Optional[LatentGaussians] = None,
 ) -> Tuple[List[str], np.ndarray]:
     """The statistics the density of states is fitted on: names and an (N, d) matrix.
 
     ``stats``: :func:`compute_statistics` output for N images. ``statistics`` are groups of
     :func:`statistic_columns`, taken in this order: ``level_bpd`` (one column per level),
     ``logdet``, ``latent_rms`` (one per level), ``codec_bpd`` (taken only when ``stats`` has it),
-    ``bpd``. The default is each level's bits/dim and the codec's bits/dim (the README's
-    "Choosing the statistics of `dos`" compares the choices).
+    ``bpd``, ``top_gaussian`` (:func:`top_gaussian_nll` under ``latent``; taken only when
+    ``latent`` is given and ``stats`` has ``top_latent``). The default is each level's bits/dim,
+    the codec's bits/dim and the top latent's class-Gaussian NLL (the README's "Choosing the
+    statistics of `dos`" compares the choices).
     """
     unknown = [g for g in statistics if g not in STATISTIC_GROUPS]
     if unknown:
@@ -46,6 +58,8 @@ def dos_features(
             f"unknown density-of-states statistic {unknown[0]!r}; choose from {', '.join(STATISTIC_GROUPS)}"
         )
     columns = statistic_columns(stats)
+    if latent is not None and "top_latent" in stats:
+        columns["top_gaussian"] = top_gaussian_nll(latent, stats["top_latent"])
     names = [
         name
         for group in STATISTIC_GROUPS
@@ -69,6 +83,8 @@ class Reference:
     dos_mean, dos_std (d,): their training mean and standard deviation (standardisation).
     dos_log_weights (k,), dos_means (k, d), dos_precision_cholesky (k, d, d): the Gaussian
     mixture fitted on the standardised statistics (``precision = P P^T`` per component).
+    latent: the class-conditional Gaussians of the top latent (:class:`LatentGaussians`), or
+    None when the training statistics had no ``top_latent``.
     """
 
     key: str
@@ -82,6 +98,82 @@ class Reference:
     dos_log_weights: np.ndarray
     dos_means: np.ndarray
     dos_precision_cholesky: np.ndarray
+    latent: Optional[LatentGaussians] = None
+
+
+@dataclass
+class LatentGaussians:
+    """One Gaussian per class of the top latent's features (F = features, c = classes; one
+    class, label :data:`NO_LABEL`, when the fit images had no labels): ``classes`` (c,) int64,
+    ``means`` (c, F), ``precision_cholesky`` (c, F, F) float32 with ``precision = P P^T`` of the
+    shrunk covariance (:data:`LATENT_SHRINKAGE`)."""
+
+    classes: np.ndarray
+    means: np.ndarray
+    precision_cholesky: np.ndarray
+
+
+def fit_latent_gaussians(
+    top_latent: np.ndarray, labels: Optional[np.ndarray], shrinkage: float = LATENT_SHRINKAGE
+) -> LatentGaussians:
+    """Class-conditional Gaussians of the (N, F) top-latent features (Lee et al., 2018, with a
+    covariance per class rather than one shared, as in quadratic discriminant analysis).
+
+    ``labels`` (N,): each image's class, :data:`NO_LABEL` where unknown. Every class with at least
+    :data:`MIN_CLASS_IMAGES` images gets a mean and the covariance ``S + shrinkage * mean(diag S)
+    * I``; with no labels (any image unlabelled, or fewer than two such classes) one Gaussian is
+    fitted on all images. Stored in float32 (what is saved is what scores).
+    """
+    features = np.asarray(top_latent, dtype=np.float64)
+    labels = np.full(len(features), NO_LABEL) if labels is None else np.asarray(labels).reshape(-1)
+    classes, counts = np.unique(labels, return_counts=True)
+    kept = classes[counts >= MIN_CLASS_IMAGES]
+    if (labels == NO_LABEL).any() or kept.size < 2:
+        kept, labels = np.array([NO_LABEL]), np.full(len(features), NO_LABEL)
+    means, choleskies = [], []
+    for label in kept:
+        members = features[labels == label]
+        mean = members.mean(0)
+        centred = members - mean
+        covariance = centred.T @ centred / len(members)
+        covariance += shrinkage * max(float(np.mean(np.diag(covariance))), 1e-12) * np.eye(features.shape[1])
+        means.append(mean)
+        choleskies.append(_precision_cholesky(covariance))
+    return LatentGaussians(
+        classes=kept.astype(np.int64),
+        means=np.stack(means).astype(np.float32),
+        precision_cholesky=np.stack(choleskies).astype(np.float32),
+    )
+
+
+def _precision_cholesky(covariance: np.ndarray) -> np.ndarray:
+    """Upper-triangular P with ``P P^T`` = the inverse of the (F, F) ``covariance`` (as
+    scikit-learn's ``precisions_cholesky_``)."""
+    from scipy.linalg import solve_triangular
+
+    lower = np.linalg.cholesky(covariance)
+    return solve_triangular(lower, np.eye(len(covariance)), lower=True).T
+
+
+def top_gaussian_nll(latent: LatentGaussians, top_latent: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """(N,) ``-max_c log N(f; mean_c, cov_c) / F`` of the (N, F) top-latent features: the negative
+    log-density, in nats per feature, under the nearest class Gaussian (higher = more
+    outlying)."""
+    features = np.asarray(top_latent, dtype=np.float64)
+    if features.ndim != 2 or features.shape[1] != latent.means.shape[1]:
+        raise GlowflowError(
+            f"the top-latent features have shape {features.shape[1:]}, the reference's Gaussians "
+            f"{latent.means.shape[1]} (a model with another architecture?)"
+        )
+    f = features.shape[1]
+    best = np.full(len(features), -np.inf)
+    for mean, chol in zip(latent.means.astype(np.float64), latent.precision_cholesky.astype(np.float64)):
+        log_norm = np.log(np.diagonal(chol)).sum() - 0.5 * f * math.log(2 * math.pi)
+        for start in range(0, len(features), batch):
+            y = (features[start : start + batch] - mean) @ chol
+            density = log_norm - 0.5 * np.einsum("nf,nf->n", y, y)
+            best[start : start + batch] = np.maximum(best[start : start + batch], density)
+    return -best / f
 
 
 def fit_reference(
@@ -96,16 +188,29 @@ def fit_reference(
 
     Typicality: the mean (and std) of the training bits/dim.
 
+    Top latent: when the statistics have ``top_latent``, the class-conditional Gaussians of
+    :func:`fit_latent_gaussians` (classes from ``labels``; one Gaussian without them).
+
     Density of states: the ``statistics`` of :func:`dos_features` (by default each level's
-    bits/dim, and the codec's bits/dim when the statistics have it) are standardised with their
-    training mean and std (a constant column keeps std 1), and a full-covariance Gaussian mixture
-    of ``components`` components (scikit-learn's ``GaussianMixture``, ``reg_covar=1e-6``, seeded
-    with ``seed``) is fitted on up to ``max_dos_points`` training images (a seeded subset), with
-    at most ``n // (2 d + 2)`` components for n images and d statistics. Images with a
-    non-finite statistic are left out (with a warning).
+    bits/dim, the codec's bits/dim when the statistics have it, and the top latent's class-Gaussian
+    NLL when they have the top latent) are standardised with their training mean and std (a
+    constant column keeps std 1), and a full-covariance Gaussian mixture of ``components``
+    components (scikit-learn's ``GaussianMixture``, ``reg_covar=1e-6``, seeded with ``seed``) is
+    fitted on up to ``max_dos_points`` training images (a seeded subset), with at most
+    ``n // (2 d + 2)`` components for n images and d statistics. The class Gaussians and the
+    mixture see the same images: the in-sample NLL is lower than a new inlier's, which weights
+    the latent term more in the mixture (measured better on the development sets than fitting
+    them on separate halves; README, "Outlier detection"). Images with a non-finite statistic are
+    left out (with a warning).
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
-    names, matrix = dos_features(train_stats, statistics)
+    latent = None
+    if "top_latent" in train_stats:
+        top = np.asarray(train_stats["top_latent"])
+        rows = np.isfinite(top).all(1) & np.isfinite(bpd)
+        labels = train_stats.get("labels")
+        latent = fit_latent_gaussians(top[rows], None if labels is None else np.asarray(labels)[rows])
+    names, matrix = dos_features(train_stats, statistics, latent)
     finite = _finite_rows(matrix, bpd)
     matrix, bpd = matrix[finite], bpd[finite]
     mean = matrix.mean(0)
@@ -124,6 +229,7 @@ def fit_reference(
         dos_log_weights=np.log(mixture.weights_),
         dos_means=mixture.means_,
         dos_precision_cholesky=mixture.precisions_cholesky_,
+        latent=latent,
     )
 
 
@@ -163,7 +269,14 @@ def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np
     from scipy.special import logsumexp
 
     columns = statistic_columns(stats)
+    if reference.latent is not None and "top_latent" in stats:
+        columns["top_gaussian"] = top_gaussian_nll(reference.latent, stats["top_latent"])
     missing = [n for n in reference.dos_features if n not in columns]
+    if missing == ["top_gaussian"]:
+        raise GlowflowError(
+            "the outlier reference uses the top latent: compute the statistics with this version "
+            "of glowflow (compute_statistics gives top_latent)"
+        )
     if missing == ["codec_bpd"]:
         raise GlowflowError(
             "the outlier reference was fitted with the codec's bits/dim: compute the "
@@ -201,7 +314,34 @@ def reference_arrays(reference: Reference) -> Dict[str, np.ndarray]:
         dos_log_weights=reference.dos_log_weights,
         dos_means=reference.dos_means,
         dos_precision_cholesky=reference.dos_precision_cholesky,
+        **_latent_arrays(reference.latent),
     )
+
+
+def _latent_arrays(latent: Optional[LatentGaussians]) -> Dict[str, np.ndarray]:
+    """The class Gaussians as arrays (none when there are none)."""
+    if latent is None:
+        return {}
+    return dict(
+        latent_classes=latent.classes,
+        latent_means=latent.means,
+        latent_precision_cholesky=latent.precision_cholesky,
+    )
+
+
+def _latent_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Optional[LatentGaussians]:
+    """The class Gaussians stored by :func:`_latent_arrays` (None when absent), shapes checked."""
+    if "latent_means" not in data:
+        return None
+    latent = LatentGaussians(
+        classes=np.array(data["latent_classes"], dtype=np.int64),
+        means=np.array(data["latent_means"], dtype=np.float32),
+        precision_cholesky=np.array(data["latent_precision_cholesky"], dtype=np.float32),
+    )
+    c, f = latent.means.shape if latent.means.ndim == 2 else (-1, -1)
+    if latent.classes.shape != (c,) or latent.precision_cholesky.shape != (c, f, f) or c < 1:
+        raise GlowflowError(f"cannot read the outlier reference {path}: malformed top-latent Gaussians")
+    return latent
 
 
 def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Reference:
@@ -221,6 +361,7 @@ def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Referenc
         dos_log_weights=np.array(data["dos_log_weights"]),
         dos_means=np.array(data["dos_means"]),
         dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
+        latent=_latent_from_arrays(data, path),
     )
 
 

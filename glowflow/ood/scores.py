@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from glowflow.errors import GlowflowError
-from glowflow.ood.reference import Reference, dos_log_density
+from glowflow.ood.reference import Reference, dos_log_density, top_gaussian_nll
 
 SCORE_DEFINITIONS: Dict[str, str] = {
     "nll": "bits/dim under the model (Nalisnick et al., 2019 show it alone fails)",
@@ -19,6 +19,7 @@ SCORE_DEFINITIONS: Dict[str, str] = {
     "typicality": "|bits/dim - mean training bits/dim| (Nalisnick et al., 2019b)",
     "level_bpd": "bits/dim contributed by one level's latents (Schirrmeister et al., 2020)",
     "hierarchy_ratio": "bits/dim minus the level-1 (local) contribution (Schirrmeister et al., 2020)",
+    "top_gaussian": "-log density of the top latent under its nearest training class Gaussian (Lee et al., 2018)",
     "dos": "-log density of the image's statistics under their training density (Morningstar et al., 2021)",
     "likelihood_ratio": "bits/dim minus a background model's bits/dim (Ren et al., 2019)",
 }
@@ -39,6 +40,9 @@ def outlier_scores(
       ``-log2(p(x) / p_1(x)) / D`` with ``p_1`` the level-1 factor of the likelihood (prior of the
       first split latent times the first level's Jacobian); for L = 2 it equals ``level_2_bpd``,
       the final-scale score of Schirrmeister et al. (2020).
+    * ``top_gaussian`` (when the reference has class Gaussians and ``stats`` has ``top_latent``):
+      :func:`top_gaussian_nll`, the top latent's NLL per feature under its nearest class Gaussian
+      (Lee et al., 2018, per-class covariance).
     * ``dos``: ``-log`` density of the statistics under the reference (Morningstar et al., 2021).
     * ``likelihood_ratio`` (when ``background_stats`` is given): ``bpd - background bpd``
       = ``-(log p_model(x) - log p_background(x)) / (D ln 2)`` (Ren et al., 2019); both models
@@ -56,6 +60,8 @@ def outlier_scores(
         scores[f"level_{i + 1}_bpd"] = level_bpd[:, i]
     if level_bpd.shape[1] >= 2:
         scores["hierarchy_ratio"] = bpd - level_bpd[:, 0]
+    if reference.latent is not None and "top_latent" in stats:
+        scores["top_gaussian"] = top_gaussian_nll(reference.latent, stats["top_latent"])
     scores["dos"] = -dos_log_density(reference, stats)
     if background_stats is not None:
         bg = np.asarray(background_stats["bpd"], dtype=np.float64)

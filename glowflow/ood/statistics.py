@@ -1,10 +1,11 @@
 """The per-image statistics of one pass of a model over a loader (bits/dim, each level's share of
-it, log-determinant, latent RMS, a codec's bits/dim): what every outlier score is computed from."""
+it, log-determinant, latent RMS, a codec's bits/dim, the top latent as a feature vector, the class
+label): what every outlier score is computed from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -12,6 +13,12 @@ import torch
 from glowflow.errors import GlowflowError
 from glowflow.ood.codecs import check_codec, codec_bits_per_dim
 from glowflow.pixels import bits_per_dim, dequantize, preprocess
+
+MAX_LATENT_FEATURES = 1024
+"""Largest size of the ``top_latent`` feature vector: a larger top latent is average-pooled over
+2x2 spatial blocks until it fits (so the class Gaussians' covariances stay small)."""
+NO_LABEL = -1
+"""The ``labels`` entry of an image that has no single class label."""
 
 
 @torch.inference_mode()
@@ -32,8 +39,9 @@ def compute_statistics(
     on the 8-bit grid; they are moved to ``device`` (default: where the model's parameters are);
     the model is not moved. ``n_bits`` defaults to the model's own (``model.config.n_bits``); if
     given it must equal it. The model runs in eval mode under ``torch.inference_mode`` (its
-    training flag is restored afterwards); labels are ignored, so a class-conditional model is
-    scored with its class-marginal prior. Dequantisation noise U(0, 1/n_bins) is drawn from a CPU
+    training flag is restored afterwards); the likelihood ignores labels, so a class-conditional
+    model is scored with its class-marginal prior (the labels are only passed through, as ``labels``).
+    Dequantisation noise U(0, 1/n_bins) is drawn from a CPU
     generator seeded with ``seed`` in loader order, so two passes over the same loader (same
     order, same batch size) give the same numbers on any device. Stops after ``max_images``.
 
@@ -50,6 +58,10 @@ def compute_statistics(
     * ``logdet`` (N,): log|det dz/dx| of the whole flow, nats per image.
     * ``latent_rms`` (N, L): root-mean-square of each level's latent, ``||z_i||_2 / sqrt(D_i)``.
     * ``codec_bpd`` (N,): :func:`codec_bits_per_dim` with ``codec`` (absent when ``codec`` is None).
+    * ``top_latent`` (N, F) float32: the top level's latent (C_L, H_L, W_L) flattened, F = C_L H_L
+      W_L, or average-pooled over 2x2 blocks until F <= :data:`MAX_LATENT_FEATURES`.
+    * ``labels`` (N,) int64: each image's class (a single integer label from the loader), or
+      :data:`NO_LABEL` where the loader gives none (bare images, ``None``, multi-label vectors).
     """
     n_bits = _model_n_bits(model, n_bits)
     _check_ready(model, codec)
@@ -61,9 +73,10 @@ def compute_statistics(
     was_training = model.training
     model.eval()
     try:
-        for images in _checked_images(loader, tuple(model.config.image_shape), max_images, desc):
+        for images, labels in _checked_images(loader, tuple(model.config.image_shape), max_images, desc):
             x = dequantize(preprocess(images, n_bits), n_bits, generator).to(device=device, dtype=param.dtype)
             batch = _batch_statistics(model, x, n_bits)
+            batch["labels"] = labels
             if codec is not None:
                 batch["codec_bpd"] = codec_bits_per_dim(images, n_bits, codec)
             batches.append(batch)
@@ -108,27 +121,48 @@ def _progress_bar(loader: Iterable, max_images: Optional[int], desc: str, progre
 
 
 def _images_of(batch):
-    """The image tensor of a batch: ``(images, labels)``, ``{"image": ...}`` or bare images."""
+    """(images, labels or None) of a batch: ``(images, labels)``, ``{"image": ..., "label": ...}``
+    or bare images."""
     if isinstance(batch, (list, tuple)):
-        return batch[0]
+        return batch[0], (batch[1] if len(batch) > 1 else None)
     if isinstance(batch, dict):
-        return batch.get("image", batch.get("images"))
-    return batch
+        return batch.get("image", batch.get("images")), batch.get("label", batch.get("labels"))
+    return batch, None
+
+
+def _class_labels(labels, n: int) -> np.ndarray:
+    """(n,) int64 class labels from a batch's labels: a vector of n integers (or an (n, 1)
+    column); anything else (None, multi-label rows, floats, the wrong length) is
+    :data:`NO_LABEL` for every image."""
+    none = np.full(n, NO_LABEL, dtype=np.int64)
+    if labels is None:
+        return none
+    try:
+        array = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    except (TypeError, ValueError):
+        return none
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
+        return none
+    return np.where(array >= 0, array, NO_LABEL).astype(np.int64)
 
 
 def _checked_images(
     loader: Iterable, image_shape: tuple, max_images: Optional[int], desc: str
-) -> Iterator[torch.Tensor]:
-    """The loader's images as float32 (n, C, H, W) in [0, 1], at most ``max_images`` in all."""
+) -> Iterator[Tuple[torch.Tensor, np.ndarray]]:
+    """The loader's images as float32 (n, C, H, W) in [0, 1] with their class labels (n,) (see
+    :func:`_class_labels`), at most ``max_images`` in all."""
     seen = 0
     for batch in loader:
         if max_images is not None and seen >= max_images:
             return
-        images = _images_of(batch)
+        images, labels = _images_of(batch)
         if not torch.is_tensor(images):
             raise GlowflowError(f"the {desc} loader must yield image tensors, got {type(images).__name__}")
+        labels = _class_labels(labels, images.shape[0])
         if max_images is not None:
-            images = images[: max_images - seen]
+            images, labels = images[: max_images - seen], labels[: max_images - seen]
         if tuple(images.shape[1:]) != image_shape:
             raise GlowflowError(
                 f"the {desc} images have shape {tuple(images.shape[1:])} but the model expects {image_shape}"
@@ -140,12 +174,12 @@ def _checked_images(
                 f"[{images.min().item():.3g}, {images.max().item():.3g}]"
             )
         seen += images.shape[0]
-        yield images
+        yield images, labels
 
 
 def _batch_statistics(model, x: torch.Tensor, n_bits: int) -> Dict[str, np.ndarray]:
-    """``bpd``, ``level_bpd``, ``logdet`` and ``latent_rms`` (see :func:`compute_statistics`) of
-    one dequantised model-space batch ``x`` (n, C, H, W), as float64 arrays."""
+    """``bpd``, ``level_bpd``, ``logdet``, ``latent_rms`` (float64) and ``top_latent`` (float32)
+    (see :func:`compute_statistics`) of one dequantised model-space batch ``x`` (n, C, H, W)."""
     terms = model.forward_terms(x)
     # per-level terms (n, L), then float64 on the CPU (some accelerators have no float64)
     log_priors = torch.stack(terms.level_log_priors, 1).cpu().double()
@@ -158,7 +192,16 @@ def _batch_statistics(model, x: torch.Tensor, n_bits: int) -> Dict[str, np.ndarr
         "level_bpd": _level_bits_per_dim(log_priors + logdets, latent_dims, dims, n_bits).numpy(),
         "logdet": logdets.sum(1).numpy(),
         "latent_rms": rms.numpy(),
+        "top_latent": latent_features(terms.latents[-1]).cpu().float().numpy(),
     }
+
+
+def latent_features(top: torch.Tensor) -> torch.Tensor:
+    """The top latent (n, C, H, W) as (n, F) features: flattened, after average-pooling over 2x2
+    spatial blocks while F = C H W > :data:`MAX_LATENT_FEATURES` (and H, W are even)."""
+    while top[0].numel() > MAX_LATENT_FEATURES and top.shape[2] % 2 == 0 and top.shape[3] % 2 == 0:
+        top = torch.nn.functional.avg_pool2d(top, 2)
+    return top.reshape(top.shape[0], -1)
 
 
 def _level_bits_per_dim(
