@@ -98,14 +98,6 @@ def test_a_file_where_the_folder_goes_is_refused(tmp_path):
         Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4).save_pretrained(str(tmp_path / "taken"))
 
 
-def test_no_pretrained_model_ships_yet(capsys, tmp_path):
-    with pytest.raises(GlowflowError, match="no pretrained model named 'fashionmnist' ships with this version"):
-        glowflow.from_pretrained("pretrained:fashionmnist")
-    code = main(["--sample", "--checkpoint", "pretrained:fashionmnist", "--output_dir", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "available: none" in err, err
-
-
 # ----------------------------------------------------------------------------- --export, and the folder everywhere
 
 
