@@ -184,7 +184,8 @@ def _add_output_flags(group) -> None:
     group.add_argument(
         "--checkpoint",
         default=_RUN.checkpoint,
-        help="Checkpoint path: a .pt file written by --train, or a model folder (config.json + model.safetensors)",
+        help="Checkpoint path: a .pt file written by --train, a model folder (config.json + model.safetensors), "
+        "or pretrained:fashionmnist, the model shipped with glowflow",
     )
     group.add_argument("--output_dir", default=_RUN.output_dir, help="Output folder (default outputs/Glow_<dataset>)")
     group.add_argument("--no_wandb", action="store_true", help="Disable Wandb")

@@ -37,7 +37,7 @@ from glowflow.layers import (
     unsqueeze2x,
 )
 from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
-from glowflow.pretrained import PretrainedFolder, model_card, saved_dtype, write_folder
+from glowflow.pretrained import PretrainedFolder, find_folder, model_card, saved_dtype, write_folder
 
 _DEFAULTS = GlowConfig()
 
@@ -256,20 +256,23 @@ class Glow(nn.Module):
         image_size: Optional[int] = None,
         command: Optional[str] = None,
         scores: Optional[Dict[str, float]] = None,
+        notes: Optional[str] = None,
     ) -> str:
         """Write the model folder ``folder``: ``config.json`` (the configuration, and ``dataset`` /
         ``image_size`` it was trained on, if given), ``model.safetensors`` (every tensor of the state
         dict, buffers included) and a ``README.md`` model card (``command``: the training command;
-        ``scores``: e.g. ``{"test bits/dim": 3.27}``). Returns ``folder``."""
-        card = model_card(self.config, dataset, command, scores)
+        ``scores``: e.g. ``{"test bits/dim": 3.27}``; ``notes``: Markdown appended). Returns ``folder``."""
+        card = model_card(self.config, dataset, command, scores, notes=notes)
         return write_folder(folder, self.config, self.state_dict(), dataset, image_size, card)
 
     @classmethod
     def from_pretrained(cls, folder: str, device: Any = "cpu") -> Glow:
-        """The model of a folder written by :meth:`save_pretrained` (or ``glowflow --export``, or
-        ``pretrained:NAME``), in eval mode on ``device``, in the floating-point type its weights were
-        saved in. Every file is checked first (one-line GlowflowError); nothing is unpickled."""
-        found = PretrainedFolder.open(folder)
+        """The model of a folder written by :meth:`save_pretrained` (or ``glowflow --export``), or of
+        a model shipped in the package (``"pretrained:NAME"``, or the bare ``"NAME"`` when no local
+        folder of that name exists: ``Glow.from_pretrained("fashionmnist")``), in eval mode on
+        ``device``, in the floating-point type its weights were saved in. Every file is checked
+        first (one-line GlowflowError); nothing is unpickled."""
+        found = PretrainedFolder.open(find_folder(folder))
         model = cls(found.config)
         weights = found.read_weights(model.state_dict())
         if saved_dtype(weights) is not None:

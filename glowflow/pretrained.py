@@ -21,8 +21,15 @@ tensor is read, then every weight's finiteness. Each problem is a one-line
 and builds its ``save_pretrained`` / ``from_pretrained`` on it) or of training checkpoints
 (glowflow/checkpoint.py, which reads a folder wherever it reads a checkpoint).
 
-``pretrained:NAME`` names a model folder shipped inside the package (:data:`SHIPPED`); none ships
-with this version, and :func:`resolve` says so in one line.
+``pretrained:NAME`` names a model folder shipped inside the package (:data:`SHIPPED`, under
+glowflow/pretrained_models/), and so does a bare ``NAME`` given to ``Glow.from_pretrained`` when no
+local folder of that name exists (:func:`find_folder`); an unknown name is a one-line error listing the
+shipped ones (:func:`resolve`). A shipped folder holds, besides the three files above, the fitted
+outlier detector of its training data (``ood_detector_<dataset>_<n_bits>bit.npz``, where
+glowflow/ood/detector.py caches a model folder's detector, so that ``--outlier_detection`` and
+``--score`` need no pass over the training set) and ``expected.json`` (the bits/dim the model
+gives on a fixed slice of the test split, which the tests reproduce); scripts/make_pretrained.py
+writes such a folder from a training checkpoint.
 """
 
 from __future__ import annotations
@@ -53,24 +60,45 @@ MAX_CONFIG_BYTES = 1 << 20
 META_FIELDS = ("format", "format_version", "glowflow_version", "model_type", "dataset", "image_size")
 """The fields of ``config.json`` besides :class:`GlowConfig`'s."""
 PREFIX = "pretrained:"
-SHIPPED: Dict[str, str] = {}
-"""``pretrained:NAME`` -> the model folder shipped in the package (relative to this file). None
-ships with this version; a trained Fashion-MNIST model is meant to join here."""
+SHIPPED: Dict[str, str] = {"fashionmnist": "pretrained_models/fashionmnist"}
+"""``pretrained:NAME`` -> the model folder shipped in the package (relative to this file; package
+data in pyproject.toml, so that a non-editable install has it; scripts/make_pretrained.py writes
+it): ``fashionmnist``, the default architecture trained on Fashion-MNIST (1x32x32, 8 bits), whose
+card (README.md in the folder) gives the training command and the bits/dim."""
+
+
+def shipped_folder(name: str) -> str:
+    """The absolute path of the shipped model folder ``name`` (a key of :data:`SHIPPED`)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[name])
 
 
 def resolve(path: str) -> str:
     """The model folder that ``path`` names: ``pretrained:NAME`` -> a folder shipped in the package
-    (GlowflowError when none of that name ships), any other path unchanged."""
+    (GlowflowError listing the shipped names when none of that name ships), any other path unchanged."""
     if not isinstance(path, str) or not path.startswith(PREFIX):
         return path
     name = path[len(PREFIX) :]
     if name not in SHIPPED:
         available = ", ".join(sorted(SHIPPED)) or "none"
         raise GlowflowError(
-            f"no pretrained model named {name!r} ships with this version of glowflow ({__version__}); "
+            f"no pretrained model named {name!r:.60} ships with this version of glowflow ({__version__}); "
             f"available: {available}"
         )
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[name])
+    return shipped_folder(name)
+
+
+def find_folder(name_or_path: str) -> str:
+    """What ``Glow.from_pretrained(name_or_path)`` reads: a local folder of that name when there is
+    one (it wins), else ``pretrained:NAME`` for a bare shipped ``NAME``, else ``name_or_path``."""
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED and not os.path.isdir(name_or_path):
+        return PREFIX + name_or_path
+    return name_or_path
+
+
+def is_shipped(path: str) -> bool:
+    """Whether ``path`` is a file inside a model folder shipped in the package."""
+    folder = os.path.dirname(os.path.realpath(path))
+    return any(folder == os.path.realpath(shipped_folder(name)) for name in SHIPPED)
 
 
 def is_model_folder(path: str) -> bool:
@@ -100,9 +128,11 @@ def model_card(
     command: Optional[str] = None,
     scores: Optional[Mapping[str, float]] = None,
     date: Optional[str] = None,
+    notes: Optional[str] = None,
 ) -> str:
     """A short model card (Markdown): the data, the architecture, the training command and the
-    bits/dim, where known, the date, and how to load the folder."""
+    bits/dim (``scores``: name -> value), where known, the date, how to load the folder, and
+    ``notes`` (Markdown, e.g. the other files of the folder) last."""
     c, h, w = config.image_shape
     lines = [
         f"# Glow: {dataset or 'unknown data'}",
@@ -126,6 +156,8 @@ def model_card(
         "configuration, `model.safetensors` the weights (no code, read without `torch.load`).",
         "",
     ]
+    if notes:
+        lines += [notes.strip("\n"), ""]
     return "\n".join(lines)
 
 

@@ -2,9 +2,11 @@
 round trips for every architecture, --export from a training checkpoint, the folder taken by every
 --checkpoint, damaged or crafted folders refused in one line, and no torch.load on the way."""
 
+import errno
 import json
 import os
 import shlex
+import tempfile
 
 import pytest
 import torch
@@ -96,14 +98,6 @@ def test_a_file_where_the_folder_goes_is_refused(tmp_path):
         Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4).save_pretrained(str(tmp_path / "taken"))
 
 
-def test_no_pretrained_model_ships_yet(capsys, tmp_path):
-    with pytest.raises(GlowflowError, match="no pretrained model named 'fashionmnist' ships with this version"):
-        glowflow.from_pretrained("pretrained:fashionmnist")
-    code = main(["--sample", "--checkpoint", "pretrained:fashionmnist", "--output_dir", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "available: none" in err, err
-
-
 # ----------------------------------------------------------------------------- --export, and the folder everywhere
 
 
@@ -166,12 +160,40 @@ def test_an_exported_folder_works_wherever_a_checkpoint_does(trained, tmp_path, 
     assert main(argv) == 0
     report = json.loads((ood / "ood_smooth_vs_noise.json").read_text())
     assert "likelihood_ratio" in report["scores"] and report["in_dataset"] == trained["data"]
+    cache = os.path.join(folder, "ood_detector_smooth_8bit.npz")  # inside the folder: it travels with it
+    assert report["reference"]["cache"] == cache and os.path.isfile(cache)
+    assert not [name for name in os.listdir(trained["folder"].parent) if "ood_detector" in name]
 
     scored = tmp_path / "scored"
     argv = ["--score", trained["noise"], "--checkpoint", folder, "--fit_images", "40", "--output_dir", str(scored)]
     assert main(argv) == 0
+    assert f"reusing the training statistics (the fitted outlier detector) cached in {cache}" in capsys.readouterr().out
     assert (scored / "scores_noise.csv").exists()
-    capsys.readouterr()
+
+
+def test_a_folder_that_cannot_be_written_still_scores_with_a_one_line_note(trained, tmp_path, monkeypatch, capsys):
+    """As in an installed package: the detector is fitted and used, and one line says it was not cached."""
+    folder = tmp_path / "installed"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (folder / name).write_bytes((trained["folder"] / name).read_bytes())
+    mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # the folder only (root may write anywhere: no chmod)
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(folder):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    scored = tmp_path / "scored"
+    argv = ["--score", trained["noise"], "--checkpoint", str(folder), "--fit_images", "40"]
+    assert main([*argv, "--output_dir", str(scored)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "not cached" in line]
+    cache = folder / "ood_detector_smooth_8bit.npz"
+    assert notes == [f"note: the outlier detector was not cached (cannot write {cache}: Read-only file system)"]
+    assert "Traceback" not in captured.err and not cache.exists()
+    assert "scored 64 images" in captured.out and (scored / "scores_noise.csv").exists()
 
 
 def test_a_folder_cannot_be_resumed(trained, tmp_path, capsys):

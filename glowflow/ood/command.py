@@ -182,11 +182,12 @@ class _Scorer:
 
 def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
     """``glowflow --outlier_detection``: the model from ``run.checkpoint`` alone, the in-distribution
-    ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
+        ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
 
-    Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
-    the synthetic development sets are generated at the model's size. The detector (training
-    reference and threshold) is cached beside the checkpoint (:func:`detector_cache_path_for`).
+        Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
+        the synthetic development sets are generated at the model's size. The detector (training
+        reference and threshold) is cached beside the checkpoint, or inside a model folder, where a
+    shipped model's comes fitted (:func:`detector_cache_path_for`).
     """
     check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)

@@ -1,7 +1,8 @@
 """The deployable outlier detector: :class:`OutlierDetector` (fit once on inlier images, then
 score, decide and save), the threshold at a chosen true-positive rate, its .npz file (no pickle),
-and the cached detector of a checkpoint's training data that both ``glowflow --outlier_detection``
-and ``glowflow --score`` use.
+and the cached detector of a checkpoint's training data (beside a checkpoint file, inside a model
+folder: :func:`detector_cache_path_for`) that both ``glowflow --outlier_detection`` and
+``glowflow --score`` use.
 
 Conventions, as in scikit-learn's ``IsolationForest`` / ``LocalOutlierFactor``:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import replace
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -40,6 +42,7 @@ from glowflow.ood.reference import (
 )
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import StatisticsSettings
+from glowflow.pretrained import is_model_folder, is_shipped, resolve
 
 DETECTOR_FORMAT = "glowflow-ood-detector-v1"
 FIT_IMAGES = 10_000
@@ -372,10 +375,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def detector_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
-    """Where the command line caches a checkpoint's detector: beside the checkpoint,
+    """Where the command line caches a checkpoint's detector (fitted on ``dataset`` at ``n_bits``):
+    inside a model folder (and ``pretrained:NAME``), ``<folder>/ood_detector_<dataset>_<n_bits>bit.npz``,
+    so that it travels with the folder; beside a checkpoint file,
     ``<checkpoint stem>.ood_detector_<dataset>_<n_bits>bit.npz``."""
+    name = f"ood_detector_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
+    if is_model_folder(checkpoint_path):
+        return os.path.join(os.path.abspath(resolve(checkpoint_path)), name)
     stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
-    return f"{stem}.ood_detector_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
+    return f"{stem}.{name}"
 
 
 def detector_for(
@@ -391,9 +399,10 @@ def detector_for(
     With ``cache_path``, a detector stored there under the same key (:func:`reference_key` of
     the model, dataset, seed, fit images, codec and hold-back) is reused, keeping ``detector``'s
     score and tpr; otherwise ``detector`` is fitted on ``train_images`` and, with
-    ``cache_path``, saved there. ``train_images`` may be None when the cache is valid, or a
-    function that returns them, called only when the detector has to be fitted (so that a valid
-    cache spares reading the training set).
+    ``cache_path``, saved there (:func:`_cache`: a one-line note instead when it cannot be
+    written, or would replace a detector shipped with the package). ``train_images`` may be None
+    when the cache is valid, or a function that returns them, called only when the detector has
+    to be fitted (so that a valid cache spares reading the training set).
     """
     key = reference_key(
         model,
@@ -411,9 +420,28 @@ def detector_for(
         raise GlowflowError("outlier detection needs the training images (no valid cached detector)")
     detector.fit(train_images() if callable(train_images) else train_images, key=key)
     if cache_path is not None:
-        detector.save(cache_path)
-        print(f"wrote {cache_path}")
+        _cache(detector, cache_path)
     return detector, False
+
+
+def _cache(detector: OutlierDetector, path: str) -> None:
+    """Save the fitted ``detector`` at ``path`` as the cache. Where that cannot be done (a folder
+    that is not writable, e.g. an installed package's) or must not (it would replace the detector
+    of a model folder shipped with glowflow, fitted with other settings), one line on stderr says
+    that it was not cached; the fitted detector is used all the same."""
+    if is_shipped(path) and os.path.exists(path):
+        print(
+            f"note: the outlier detector was not cached: {path} ships with glowflow and is kept "
+            f"(it was fitted with other settings)",
+            file=sys.stderr,
+        )
+        return
+    try:
+        detector.save(path)
+    except GlowflowError as exc:
+        print(f"note: the outlier detector was not cached ({exc})", file=sys.stderr)
+        return
+    print(f"wrote {path}")
 
 
 def _cached_detector(path: Optional[str], key: str, detector: OutlierDetector) -> Optional[OutlierDetector]:

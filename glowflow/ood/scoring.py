@@ -158,7 +158,8 @@ def load_images_to_score(path: str, run: RunConfig, image_shape: Sequence[int]):
 def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, object]:
     """``glowflow --score PATH --checkpoint X``: the detector from ``run.detector`` (a saved
     :class:`OutlierDetector`) or fitted on the checkpoint's training data (``dataset``, default
-    the checkpoint's; cached beside the checkpoint, :func:`detector_cache_path_for`), then
+    the checkpoint's; cached beside the checkpoint or inside a model folder,
+    :func:`detector_cache_path_for`), then
     :func:`run_score` on the images at ``run.score_path``."""
     output_dir = run.output_dir or OUTPUT_ROOT
     check_writable_folder(output_dir)  # before any work; creates nothing
