@@ -85,20 +85,23 @@ def main() -> None:
     outs = {name: stats(name, "test") for name in args.out_dataset}
     select = args.select if args.select is not None else list(outs)
     n_pool = pool["bpd"].size
-    fits = []
+    fits = []  # (statistics, class Gaussians, top_gaussian of the test set and each outlier set) per subset
     for seed in args.subset_seeds:
         keep = np.sort(np.random.default_rng(seed).permutation(n_pool)[: min(args.fit_images, n_pool)])
-        fits.append({key: value[keep] for key, value in pool.items()})
+        train = {key: value[keep] for key, value in pool.items()}
+        latent = ood.fit_latent_gaussians(train["top_latent"], train["labels"])
+        tops = {name: ood.top_gaussian_nll(latent, s["top_latent"]) for name, s in [("test", test), *outs.items()]}
+        fits.append((train, latent, tops))
     rows = []
     for label, statistics in CHOICES.items():
         for k in args.components:
             per_fit = []
-            for train in fits:
-                reference = ood.fit_reference(train, statistics=statistics, components=k)
-                scores_in = ood.outlier_scores(test, reference)["dos"]
+            for train, latent, tops in fits:
+                reference = ood.fit_reference(train, statistics=statistics, components=k, latent=latent)
+                scores_in = -ood.dos_log_density(reference, test, tops["test"])
                 per_fit.append(
                     {
-                        name: ood.outlier_metrics(scores_in, ood.outlier_scores(s, reference)["dos"])["auroc"]
+                        name: ood.outlier_metrics(scores_in, -ood.dos_log_density(reference, s, tops[name]))["auroc"]
                         for name, s in outs.items()
                     }
                 )

@@ -27,11 +27,13 @@ from glowflow.ood.reference import (
     Reference,
     dos_features,
     dos_log_density,
+    fit_latent_gaussians,
     fit_reference,
     load_reference,
     model_fingerprint,
     reference_key,
     save_reference,
+    top_gaussian_nll,
 )
 from glowflow.ood.report import format_summary, format_table, save_histograms, save_roc_curves
 from glowflow.ood.scores import SCORE_DEFINITIONS, ScoredSet, outlier_scores, score_definition
@@ -63,6 +65,7 @@ __all__ = [
     "compute_statistics",
     "dos_features",
     "dos_log_density",
+    "fit_latent_gaussians",
     "fit_reference",
     "format_summary",
     "format_table",
@@ -80,4 +83,5 @@ __all__ = [
     "save_roc_curves",
     "score_definition",
     "statistic_columns",
+    "top_gaussian_nll",
 ]

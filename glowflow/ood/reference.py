@@ -183,13 +183,16 @@ def fit_reference(
     seed: int = 0,
     components: int = DOS_COMPONENTS,
     statistics: Sequence[str] = DOS_STATISTICS,
+    latent: Optional[LatentGaussians] = None,
 ) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
     Typicality: the mean (and std) of the training bits/dim.
 
     Top latent: when the statistics have ``top_latent``, the class-conditional Gaussians of
-    :func:`fit_latent_gaussians` (classes from ``labels``; one Gaussian without them).
+    :func:`fit_latent_gaussians` (classes from ``labels``; one Gaussian without them), or
+    ``latent`` when given (Gaussians already fitted on these same images: a benchmark comparing
+    choices of statistics fits them once).
 
     Density of states: the ``statistics`` of :func:`dos_features` (by default each level's
     bits/dim, the codec's bits/dim when the statistics have it, and the top latent's class-Gaussian
@@ -204,8 +207,7 @@ def fit_reference(
     left out (with a warning).
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
-    latent = None
-    if "top_latent" in train_stats:
+    if latent is None and "top_latent" in train_stats:
         top = np.asarray(train_stats["top_latent"])
         rows = np.isfinite(top).all(1) & np.isfinite(bpd)
         labels = train_stats.get("labels")
@@ -264,13 +266,19 @@ def _fit_mixture(points: np.ndarray, components: int, max_points: int, seed: int
     return GaussianMixture(components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(points)
 
 
-def dos_log_density(reference: Reference, stats: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Log-density (N,) of each image's standardised statistics under the reference's mixture."""
+def dos_log_density(
+    reference: Reference, stats: Mapping[str, np.ndarray], top_gaussian: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Log-density (N,) of each image's standardised statistics under the reference's mixture.
+    ``top_gaussian``: the images' :func:`top_gaussian_nll` when already computed (else computed
+    here, when the mixture uses it)."""
     from scipy.special import logsumexp
 
     columns = statistic_columns(stats)
-    if reference.latent is not None and "top_latent" in stats:
-        columns["top_gaussian"] = top_gaussian_nll(reference.latent, stats["top_latent"])
+    if "top_gaussian" in reference.dos_features and reference.latent is not None and "top_latent" in stats:
+        if top_gaussian is None:
+            top_gaussian = top_gaussian_nll(reference.latent, stats["top_latent"])
+        columns["top_gaussian"] = np.asarray(top_gaussian, dtype=np.float64)
     missing = [n for n in reference.dos_features if n not in columns]
     if missing == ["top_gaussian"]:
         raise GlowflowError(

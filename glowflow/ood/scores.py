@@ -62,7 +62,7 @@ def outlier_scores(
         scores["hierarchy_ratio"] = bpd - level_bpd[:, 0]
     if reference.latent is not None and "top_latent" in stats:
         scores["top_gaussian"] = top_gaussian_nll(reference.latent, stats["top_latent"])
-    scores["dos"] = -dos_log_density(reference, stats)
+    scores["dos"] = -dos_log_density(reference, stats, scores.get("top_gaussian"))
     if background_stats is not None:
         bg = np.asarray(background_stats["bpd"], dtype=np.float64)
         if bg.shape != bpd.shape:
