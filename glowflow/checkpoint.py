@@ -235,6 +235,17 @@ class Checkpoint:
         """The ``--image_size`` the model was trained with (None: the dataset's own)."""
         return self.run_config.get("image_size")
 
+    def validation_split(self, dataset: str) -> Optional[Tuple[int, int]]:
+        """(val_size, seed) of the validation split the training run carved from ``dataset``'s
+        training split (:func:`glowflow.data.split_validation` rebuilds it), or None: a model
+        folder, a run without one (``--val_size 0``, or written before validation splits), or
+        another dataset than the one it was trained on."""
+        run = self.run_config
+        val_size, seed = run.get("val_size"), run.get("seed")
+        if self.is_folder or dataset != self.dataset or not isinstance(val_size, int) or val_size <= 0:
+            return None
+        return (val_size, seed) if isinstance(seed, int) else None
+
     def data_to_read(self, dataset: Optional[str], default: str) -> Tuple[str, Optional[int]]:
         """(name, image size) of the data a command reads with this model: ``dataset`` when given
         (``--dataset``), else the dataset the model was trained on, else ``default``; the stored

@@ -54,6 +54,7 @@ from glowflow.ood import (  # noqa: E402
     detector_for,
     model_fingerprint,
 )
+from glowflow.ood.command import FitSets  # noqa: E402
 from glowflow.pretrained import SHIPPED  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
 from glowflow.train import evaluate_bpd  # noqa: E402
@@ -154,12 +155,22 @@ def make_pretrained(checkpoint_path: str, name: str, data_root: str, device_name
             tpr=run.tpr,
         )
 
-        def training_images():  # as run_outlier_detection_command reads them
-            train = data.load_dataset(in_name, "train", data_root, image_size, divisor=divisor)
-            return data.make_loader(train, batch_size=run.eval_batch_size, shuffle=False, seed=run.seed, device=device)
+        # as run_outlier_detection_command reads them: the training run's training images, and
+        # its validation split (never trained on) for the threshold
+        fit_sets = FitSets(checkpoint, in_name, run, image_size, divisor)
+
+        def loader(dataset):
+            return data.make_loader(
+                dataset, batch_size=run.eval_batch_size, shuffle=False, seed=run.seed, device=device
+            )
 
         detector, _ = detector_for(
-            shipped, training_images, in_name, settings.detector(shipped), settings.reference_cache_path
+            shipped,
+            lambda: loader(fit_sets.training()),
+            in_name,
+            settings.detector(shipped),
+            settings.reference_cache_path,
+            threshold_images=(lambda: loader(fit_sets.validation())) if fit_sets.has_validation else None,
         )
         cpu_model = Glow.from_pretrained(building)  # what the tests load
         how = dict(SLICE, dataset=in_name)

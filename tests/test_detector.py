@@ -3,6 +3,7 @@ predict and their signs, the threshold's true-positive rate on unseen inliers, s
 without pickle, the CSV and picture sheet, and one-line errors for bad image sets."""
 
 import csv
+import json
 import os
 import zipfile
 
@@ -13,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import glowflow
+import glowflow.checkpoint
 import glowflow.data
 from glowflow import GlowflowError, ood
 from glowflow.cli import main
@@ -88,11 +90,14 @@ def test_fit_score_predict_and_their_signs(trained):
 
 def test_fit_uses_a_seeded_subset_and_given_threshold_images(trained):
     model, data = trained
+    # given threshold images: the budget splits as without them, 80% reference, 20% threshold
     detector = glowflow.OutlierDetector(model, fit_images=500)
     detector.fit(data["train"], threshold_images=data["test"][:300])
-    assert detector.reference_.n_train == 500 and detector.n_threshold_ == 300
+    assert detector.reference_.n_train == 400 and detector.n_threshold_ == 100
+    everything = glowflow.OutlierDetector(model, fit_images=None).fit(data["train"][:500], data["test"][:300])
+    assert everything.reference_.n_train == 500 and everything.n_threshold_ == 300
     # at least 95% of the threshold images themselves are kept (ceil(0.95 * 300) = 285)
-    kept = (~detector.decide(detector.threshold_scores_["dos"])).sum()
+    kept = (~everything.decide(everything.threshold_scores_["dos"])).sum()
     assert kept >= 285 and kept <= 290
     again = glowflow.OutlierDetector(model, fit_images=500).fit(data["train"], threshold_images=data["test"][:300])
     assert again.threshold_ == detector.threshold_  # seeded: the same subset and the same threshold
@@ -295,3 +300,30 @@ def test_score_bad_image_sets_are_one_line_errors(checkpoint, tmp_path, capsys):
         assert not out.exists()
     assert main(["--score", str(tmp_path / "none.npz")]) == 2
     assert "--score needs --checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoints_detector_sets_its_threshold_on_the_validation_split(checkpoint, tmp_path, monkeypatch):
+    # the tiny run: 130 training / 14 validation / 16 test images of smooth.npz (a fixed partition)
+    ckpt, _ = checkpoint
+    run = glowflow.checkpoint.Checkpoint.read(ckpt)
+    assert run.validation_split(run.dataset) == (14, 0)
+    assert run.validation_split("another") is None
+    fitted = []
+    fit = glowflow.OutlierDetector.fit
+
+    def record(self, images, threshold_images=None, key=""):
+        fitted.append((len(images.dataset), len(threshold_images.dataset)))
+        return fit(self, images, threshold_images, key)
+
+    monkeypatch.setattr(glowflow.OutlierDetector, "fit", record)
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(open(ckpt, "rb").read())
+    noise = write_noise_npz(tmp_path / "noise.npz", n=20, size=16)
+    out = tmp_path / "ood"
+    assert (
+        main(["--outlier_detection", "--checkpoint", str(copy), "--out_dataset", noise, "--output_dir", str(out)]) == 0
+    )
+    assert fitted == [(130, 14)]  # reference on the training part, threshold on the validation split
+    with open(out / "ood_smooth_vs_noise.json") as f:
+        reference = json.load(f)["reference"]
+    assert reference["n_train"] == 130 and reference["n_threshold"] == 14

@@ -70,6 +70,7 @@ def run_outlier_detection(
     out_loaders: Mapping[str, Iterable],
     settings: OutlierDetectionSettings,
     background_model=None,
+    threshold_loader: Union[None, Iterable, Callable[[], Iterable]] = None,
 ) -> Dict[str, dict]:
     """Every score, metric, table, JSON report and figure for one model and several outlier sets.
 
@@ -81,7 +82,9 @@ def run_outlier_detection(
     (:func:`detector_for`: an :class:`OutlierDetector` fitted on a seeded subset of
     ``settings.fit_images`` training images, a fifth of them held back for its threshold; it
     may be None once ``settings.reference_cache_path`` holds a valid one, or a function that
-    returns the loader, called only when there is none). If the model fits
+    returns the loader, called only when there is none). ``threshold_loader`` (or a function
+    returning it): in-distribution images the model never trained on (the training run's
+    validation split) for the detector's threshold, instead of held-back training images. If the model fits
     its training images visibly better than its test images, pass a held-out in-distribution
     split (not the one in ``in_test_loader``) as ``train_loader`` instead, so that typicality
     and the density of states see the bits/dim of unseen images.
@@ -103,7 +106,12 @@ def run_outlier_detection(
     os.makedirs(settings.output_dir, exist_ok=True)
     description = codec_description(settings.statistics.codec)
     detector, reused = detector_for(
-        model, train_loader, settings.in_name, settings.detector(model), settings.reference_cache_path
+        model,
+        train_loader,
+        settings.in_name,
+        settings.detector(model),
+        settings.reference_cache_path,
+        threshold_images=threshold_loader,
     )
     scorer = _Scorer(model, background_model, detector, settings.statistics)
     in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
@@ -213,15 +221,51 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
         detector_score=run.detector_score,
         tpr=run.tpr,
     )
+    fit_sets = FitSets(checkpoint, in_name, run, image_size, divisor)  # read only when no cached detector can be used
     return run_outlier_detection(
         model,
         _loader(test_set, run, device),
-        # read only when no cached detector can be used
-        lambda: _loader(data.load_dataset(in_name, "train", run.data_root, image_size, divisor=divisor), run, device),
+        lambda: _loader(fit_sets.training(), run, device),
         out_loaders,
         settings,
         background_model=background,
+        threshold_loader=(lambda: _loader(fit_sets.validation(), run, device)) if fit_sets.has_validation else None,
     )
+
+
+class FitSets:
+    """The images a command fits a checkpoint's detector on, read once and only when asked for:
+    the training split of ``in_name`` less the training run's validation split (the model's
+    training images), and that validation split (images it never trained on, for the
+    threshold) when the checkpoint records one for ``in_name`` (:meth:`Checkpoint.validation_split`)."""
+
+    def __init__(self, checkpoint: Checkpoint, in_name: str, run: RunConfig, image_size, divisor: int):
+        self.split = checkpoint.validation_split(in_name)
+        self._read = (in_name, run.data_root, image_size, divisor)
+        self._sets = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.split is not None
+
+    def _load(self):
+        if self._sets is None:
+            name, root, image_size, divisor = self._read
+            train_set = data.load_dataset(name, "train", root, image_size, divisor=divisor)
+            if self.split is None:
+                self._sets = (train_set, None)
+            else:
+                rest, validation, _ = data.split_validation(train_set, *self.split)
+                self._sets = (rest, validation)
+        return self._sets
+
+    def training(self):
+        """The training images (less the validation split, when there is one)."""
+        return self._load()[0]
+
+    def validation(self):
+        """The validation split (None when the checkpoint records none)."""
+        return self._load()[1]
 
 
 def _outlier_set(name: str, run: RunConfig, shape: tuple):

@@ -220,15 +220,23 @@ class OutlierDetector:
     def fit(self, images: Images, threshold_images: Optional[Images] = None, key: str = "") -> OutlierDetector:
         """Fit the reference on inlier ``images`` and set the threshold on held-back inliers.
 
-        At most ``fit_images`` of ``images`` are used: a random subset seeded with ``seed`` when
-        they are a tensor, a Dataset or a DataLoader over a map-style dataset; the first ones
-        otherwise. With ``threshold_images`` (inlier images not among ``images``, e.g. a test
-        split), the reference is fitted on all of the fit images and the threshold set on every
-        threshold image. Without, a seeded random ``threshold_fraction`` of the fit images is
-        held back: the reference is fitted on the rest and the threshold set on them.
-        ``key`` is stored as the reference's key (the cache key; '' when not cached).
+        Without ``threshold_images``: at most ``fit_images`` of ``images`` are used (a random
+        subset seeded with ``seed`` when they are a tensor, a Dataset or a DataLoader over a
+        map-style dataset; the first ones otherwise), and a seeded random ``threshold_fraction``
+        of them is held back: the reference is fitted on the rest and the threshold set on them.
+        With ``threshold_images`` (inlier images the model was not trained on and not among
+        ``images``, e.g. the training run's validation split): the same split of the budget, the
+        reference on at most ``(1 - threshold_fraction) * fit_images`` of ``images`` and the
+        threshold on at most ``threshold_fraction * fit_images`` of ``threshold_images`` (seeded
+        subsets; all of them when ``fit_images`` is None). ``key`` is stored as the reference's
+        key (the cache key; '' when not cached).
         """
-        stats = self._fit_statistics(images)
+        if threshold_images is not None:
+            stats = self._fit_statistics(images, self._share(1.0 - self.threshold_fraction), "fit images")
+            limit = self._share(self.threshold_fraction)
+            threshold_stats = self._fit_statistics(threshold_images, limit, "threshold images")
+            return self.fit_statistics(stats, threshold_stats, key=key)
+        stats = self._fit_statistics(images, self.fit_images, "fit images")
         if threshold_images is None:
             n = stats["bpd"].size
             held = int(round(self.threshold_fraction * n))
@@ -237,19 +245,22 @@ class OutlierDetector:
             order = np.random.default_rng(self.settings.seed).permutation(n)
             threshold_stats = _rows(stats, np.sort(order[:held]))
             stats = _rows(stats, np.sort(order[held:]))
-        else:
-            threshold_stats = self.statistics(threshold_images, "threshold images")
         return self.fit_statistics(stats, threshold_stats, key=key)
 
-    def _fit_statistics(self, images: Images):
-        """Statistics of the fit images (at most ``fit_images``; see :meth:`fit`)."""
+    def _share(self, fraction: float) -> Optional[int]:
+        """``fraction`` of ``fit_images`` (at least 1), or None when ``fit_images`` is None (all)."""
+        return None if self.fit_images is None else max(1, int(round(fraction * self.fit_images)))
+
+    def _fit_statistics(self, images: Images, limit: Optional[int], desc: str):
+        """Statistics of at most ``limit`` of ``images`` (None: all): a seeded random subset when
+        they are indexable, the first ones otherwise (see :meth:`fit`)."""
         dataset = self._indexable(images)
-        if dataset is not None and self.fit_images is not None and len(dataset) > self.fit_images:
-            keep = np.random.default_rng(self.settings.seed).choice(len(dataset), self.fit_images, replace=False)
+        if dataset is not None and limit is not None and len(dataset) > limit:
+            keep = np.random.default_rng(self.settings.seed).choice(len(dataset), limit, replace=False)
             batch = images.batch_size if isinstance(images, DataLoader) and images.batch_size else self.batch_size
             subset = Subset(dataset, np.sort(keep).tolist())
-            return self.settings.compute(self.model, make_loader(subset, batch, shuffle=False), "fit images")
-        return self.statistics(images, "fit images", max_images=self.fit_images)
+            return self.settings.compute(self.model, make_loader(subset, batch, shuffle=False), desc)
+        return self.statistics(images, desc, max_images=limit)
 
     def fit_statistics(
         self, train_stats: Mapping[str, np.ndarray], threshold_stats: Mapping[str, np.ndarray], key: str = ""
@@ -392,6 +403,7 @@ def detector_for(
     dataset: str,
     detector: OutlierDetector,
     cache_path: Optional[str] = None,
+    threshold_images: Union[None, Images, Callable[[], Images]] = None,
 ) -> Tuple[OutlierDetector, bool]:
     """``detector`` fitted on ``dataset``'s training images (its internal hold-back sets the
     threshold), and whether it came from the cache.
@@ -402,7 +414,10 @@ def detector_for(
     ``cache_path``, saved there (:func:`_cache`: a one-line note instead when it cannot be
     written, or would replace a detector shipped with the package). ``train_images`` may be None
     when the cache is valid, or a function that returns them, called only when the detector has
-    to be fitted (so that a valid cache spares reading the training set).
+    to be fitted (so that a valid cache spares reading the training set). ``threshold_images``
+    (or a function returning them): inliers the model never trained on, e.g. the training run's
+    validation split, to set the threshold on (:meth:`OutlierDetector.fit`); None: held back
+    from the training images.
     """
     key = reference_key(
         model,
@@ -418,7 +433,8 @@ def detector_for(
         return cached, True
     if train_images is None:
         raise GlowflowError("outlier detection needs the training images (no valid cached detector)")
-    detector.fit(train_images() if callable(train_images) else train_images, key=key)
+    threshold = threshold_images() if callable(threshold_images) else threshold_images
+    detector.fit(train_images() if callable(train_images) else train_images, threshold, key=key)
     if cache_path is not None:
         _cache(detector, cache_path)
     return detector, False

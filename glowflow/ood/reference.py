@@ -419,10 +419,12 @@ def reference_key(
 ) -> str:
     """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
     dataset's name, the noise seed, the image cap (the detector's fit images), the codec and the
-    fraction of those images held back for the detector's threshold. A cached reference is reused
-    only when its key is identical, so a changed checkpoint (weights or architecture), bit depth,
-    dataset, seed, cap, codec or hold-back recomputes it. (Changed *contents* under the same
-    dataset name are not detected.)"""
+    fraction of those images held back for the detector's threshold (or, for a checkpoint with a
+    validation split, taken from it: a model folder exported from that checkpoint has no record
+    of its validation split and must reuse the same detector, so that is not part of the key). A
+    cached reference is reused only when its key is identical, so a changed checkpoint (weights
+    or architecture), bit depth, dataset, seed, cap, codec or hold-back recomputes it. (Changed
+    *contents* under the same dataset name are not detected.)"""
     return json.dumps(
         {
             "format": REFERENCE_FORMAT,

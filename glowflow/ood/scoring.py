@@ -17,6 +17,7 @@ from glowflow.checkpoint import Checkpoint
 from glowflow.config import OUTPUT_ROOT, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write, atomic_write_text, check_writable_folder
+from glowflow.ood.command import FitSets
 from glowflow.ood.detector import OutlierDetector, detector_cache_path_for, detector_for
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
@@ -173,9 +174,10 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
         detector.set_tpr(run.tpr).set_score(run.detector_score)
     else:
         in_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
+        fit_sets = FitSets(checkpoint, in_name, run, image_size, 2**model.config.L)
 
         def training_images():  # read only when no cached detector can be used
-            train_set = data.load_dataset(in_name, "train", run.data_root, image_size, divisor=2**model.config.L)
+            train_set = fit_sets.training()
             if tuple(train_set.info.image_shape) != shape:
                 raise GlowflowError(
                     f"{in_name} images are {train_set.info.image_shape}, the checkpoint's model {shape}"
@@ -194,5 +196,6 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
             progress=True,
         )
         cache = detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits)
-        detector, _ = detector_for(model, training_images, in_name, detector, cache)
+        validation = fit_sets.validation if fit_sets.has_validation else None
+        detector, _ = detector_for(model, training_images, in_name, detector, cache, threshold_images=validation)
     return run_score(detector, to_score, run.score_path, output_dir)
