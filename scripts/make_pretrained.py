@@ -99,7 +99,8 @@ def card_notes(name: str, detector_file: str, expected: dict) -> str:
             + f", dequantisation seed {expected['eval_seed']}.",
             f"- `{detector_file}`: the outlier detector `glowflow --outlier_detection` fits (score "
             f"`{expected['detector']['score']}`, threshold {expected['detector']['threshold']:.4f}, which keeps "
-            f"{100 * expected['detector']['tpr']:g}% of {expected['detector']['held_back_images']} held-back "
+            f"{100 * expected['detector']['tpr']:g}% of {expected['detector']['threshold_images']} "
+            f"{expected['detector']['threshold_split']}; reference on {expected['detector']['reference_images']} "
             f"training images), so that `--outlier_detection` and `--score` need no pass over the training set.",
             f"- `{EXPECTED_NAME}`: mean bits/dim {how['mean_bpd']:.6f} on the first {how['first']} "
             f"{expected['dataset']} {how['split']} images (dequantisation seed {how['dequantization_seed']}, "
@@ -197,7 +198,13 @@ def make_pretrained(checkpoint_path: str, name: str, data_root: str, device_name
                 "tpr": detector.tpr,
                 "threshold": detector.threshold_,
                 "fit_images": detector.fit_images,
-                "held_back_images": detector.n_threshold_,
+                "reference_images": detector.reference_.n_train,
+                "threshold_images": detector.n_threshold_,
+                "threshold_split": (
+                    "images of the training run's validation split (never trained on)"
+                    if fit_sets.has_validation
+                    else "training images held back from the reference"
+                ),
             },
             "checkpoint": {
                 "file": os.path.basename(checkpoint_path),

@@ -104,7 +104,7 @@ def test_the_shipped_files_pass_the_checks_of_any_model_folder(model):
     wanted = EXPECTED["detector"]
     assert (detector.score, detector.tpr, detector.fit_images) == (wanted["score"], wanted["tpr"], wanted["fit_images"])
     assert detector.threshold_ == pytest.approx(wanted["threshold"], abs=1e-12)
-    assert detector.n_threshold_ == wanted["held_back_images"]
+    assert detector.n_threshold_ == wanted["threshold_images"]
     # a non-editable install has every file: pyproject.toml's package data covers them
     pyproject = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), encoding="utf-8").read()
     section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
