@@ -2,7 +2,8 @@
 scores (higher = more outlying), their metrics, and the reports and figures of a run.
 
 Modules, each importing only those below it: ``scoring`` (``glowflow --score``: CSV, picture
-sheet, summary) and ``command`` (a benchmark run, and ``glowflow --outlier_detection``) ->
+sheet, summary) -> ``command`` (a benchmark run, ``glowflow --outlier_detection``, and the
+images a checkpoint's detector is fitted on) ->
 ``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the cache) and
 ``report`` -> ``scores`` -> ``reference`` -> ``statistics`` -> ``codecs`` and ``metrics``.
 What each score means and where it comes from: docs/outlier_scores.md.
