@@ -283,10 +283,14 @@ def _add_outlier_flags(group) -> None:
         "--fit_images",
         type=int,
         default=_RUN.fit_images,
-        help="Training images the detector fits on (a seeded subset; a fifth held back for the threshold; 0 = all)",
+        help="Images the detector fits on (a seeded subset: four fifths of training images for the reference, "
+        "a fifth for the threshold, from the checkpoint's validation split when it has one; 0 = all)",
     )
     group.add_argument(
-        "--tpr", type=float, default=_RUN.tpr, help="Share of held-back inlier images the decision threshold keeps"
+        "--tpr",
+        type=float,
+        default=_RUN.tpr,
+        help="Share of the threshold images (inliers the reference was not fitted on) the decision threshold keeps",
     )
     group.add_argument(
         "--detector_score", default=_RUN.detector_score, help="The score --score decides with (default: dos)"

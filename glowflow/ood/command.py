@@ -80,11 +80,13 @@ def run_outlier_detection(
     ``(images in [0, 1], labels)``. ``train_loader`` (the in-distribution training set, read in
     a fixed order) provides the typicality and density-of-states reference
     (:func:`detector_for`: an :class:`OutlierDetector` fitted on a seeded subset of
-    ``settings.fit_images`` training images, a fifth of them held back for its threshold; it
+    ``settings.fit_images`` training images, a fifth of them held back for its threshold unless
+    ``threshold_loader`` is given; it
     may be None once ``settings.reference_cache_path`` holds a valid one, or a function that
     returns the loader, called only when there is none). ``threshold_loader`` (or a function
     returning it): in-distribution images the model never trained on (the training run's
-    validation split) for the detector's threshold, instead of held-back training images. If the model fits
+    validation split) for the detector's threshold, instead of held-back training images (the
+    budget then splits the same way, :meth:`OutlierDetector.fit`). If the model fits
     its training images visibly better than its test images, pass a held-out in-distribution
     split (not the one in ``in_test_loader``) as ``train_loader`` instead, so that typicality
     and the density of states see the bits/dim of unseen images.
@@ -190,12 +192,13 @@ class _Scorer:
 
 def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
     """``glowflow --outlier_detection``: the model from ``run.checkpoint`` alone, the in-distribution
-        ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
+    ``dataset`` (default: the one the checkpoint was trained on) against every ``run.out_dataset``.
 
-        Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
-        the synthetic development sets are generated at the model's size. The detector (training
-        reference and threshold) is cached beside the checkpoint, or inside a model folder, where a
-    shipped model's comes fitted (:func:`detector_cache_path_for`).
+    Outlier sets of another shape are converted to the model's (:func:`glowflow.data.match_shape`);
+    the synthetic development sets are generated at the model's size. The detector (reference on
+    the training images, threshold on the training run's validation split when it has one:
+    :class:`FitSets`) is cached beside the checkpoint, or inside a model folder, where a shipped
+    model's comes fitted (:func:`detector_cache_path_for`).
     """
     check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)

@@ -237,15 +237,13 @@ class OutlierDetector:
             threshold_stats = self._fit_statistics(threshold_images, limit, "threshold images")
             return self.fit_statistics(stats, threshold_stats, key=key)
         stats = self._fit_statistics(images, self.fit_images, "fit images")
-        if threshold_images is None:
-            n = stats["bpd"].size
-            held = int(round(self.threshold_fraction * n))
-            if held < 1 or n - held < 1:
-                raise GlowflowError(f"fitting a detector on {n} image(s) leaves none to hold back for the threshold")
-            order = np.random.default_rng(self.settings.seed).permutation(n)
-            threshold_stats = _rows(stats, np.sort(order[:held]))
-            stats = _rows(stats, np.sort(order[held:]))
-        return self.fit_statistics(stats, threshold_stats, key=key)
+        n = stats["bpd"].size
+        held = int(round(self.threshold_fraction * n))
+        if held < 1 or n - held < 1:
+            raise GlowflowError(f"fitting a detector on {n} image(s) leaves none to hold back for the threshold")
+        order = np.random.default_rng(self.settings.seed).permutation(n)
+        threshold_stats = _rows(stats, np.sort(order[:held]))
+        return self.fit_statistics(_rows(stats, np.sort(order[held:])), threshold_stats, key=key)
 
     def _share(self, fraction: float) -> Optional[int]:
         """``fraction`` of ``fit_images`` (at least 1), or None when ``fit_images`` is None (all)."""

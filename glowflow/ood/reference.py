@@ -58,7 +58,7 @@ def dos_features(
             f"unknown density-of-states statistic {unknown[0]!r}; choose from {', '.join(STATISTIC_GROUPS)}"
         )
     columns = statistic_columns(stats)
-    if latent is not None and "top_latent" in stats:
+    if "top_gaussian" in statistics and latent is not None and "top_latent" in stats:
         columns["top_gaussian"] = top_gaussian_nll(latent, stats["top_latent"])
     names = [
         name
