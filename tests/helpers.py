@@ -1,6 +1,9 @@
 """Shared test utilities: every architecture combination, and randomised float64 models."""
 
 import itertools
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -78,3 +81,21 @@ def write_noise_npz(path, n=64, size=16, channels=1, seed=1):
     shape = (n, size, size, channels) if channels > 1 else (n, size, size)
     np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8))
     return str(path)
+
+
+def interrupt_training(run, args, sig):
+    """Start ``python -m glowflow --train --output_dir RUN *args`` in a subprocess, send it ``sig``
+    once its first epoch's metrics row is written (or after 120 s), and return (exit code, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glowflow", "--train", "--output_dir", str(run), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err

@@ -13,7 +13,7 @@ from PIL import Image
 
 import glowflow
 from glowflow.cli import main
-from tests.helpers import write_noise_npz, write_smooth_npz
+from tests.helpers import interrupt_training, write_noise_npz, write_smooth_npz
 
 TINY = [
     "--n_epochs",
@@ -518,31 +518,8 @@ def test_wandb_falls_back_to_offline_without_network_or_login(tiny, tmp_path):
 
 def test_ctrl_c_saves_last_checkpoint(tiny, tmp_path):
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "glowflow",
-            "--train",
-            "--dataset",
-            tiny["in"],
-            "--output_dir",
-            str(run),
-            "--n_epochs",
-            "1000",
-            *TINY[2:],
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = interrupt_training(run, ["--dataset", tiny["in"], "--n_epochs", "1000", *TINY[2:]], signal.SIGINT)
+    assert returncode == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["step"] >= 4  # a whole epoch: 77 of smooth's 96 images train (10 test, 9 validation)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from glowflow.cli import main
 from glowflow.tracking import METRIC_COLUMNS, plot_curves
-from tests.helpers import write_smooth_npz
+from tests.helpers import interrupt_training, write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
 TINY = ["--batch_size", "16", *ARCH, "--warmup", "1"]
@@ -206,19 +206,8 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(smooth, tmp_path, capsys):
 def test_sigterm_saves_last_checkpoint_and_the_run_resumes(smooth, tmp_path, capsys):
     run, reference = tmp_path / "terminated", tmp_path / "reference"
     flags = ["--n_epochs", "1000", "--sample_and_save_freq", "0", *TINY]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glowflow", "--train", "--dataset", smooth, "--output_dir", str(run), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = interrupt_training(run, ["--dataset", smooth, *flags], signal.SIGTERM)
+    assert returncode == 130, err[-2000:]
     assert "interrupted at step" in err and f"--resume {run / 'last.pt'}" in err
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["step"] >= 4  # an epoch: 77 of smooth's 96 images train (10 test, 9 validation)
