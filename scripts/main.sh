@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=${PYTHON:-python3}
+PY=${VENV:-.venv}/bin/python
 OUT=${OUT:-outputs/Glow_fashionmnist}
 EPOCHS=${EPOCHS:-1}
 CKPT="$OUT/Glow_fashionmnist.pt"

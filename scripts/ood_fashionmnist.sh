@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=${PYTHON:-python3}
+PY=${VENV:-.venv}/bin/python
 OUT=${OUT:-outputs/ood_fashionmnist}
 EPOCHS=${EPOCHS:-14}
 HELDOUT=${HELDOUT:-1}

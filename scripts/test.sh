@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=${PYTHON:-python3}
+PY=${VENV:-.venv}/bin/python
 $PY -m ruff check .
 $PY -m ruff format --check .
 exec $PY -m pytest -q "$@"
