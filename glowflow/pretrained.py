@@ -48,6 +48,8 @@ from glowflow import __version__
 from glowflow.config import MAX_IMAGE_SIZE, GlowConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write, atomic_write_text
+from glowflow.names import PRETRAINED_PREFIX as PREFIX
+from glowflow.names import SHIPPED
 
 FORMAT = "glowflow-pretrained"
 VERSION = 1
@@ -59,12 +61,6 @@ MAX_CONFIG_BYTES = 1 << 20
 """Largest ``config.json`` read (a real one is well under 1 KiB)."""
 META_FIELDS = ("format", "format_version", "glowflow_version", "model_type", "dataset", "image_size")
 """The fields of ``config.json`` besides :class:`GlowConfig`'s."""
-PREFIX = "pretrained:"
-SHIPPED: Dict[str, str] = {"fashionmnist": "pretrained_models/fashionmnist"}
-"""``pretrained:NAME`` -> the model folder shipped in the package (relative to this file; package
-data in pyproject.toml, so that a non-editable install has it; scripts/make_pretrained.py writes
-it): ``fashionmnist``, the default architecture trained on Fashion-MNIST (1x32x32, 8 bits), whose
-card (README.md in the folder) gives the training command and the bits/dim."""
 
 
 def shipped_folder(name: str) -> str:

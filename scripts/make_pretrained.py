@@ -1,5 +1,5 @@
 """Write a model folder that ships inside the package, glowflow/pretrained_models/NAME/, from a
-training checkpoint (``pretrained:NAME``; glowflow/pretrained.py's SHIPPED lists the names):
+training checkpoint (``pretrained:NAME``; glowflow/names.py's SHIPPED lists the names):
 
     OMP_NUM_THREADS=1 python3 scripts/make_pretrained.py outputs/Glow_fashionmnist/last.pt fashionmnist
 
@@ -47,6 +47,7 @@ from glowflow.checkpoint import Checkpoint  # noqa: E402
 from glowflow.config import RunConfig, training_command  # noqa: E402
 from glowflow.errors import GlowflowError  # noqa: E402
 from glowflow.files import atomic_write_text  # noqa: E402
+from glowflow.names import SHIPPED  # noqa: E402
 from glowflow.ood import (  # noqa: E402
     OutlierDetectionSettings,
     StatisticsSettings,
@@ -55,7 +56,6 @@ from glowflow.ood import (  # noqa: E402
     model_fingerprint,
 )
 from glowflow.ood.command import FitSets  # noqa: E402
-from glowflow.pretrained import SHIPPED  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
 from glowflow.train import evaluate_bpd  # noqa: E402
 
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {folder}: {', '.join(sorted(os.listdir(folder)))}")
     if args.name not in SHIPPED:
-        print(f"note: add {args.name!r} to SHIPPED in glowflow/pretrained.py to make pretrained:{args.name} find it")
+        print(f"note: add {args.name!r} to SHIPPED in glowflow/names.py to make pretrained:{args.name} find it")
     return 0
 
 

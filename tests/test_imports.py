@@ -13,8 +13,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "glowflow"
 # sub-package, its own modules, without cycles).
 RANKS = {
     "errors": 0,
+    "names": 0,
     "files": 1,
     "config": 1,
+    "preflight": 1,
+    "outputs": 1,
     "pixels": 2,
     "pretrained": 2,
     "layers": 3,

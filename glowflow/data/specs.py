@@ -33,22 +33,7 @@ from glowflow.data.readers import (
     read_tinyimagenet,
     tiny_root,
 )
-
-DATASET_NAMES = (
-    "mnist",
-    "fashionmnist",
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "chestmnist",
-    "octmnist",
-    "tissuemnist",
-    "pneumoniamnist",
-    "tinyimagenet",
-    "places365",
-    "dtd",
-    "imagenet",
-)
+from glowflow.names import DATASET_NAMES
 
 # Where an OS package installs a dataset (folders of the original IDX .gz files).
 SYSTEM_LOCATIONS = {"fashionmnist": ("/usr/share/datasets/fashion-mnist",)}
