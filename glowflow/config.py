@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from glowflow.errors import GlowflowError
+from glowflow.names import shipped_name
 
 FLOW_PERMUTATIONS = ("invconv", "shuffle", "reverse")
 FLOW_COUPLINGS = ("additive", "affine")
@@ -405,8 +406,10 @@ class RunConfig:
         return max(self.batch_size, EVAL_BATCH_SIZE)
 
     def resolved_output_dir(self) -> str:
-        """--output_dir, or outputs/Glow_<dataset>."""
-        return self.output_dir or os.path.join(OUTPUT_ROOT, f"Glow_{dataset_slug(self.dataset)}")
+        """--output_dir, or outputs/Glow_<dataset>; outputs/pretrained_<NAME> for --checkpoint pretrained:NAME."""
+        shipped = shipped_name(self.checkpoint)
+        name = f"pretrained_{dataset_slug(shipped)}" if shipped else f"Glow_{dataset_slug(self.dataset)}"
+        return self.output_dir or os.path.join(OUTPUT_ROOT, name)
 
 
 TRAINING_COMMAND_FIELDS = (

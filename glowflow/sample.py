@@ -2,7 +2,9 @@
 interpolations, attribute manipulation (Glow, section 5) and class-to-class manipulation, and the
 ``--sample`` command that makes them from a checkpoint alone. Every picture is a PNG under the
 output directory; its path is printed, and so is every sample grid's check report (samples that
-were not finite or left the bound, redrawn; :meth:`glowflow.model.Glow.sample_with_report`).
+were not finite or left the bound, redrawn; :meth:`glowflow.model.Glow.sample_with_report`). The
+sheet of several temperatures labels each row (``T=0.5``, ...). ``--class`` and ``--manipulate``
+on a model that is not class-conditional are refused before anything is made.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from glowflow.checkpoint import Checkpoint, check_image_shape
-from glowflow.config import OUTPUT_ROOT, RunConfig
+from glowflow.config import OUTPUT_ROOT, GlowConfig, RunConfig
 from glowflow.data import load_dataset
 from glowflow.errors import GlowflowError
-from glowflow.files import check_writable_folder
+from glowflow.files import atomic_write, check_writable_folder
 from glowflow.model import Glow
-from glowflow.pixels import preprocess, save_grid
+from glowflow.pixels import postprocess, preprocess, save_grid
 from glowflow.runtime import resolve_device
 
 MAX_CLASS_ROWS = 20
@@ -69,10 +71,35 @@ def sample_grids(
         x = checked_sample(model, n_samples, t, y)
         written.append(_save(model, x, output_dir, f"samples_T{t:g}{suffix}.png", nrow))
         sheet.append(x[:columns])
-    written.append(_save(model, torch.cat(sheet), output_dir, f"samples_temperatures{suffix}.png", columns))
+    sheet_path = os.path.join(output_dir, f"samples_temperatures{suffix}.png")
+    written.append(save_labelled_rows(sheet, [f"T={t:g}" for t in temperatures], model.config.n_bits, sheet_path))
     if model.config.y_condition and sample_class is None:
         written += _class_grids(model, output_dir, temperatures, columns, device)
     return written
+
+
+def save_labelled_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], n_bits: int, path: str) -> str:
+    """Save rows of model-space images (each (n, C, H, W), the same n) as one PNG: the grid
+    ``save_grid`` would make of them, with ``labels[i]`` written left of row i (black on white,
+    PIL's default font). Returns ``path``."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    columns = len(rows[0])
+    images = postprocess(torch.cat(list(rows)).detach().float().cpu(), n_bits)
+    grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)  # as torchvision's save_image
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(label) for label in labels]
+    margin = max(box[2] for box in boxes) + 8
+    sheet = Image.new("RGB", (margin + grid.shape[2], grid.shape[1]), "white")
+    sheet.paste(Image.fromarray(pixels), (margin, 0))
+    draw = ImageDraw.Draw(sheet)
+    side = images.shape[2]
+    for i, (label, box) in enumerate(zip(labels, boxes)):
+        middle = 2 + i * (side + 2) + side / 2  # row i's images start at 2 + i * (side + padding)
+        draw.text((4, middle - (box[1] + box[3]) / 2), label, fill="black", font=font)
+    return atomic_write(path, lambda handle: sheet.save(handle, format="png"))
 
 
 def _class_grids(model: Glow, output_dir: str, temperatures: Sequence[float], columns: int, device) -> List[str]:
@@ -307,6 +334,21 @@ def _mean_latents(model: Glow, images: List[torch.Tensor], batch_size: int, devi
     return [s / len(images) for s in sums]
 
 
+def check_class_flags(config: GlowConfig, run: RunConfig) -> None:
+    """GlowflowError, before any work, for ``--class`` or ``--manipulate`` on a model that is not
+    class-conditional, or for a class outside the model's classes."""
+    wanted = [("--class", run.sample_class), ("--manipulate", run.manipulate)]
+    for flag, value in wanted:
+        if value is None:
+            continue
+        if not config.y_condition:
+            other = "; --manipulate_attribute works with any model" if flag == "--manipulate" else ""
+            raise GlowflowError(f"{flag} needs a class-conditional model (trained with --y_condition){other}")
+        for cls in value if isinstance(value, tuple) else (value,):
+            if not 0 <= cls < config.num_classes:
+                raise GlowflowError(f"{flag}: class {cls} is outside 0..{config.num_classes - 1}")
+
+
 def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     """--sample: everything the flags ask for, from --checkpoint alone. Returns the written paths.
 
@@ -316,10 +358,14 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
     check_writable_folder(run.output_dir or OUTPUT_ROOT)  # before any work; creates nothing
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
+    check_class_flags(checkpoint.model_config, run)  # before anything is made
     model = checkpoint.load_model(device)
     dataset_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
-    output_dir = run.output_dir or RunConfig(dataset=checkpoint.dataset or dataset_name).resolved_output_dir()
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = run.output_dir
+    if output_dir is None:  # made by the first picture written; pretrained:NAME's own, not its dataset's training run's
+        defaults = RunConfig(dataset=checkpoint.dataset or dataset_name, checkpoint=run.checkpoint)
+        output_dir = defaults.resolved_output_dir()
+        print(f"writing into {output_dir} (--output_dir chooses another folder)")
     torch.manual_seed(run.seed)
     written = sample_grids(model, output_dir, run.n_samples, run.temperature, run.sample_class, device)
     if run.reconstruct or run.interpolate or run.manipulate is not None or run.manipulate_attribute is not None:

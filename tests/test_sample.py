@@ -1,6 +1,7 @@
 """sample.py and Glow.sample beyond the command line: manipulation's class means are batch-size
 independent; the sampling check counts and redraws failed samples without touching clean draws;
-attribute manipulation is with-minus-without, on single- and multi-label data."""
+attribute manipulation is with-minus-without, on single- and multi-label data; the temperature
+sheet labels its rows."""
 
 import numpy as np
 import pytest
@@ -10,8 +11,14 @@ from PIL import Image
 from glowflow.cli import main
 from glowflow.data import load_dataset
 from glowflow.errors import GlowflowError
-from glowflow.pixels import preprocess
-from glowflow.sample import attribute_direction, attribute_rows, manipulate, manipulate_attribute
+from glowflow.pixels import preprocess, save_grid
+from glowflow.sample import (
+    attribute_direction,
+    attribute_rows,
+    manipulate,
+    manipulate_attribute,
+    save_labelled_rows,
+)
 from tests.helpers import randomised_model, write_smooth_npz
 
 
@@ -205,3 +212,18 @@ def test_sample_command_prints_the_check_and_manipulates_an_attribute(tmp_path, 
     assert grid.shape[:2] == (rows * 18 + 2, 3 * 18 + 2)  # a row per image, 3 scales, 16 pixels + 2 padding
     assert main([*sample, "--manipulate_attribute", "3"]) == 2  # the data has classes 0..2
     assert "attribute 3 is outside 0..2" in capsys.readouterr().err
+
+
+def test_the_temperature_sheet_labels_each_row_beside_the_plain_grid(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.rand(5, 1, 16, 16, generator=generator) - 0.5 for _ in range(3)]
+    labels = ["T=0.5", "T=0.7", "T=1"]
+    sheet = np.asarray(Image.open(save_labelled_rows(rows, labels, 8, str(tmp_path / "sheet.png"))).convert("RGB"))
+    plain = np.asarray(Image.open(save_grid(torch.cat(rows), 8, str(tmp_path / "plain.png"), nrow=5)).convert("RGB"))
+    margin = sheet.shape[1] - plain.shape[1]
+    assert sheet.shape[0] == plain.shape[0] == 3 * 18 + 2 and margin > 0
+    assert np.array_equal(sheet[:, margin:], plain)  # the pictures themselves, untouched
+    bands = [sheet[2 + 18 * i : 18 * (i + 1), :margin] for i in range(3)]  # beside each row of images
+    for band in bands:
+        assert (band < 128).any() and (band > 128).any()  # dark text on white
+    assert not np.array_equal(bands[0], bands[1]) and not np.array_equal(bands[1], bands[2])  # each its own label
