@@ -2,8 +2,11 @@
 
 The flags of GenerativeZoo's Glow script (a copy of y0ast/Glow-PyTorch) keep their names,
 meanings and defaults (the defaults and choices come from :mod:`glowflow.config`). A
-user-fixable problem prints one line and exits with status 2; Ctrl-C prints one line and exits
-with status 130. This module imports no torch: the commands (and torch) load when one runs.
+user-fixable problem prints one line and exits with status 2 (a misspelt flag with the nearest
+flags suggested); Ctrl-C prints one line and exits with status 130. This module imports no torch:
+dataset names and checkpoint paths are checked first (:mod:`glowflow.preflight`), then the
+commands (and torch) load when one runs. A --sample, --outlier_detection or --score that fails
+leaves no empty output folder behind (:mod:`glowflow.outputs`).
 
 A sampling sub-mode alone (``--reconstruct``, ``--interpolate``, ``--manipulate``,
 ``--manipulate_attribute``) implies ``--sample``; no command at all is an error that lists them.
@@ -18,8 +21,19 @@ import sys
 from typing import List, Optional
 
 from glowflow import __version__
-from glowflow.config import AMP_CHOICES, FLOW_COUPLINGS, FLOW_PERMUTATIONS, PRESETS, GlowConfig, RunConfig
+from glowflow.config import (
+    AMP_CHOICES,
+    FLOW_COUPLINGS,
+    FLOW_PERMUTATIONS,
+    MAX_L,
+    OUTPUT_ROOT,
+    PRESETS,
+    GlowConfig,
+    RunConfig,
+)
 from glowflow.errors import GlowflowError, one_line_message
+from glowflow.outputs import no_empty_folder_left
+from glowflow.preflight import check_command_line, did_you_mean
 
 _RUN = RunConfig()
 _ARCH = GlowConfig()
@@ -30,11 +44,37 @@ DATASET_HELP = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after a flag's help (a list as its values, ``0.7`` not ``[0.7]``), unless the
+    help already says its default, or the default is None or False (a flag that is off, or a value
+    chosen elsewhere)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower() or action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, (list, tuple)):
+            values = " ".join(str(v) for v in action.default).replace("%", "%%")
+            return f"{action.help} (default: {values})"
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (status 2) that suggests the nearest flags for
+    a misspelt one, instead of the whole usage."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for o in self._option_string_actions if o.startswith("--")]
+            words = [w.split("=", 1)[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            message += "".join(did_you_mean(w, flags) for w in dict.fromkeys(words))
+        self.exit(2, f"{self.prog}: error: {message} (glowflow --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, in groups; defaults and choices from glowflow.config."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="glowflow",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Glow (Kingma & Dhariwal, 2018): train, sample and detect outliers.",
     )
     p.add_argument("--version", action="version", version=f"glowflow {__version__}")
@@ -330,8 +370,11 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConfig:
     """The architecture: the flags, with image shape and classes from the dataset."""
     from glowflow.data import dataset_info
+    from glowflow.data.resolve import check_divisible
 
     info = dataset_info(run.dataset, image_size=run.image_size, data_root=run.data_root)
+    if 1 <= args.L <= MAX_L:  # (an L out of range is GlowConfig's to refuse)
+        check_divisible(info.name, info.image_shape[1], args.L)
     num_classes = run.num_classes if run.num_classes is not None else (info.num_classes or _ARCH.num_classes)
     return GlowConfig(
         image_shape=tuple(info.image_shape),
@@ -353,6 +396,8 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
 
 def _run(args: argparse.Namespace) -> int:
     run = run_config_from_args(args)
+    checkpoints = (("--checkpoint", run.checkpoint), ("--background_checkpoint", run.background_checkpoint))
+    check_command_line(args.dataset, run.out_dataset if args.outlier_detection else (), checkpoints)
     if args.train:
         from glowflow.train import train
 
@@ -423,7 +468,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
         args = choose_command(apply_preset(parser.parse_args(argv), argv))
-        return _run(args)
+        with no_empty_folder_left(None if args.train else args.output_dir or OUTPUT_ROOT):
+            return _run(args)
     except GlowflowError as err:
         print(f"glowflow: error: {one_line_message(err)}", file=sys.stderr)
         return 2

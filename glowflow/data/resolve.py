@@ -1,4 +1,5 @@
-"""Loading a dataset by name or path: :func:`dataset_info` and :func:`load_dataset`.
+"""Loading a dataset by name or path: :func:`dataset_info` and :func:`load_dataset` (and
+:func:`check_divisible`, the image-size check that names the ``--image_size`` that fits).
 
 A name is one of the 13 datasets (:mod:`glowflow.data.specs`), a development set
 (:mod:`glowflow.data.devsets`: a class subset or flip of another name, whose base is loaded
@@ -24,6 +25,7 @@ from typing import Optional, Tuple
 
 from torch.utils.data import Dataset
 
+from glowflow.config import MAX_IMAGE_SIZE
 from glowflow.data import custom, devsets
 from glowflow.data.datasets import DatasetInfo, ImageFileDataset, ImageTensorDataset, one_line, square_resize
 from glowflow.data.readers import Arrays
@@ -68,13 +70,32 @@ def load_dataset(
     if split == ALL and (name_or_path in SPECS or devsets.is_derived(name_or_path)):
         raise GlowflowError(f"{name_or_path}: the split 'all' is only for your own folders and .npz files")
     info, build = _resolve(name_or_path, split, image_size)
-    size = info.image_shape[1]
-    if divisor < 1 or size % divisor:
-        raise GlowflowError(
-            f"{info.name}: image size {size} is not divisible by 2**L = {divisor}; "
-            f"pass --image_size with a multiple of {divisor} or use a smaller --L"
-        )
+    if divisor < 1 or divisor & (divisor - 1):
+        raise GlowflowError(f"divisor must be a power of two (2**L), got {divisor}")
+    check_divisible(info.name, info.image_shape[1], divisor.bit_length() - 1)
     return build(data_root, download)
+
+
+def check_divisible(name: str, size: int, L: int) -> None:
+    """GlowflowError unless the image side ``size`` of the dataset ``name`` is divisible by 2**L
+    (each of a model's L levels halves it), naming the fixes: the ``--image_size`` that resizes
+    the images to the next multiple (e.g. 32 for 28x28 images and L=3, what the built-in 28-pixel
+    sets get), or the largest ``--L`` that fits the size as it is."""
+    divisor = 2**L
+    if size % divisor == 0:
+        return
+    fits = (size & -size).bit_length() - 1  # the largest L with size % 2**L == 0
+    target = -(-size // divisor) * divisor
+    fixes = []
+    if target <= MAX_IMAGE_SIZE:
+        fixes.append(
+            f"pass --image_size {target} to resize the images to {target}x{target} "
+            f"(as the built-in 28-pixel sets are resized to 32)"
+        )
+    if 1 <= fits < L:
+        fixes.append(f"use --L {fits} or less")
+    fix = "; " + ", or ".join(fixes) if fixes else ""
+    raise GlowflowError(f"{name}: image size {size} is not divisible by 2**L = {divisor} (--L {L}){fix}")
 
 
 def load_scored_images(
