@@ -156,8 +156,7 @@ def folder_update(folder: str, names: Sequence[str]) -> Iterator[None]:
         for name in names:
             path = os.path.join(folder, name)
             if name in backups:
-                with contextlib.suppress(OSError):
-                    os.replace(backups[name], path)
+                _restore(backups[name], path)
             elif name not in existed:
                 _remove_quietly(path)
         for path in made:
@@ -165,6 +164,18 @@ def folder_update(folder: str, names: Sequence[str]) -> Iterator[None]:
                 os.rmdir(path)  # only when empty: never another process's files
         raise
     _remove_all(backups.values())
+
+
+def _restore(backup: str, path: str) -> None:
+    """Put ``backup`` back at ``path`` (a rename; when both are links to one file, which rename
+    leaves as they are, the backup is only removed)."""
+    try:
+        if os.path.lexists(path) and os.path.samefile(backup, path):
+            os.remove(backup)
+        else:
+            os.replace(backup, path)
+    except OSError:
+        pass
 
 
 def _backup(path: str) -> str:

@@ -96,6 +96,7 @@ MALFORMED = [
     ("model not tensors", _set("model", {"levels.0.0.actnorm.bias": 1.0}), "not a tensor"),
     ("weights nan", _set("model", "levels.0.0.actnorm.bias", torch.full((1, 4, 1, 1), math.nan)), "non-finite"),
     ("weights shape", _set("model", "levels.0.0.actnorm.bias", torch.zeros(3)), "weights do not match"),
+    ("singular 1x1", _set("model", "levels.0.0.permute.weight", torch.zeros(4, 4)), "singular 1x1 convolution"),
     ("run_config text", _set("run_config", "abc"), "run_config must be a dict"),
     ("dataset number", _set("run_config", "dataset", 5), "dataset must be a string"),
     ("image_size text", _set("run_config", "image_size", "big"), "image_size must be an integer or none"),

@@ -169,19 +169,21 @@ def test_another_runtime_error_is_not_taken_for_a_write_failure(tmp_path, monkey
 def test_a_failed_folder_update_puts_back_what_was_there(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "a").write_bytes(b"old a")
+    for name in ("a", "d"):
+        (folder / name).write_bytes(b"old " + name.encode())
     (folder / "other").write_bytes(b"not ours")
     with pytest.raises(GlowflowError, match="No space left on device"):
-        with folder_update(str(folder), ("a", "b", "c")):
-            atomic_write_text(str(folder / "a"), "new a")
-            atomic_write_text(str(folder / "b"), "new b")
-            atomic_write(str(folder / "c"), _disk_full_after_some_bytes)
-    assert sorted(os.listdir(folder)) == ["a", "other"]
-    assert (folder / "a").read_bytes() == b"old a" and (folder / "other").read_bytes() == b"not ours"
+        with folder_update(str(folder), ("a", "b", "c", "d")):
+            atomic_write_text(str(folder / "a"), "new a")  # replaced, then put back
+            atomic_write_text(str(folder / "b"), "new b")  # created, then removed
+            atomic_write(str(folder / "c"), _disk_full_after_some_bytes)  # d: never reached
+    assert sorted(os.listdir(folder)) == ["a", "d", "other"]  # no backup left
+    assert (folder / "a").read_bytes() == b"old a" and (folder / "d").read_bytes() == b"old d"
+    assert (folder / "other").read_bytes() == b"not ours"
     with folder_update(str(folder), ("a", "b")):  # a whole update keeps the new files and no backup
         atomic_write_text(str(folder / "a"), "new a")
         atomic_write_text(str(folder / "b"), "new b")
-    assert sorted(os.listdir(folder)) == ["a", "b", "other"] and (folder / "a").read_text() == "new a"
+    assert sorted(os.listdir(folder)) == ["a", "b", "d", "other"] and (folder / "a").read_text() == "new a"
 
 
 def test_a_failed_folder_update_removes_the_folders_it_made(tmp_path):

@@ -14,6 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "glowflow"
 RANKS = {
     "errors": 0,
     "files": 1,
+    "invertible": 1,
     "config": 1,
     "pixels": 2,
     "pretrained": 2,
@@ -26,6 +27,7 @@ RANKS = {
     "tracking": 6,
     "speed": 7,
     "train": 7,
+    "export": 7,
     "sample": 7,
     "ood": 7,
     "cli": 8,
