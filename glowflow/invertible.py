@@ -8,11 +8,12 @@ glowflow/layers.py gives the tensors of a flow step's ``permute`` layer:
 
 - ``Permute`` (``reverse`` / ``shuffle``): ``indices`` must be a permutation of 0..C-1 and
   ``inverse_indices`` its inverse;
-- ``InvConv1x1``: the plain ``weight`` (C, C) must be invertible in the precision it is computed
-  in (condition number below 1 / machine epsilon); the LU form's fixed parts must be what they are
-  made as (``p`` a permutation matrix, ``sign_s`` signs of +-1, ``lower_mask`` the strictly lower
-  triangle of ones, ``eye`` the identity) and its diagonal ``exp(log_s)`` nonzero and finite in
-  the stored precision: then the matrix is invertible by construction.
+- ``InvConv1x1``: the plain ``weight`` (C, C) must be invertible in the precision the model
+  computes in (float64 for float64 weights, else float32: condition number below 1 / machine
+  epsilon); the LU form's fixed parts must be what they are made as (``p`` a permutation matrix,
+  ``sign_s`` signs of +-1, ``lower_mask`` the strictly lower triangle of ones, ``eye`` the
+  identity) and its diagonal ``exp(log_s)`` nonzero and finite in that precision: then the matrix
+  is invertible by construction.
 
 It is cheap (the matrices are at most a few hundred channels across) and runs on the CPU in
 float64. Both readers call it: glowflow/pretrained.py for model folders, glowflow/checkpoint.py for
@@ -41,7 +42,7 @@ def flow_problem(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
         if "indices" in parts:
             problem = _permutation_problem(prefix, parts)
         elif "weight" in parts:
-            problem = _matrix_problem(f"{prefix}.weight", parts["weight"], parts["weight"].dtype)
+            problem = _matrix_problem(f"{prefix}.weight", parts["weight"])
         elif "log_s" in parts:
             problem = _lu_problem(prefix, parts)
         else:
@@ -68,10 +69,17 @@ def _permutation_problem(prefix: str, parts: Mapping[str, torch.Tensor]) -> Opti
     return None
 
 
-def _matrix_problem(name: str, matrix: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
-    """Whether the square ``matrix`` is singular for computations in ``dtype``."""
-    if not dtype.is_floating_point:
+def _computed_in(dtype: torch.dtype) -> torch.dtype:
+    """The type a model computes in with weights stored in ``dtype``: float64 stays, anything else
+    (half precision, which the readers widen) is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matrix_problem(name: str, matrix: torch.Tensor) -> Optional[str]:
+    """Whether the square ``matrix`` is singular for the computations of the model it is loaded into."""
+    if not matrix.is_floating_point():
         return f"{name} is not a floating-point matrix"
+    dtype = _computed_in(matrix.dtype)
     values = matrix.detach().to("cpu", torch.float64)
     if values.dim() != 2 or values.shape[0] != values.shape[1]:
         return f"{name} is not a square matrix"
@@ -106,7 +114,7 @@ def _lu_problem(prefix: str, parts: Mapping[str, torch.Tensor]) -> Optional[str]
         return f"{prefix}.lower_mask is not the strictly lower triangle of ones"
     if not torch.equal(as64["eye"], torch.eye(c, dtype=torch.float64)):
         return f"{prefix}.eye is not the identity matrix"
-    s = torch.exp(log_s.detach().to("cpu"))  # in the stored precision, as the layer computes it
+    s = torch.exp(log_s.detach().to("cpu", _computed_in(log_s.dtype)))  # in the precision the layer computes in
     if not bool(torch.isfinite(s).all()) or not bool((s != 0).all()):
         return f"{prefix}.log_s gives a zero or infinite diagonal (the 1x1 convolution is singular)"
     return None  # P L (U + diag(s)): a permutation, a unit lower and an upper triangle with a nonzero diagonal

@@ -125,3 +125,9 @@ def test_an_ill_conditioned_but_invertible_convolution_passes():
 @pytest.mark.parametrize("path", ["pretrained:fashionmnist"] + [os.path.join(HERE, f"{k}.pt") for k in sorted(KINDS)])
 def test_the_shipped_model_and_the_legacy_checkpoints_pass(path):
     assert flow_problem(Checkpoint.read(path).payload["model"]) is None
+
+
+def test_half_precision_weights_are_judged_in_the_float32_they_are_read_as():
+    weight = torch.diag(torch.tensor([1.0, 1e-2, 1e2]))  # condition number 1e4 > 1 / float16 epsilon
+    assert flow_problem({"levels.0.0.permute.weight": weight.half()}) is None
+    assert flow_problem({"levels.0.0.permute.weight": weight.bfloat16()}) is None
