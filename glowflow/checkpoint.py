@@ -23,13 +23,12 @@ Version 1 files (before ``n_bits`` joined the model configuration) keep it in ``
 A model folder (config.json + model.safetensors, glowflow/pretrained.py) is read wherever a
 checkpoint is (:meth:`Checkpoint.read` with a folder or ``pretrained:NAME``): its weights become
 ``model`` and its dataset and image size ``run_config``; it holds no training state, so it cannot
-be resumed. :func:`export_checkpoint` (``glowflow --export``) writes a checkpoint's model as such a
-folder, with a model card from the stored run.
+be resumed. glowflow/export.py (``glowflow --export``) writes a checkpoint's model as such a folder.
 
 Reading trusts nothing in the file (:class:`Checkpoint`): the zip archive's CRC-32 checksums are
 verified before unpickling, and every field is checked (type, range, size) before it is used, so
 a damaged or crafted file is a one-line :class:`GlowflowError`, never a traceback, a hang or a
-huge allocation.
+huge allocation; that includes weights that cannot be inverted (glowflow/invertible.py).
 """
 
 from __future__ import annotations
@@ -42,9 +41,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from glowflow.config import GlowConfig, RunConfig, check_field_types, training_command
+from glowflow.config import GlowConfig, RunConfig, check_field_types
 from glowflow.errors import GlowflowError
-from glowflow.files import atomic_write, check_writable_folder
+from glowflow.files import atomic_write
+from glowflow.invertible import flow_problem
 from glowflow.model import Glow
 from glowflow.pretrained import PretrainedFolder, first_difference, first_non_finite, is_model_folder, saved_dtype
 
@@ -179,7 +179,7 @@ class Checkpoint:
     def _check_weights(self) -> None:
         """The stored weights (``model``, and ``raw_model`` when present) are dicts of finite
         tensors with exactly the names and shapes of the stored configuration's model (built on the
-        meta device: no memory, no work)."""
+        meta device: no memory, no work), whose permutation layers are invertible."""
         with torch.device("meta"):
             expected = {name: tuple(t.shape) for name, t in Glow.from_config(self.model_config).state_dict().items()}
         for key in ("model", "raw_model"):
@@ -205,6 +205,9 @@ class Checkpoint:
                 raise GlowflowError(
                     f"{self.path} is corrupt: its {what[:-1]} {name} holds non-finite values (nan or inf)"
                 )
+            problem = flow_problem(weights)
+            if problem is not None:
+                raise GlowflowError(f"{self.path}: unusable {what}: {problem}")
 
     # ------------------------------------------------------------------ the run that wrote it
 
@@ -386,24 +389,6 @@ def save_pretrained(model: Glow, folder: str, **card: Any) -> str:
     """Write ``model`` as a model folder (``glowflow.save_pretrained``; :meth:`Glow.save_pretrained`,
     whose keywords ``card`` takes)."""
     return model.save_pretrained(folder, **card)
-
-
-def export_checkpoint(path: str, folder: str) -> str:
-    """``glowflow --export FOLDER --checkpoint PATH``: the checkpoint's model (its ``model`` weights:
-    the averaged ones of a run with ``--ema``) as a model folder, whose card gets the stored
-    dataset, the training command rebuilt from the stored flags, and the best validation bits/dim
-    and its test bits/dim when the checkpoint records them. Returns ``folder``."""
-    check_writable_folder(folder)
-    checkpoint = Checkpoint.read(path)
-    model = checkpoint.load_model()
-    run_config = checkpoint.run_config
-    command = None if checkpoint.is_folder else training_command(run_config, model.config)
-    scores = {}
-    if math.isfinite(checkpoint.best_val_bpd):
-        scores["best validation bits/dim"] = checkpoint.best_val_bpd
-    if math.isfinite(checkpoint.best_test_bpd):
-        scores["test bits/dim at the best validation" if scores else "test bits/dim"] = checkpoint.best_test_bpd
-    return model.save_pretrained(folder, checkpoint.dataset, checkpoint.image_size, command, scores)
 
 
 def load_model(path: str, map_location: Any = "cpu", image_shape: Optional[tuple] = None) -> Glow:

@@ -429,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.export is not None:
         if run.checkpoint is None:
             raise GlowflowError("--export needs --checkpoint PATH (a .pt file written by glowflow --train)")
-        from glowflow.checkpoint import export_checkpoint
+        from glowflow.export import export_checkpoint
 
         print(f"wrote the model folder {export_checkpoint(run.checkpoint, args.export)}")
     return 0

@@ -16,10 +16,21 @@ This module owns the format: writing a folder (:func:`write_folder`, each file a
 one (:class:`PretrainedFolder`), trusting nothing in it: ``config.json`` is checked field by field
 (unknown fields, types, ranges and the model's size, through :class:`GlowConfig`), and the
 safetensors header's names, shapes and kinds of number are checked against the model before any
-tensor is read, then every weight's finiteness. Each problem is a one-line
-:class:`GlowflowError`. It knows nothing of :class:`glowflow.model.Glow` (which ranks above it
-and builds its ``save_pretrained`` / ``from_pretrained`` on it) or of training checkpoints
+tensor is read, then every weight's finiteness and every permutation layer's invertibility
+(glowflow/invertible.py). Weights stored in float16 or bfloat16 are read as float32, with a line on
+stderr saying so (glowflow computes log-determinants and inverses, which half precision cannot
+carry). Each problem is a one-line :class:`GlowflowError`. It knows nothing of
+:class:`glowflow.model.Glow` (which ranks above it and builds its ``save_pretrained`` /
+``from_pretrained`` on it) or of training checkpoints
 (glowflow/checkpoint.py, which reads a folder wherever it reads a checkpoint).
+
+Writing a folder is all or nothing (:func:`glowflow.files.folder_update`: on a failure the files
+it replaced are put back, what it created removed), and never into the package's own
+``pretrained_models`` folder (:func:`check_not_in_package`), which only scripts/make_pretrained.py
+writes (inside :func:`writing_shipped_models`). A model card's training command and bits/dim are
+read back by :func:`card_provenance`, so that exporting a model folder again keeps them. Reading a
+writable folder removes the temporary files that killed writers left in it
+(:func:`glowflow.files.remove_stale_temporaries`).
 
 ``pretrained:NAME`` names a model folder shipped inside the package (:data:`SHIPPED`, under
 glowflow/pretrained_models/), and so does a bare ``NAME`` given to ``Glow.from_pretrained`` when no
@@ -34,11 +45,14 @@ writes such a folder from a training checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -47,7 +61,8 @@ from safetensors.torch import save as safetensors_bytes
 from glowflow import __version__
 from glowflow.config import MAX_IMAGE_SIZE, GlowConfig
 from glowflow.errors import GlowflowError
-from glowflow.files import atomic_write, atomic_write_text
+from glowflow.files import atomic_write, atomic_write_text, folder_update, note_removed, remove_stale_temporaries
+from glowflow.invertible import flow_problem
 from glowflow.names import PRETRAINED_PREFIX as PREFIX
 from glowflow.names import SHIPPED
 
@@ -57,10 +72,14 @@ MODEL_TYPE = "glow"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+MAX_CARD_BYTES = 1 << 20
+"""Largest ``README.md`` read back for its provenance (:func:`card_provenance`)."""
 MAX_CONFIG_BYTES = 1 << 20
 """Largest ``config.json`` read (a real one is well under 1 KiB)."""
 META_FIELDS = ("format", "format_version", "glowflow_version", "model_type", "dataset", "image_size")
 """The fields of ``config.json`` besides :class:`GlowConfig`'s."""
+HALF_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+"""safetensors' names of the half-precision types read as float32."""
 
 
 def shipped_folder(name: str) -> str:
@@ -95,6 +114,39 @@ def is_shipped(path: str) -> bool:
     """Whether ``path`` is a file inside a model folder shipped in the package."""
     folder = os.path.dirname(os.path.realpath(path))
     return any(folder == os.path.realpath(shipped_folder(name)) for name in SHIPPED)
+
+
+_package_writes = [False]  # True inside writing_shipped_models()
+
+
+def models_root() -> str:
+    """The package's own folder of shipped models (glowflow/pretrained_models)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained_models")
+
+
+@contextlib.contextmanager
+def writing_shipped_models() -> Iterator[None]:
+    """Let :func:`write_folder` write inside the package's ``pretrained_models`` folder, for the
+    duration of the block: what scripts/make_pretrained.py does, and nothing else should."""
+    _package_writes.append(True)
+    try:
+        yield
+    finally:
+        _package_writes.pop()
+
+
+def check_not_in_package(folder: str) -> None:
+    """GlowflowError when ``folder`` is, or is inside, the package's ``pretrained_models`` folder
+    (a shipped model would be replaced or altered), unless inside :func:`writing_shipped_models`."""
+    if _package_writes[-1]:
+        return
+    root = os.path.realpath(models_root())
+    target = os.path.realpath(folder)
+    if target == root or target.startswith(root + os.sep):
+        raise GlowflowError(
+            f"cannot write the model folder {folder}: it is inside glowflow's own pretrained_models folder "
+            f"({root}), which holds the models shipped with the package; write it elsewhere"
+        )
 
 
 def is_model_folder(path: str) -> bool:
@@ -166,16 +218,48 @@ def write_folder(
     card: Optional[str] = None,
 ) -> str:
     """Write the model folder ``folder`` (made if needed): ``model.safetensors`` first, then the
-    card, then ``config.json``, each atomically. Returns ``folder``."""
+    card, then ``config.json``, each atomically, and the three as one (a failure puts back the
+    files replaced and removes what was created: :func:`glowflow.files.folder_update`). Never into
+    the package's ``pretrained_models`` (:func:`check_not_in_package`). Returns ``folder``."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise GlowflowError(f"cannot write the model folder {folder}: it is a file")
+    check_not_in_package(folder)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in state_dict.items()}
     payload = safetensors_bytes(tensors, metadata={"format": FORMAT})
-    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda handle: handle.write(payload))
-    atomic_write_text(os.path.join(folder, CARD_NAME), card if card is not None else model_card(config, dataset))
     text = json.dumps(config_json(config, dataset, image_size), indent=2) + "\n"
-    atomic_write_text(os.path.join(folder, CONFIG_NAME), text)
+    with folder_update(folder, (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)):
+        atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda handle: handle.write(payload))
+        atomic_write_text(os.path.join(folder, CARD_NAME), card if card is not None else model_card(config, dataset))
+        atomic_write_text(os.path.join(folder, CONFIG_NAME), text)
     return folder
+
+
+_CARD_COMMAND = re.compile(r"^- Training command: `(.{1,4096})`$")
+_CARD_SCORE = re.compile(r"^- ([^:`\n]{1,200}): (-?[0-9]+\.[0-9]+)$")
+_CARD_FIELDS = ("Data", "Architecture", "Training command", "Written")
+
+
+def card_provenance(path: str) -> Tuple[Optional[str], Dict[str, float]]:
+    """(training command, scores: name -> bits/dim) that the model card ``README.md`` of the model
+    folder ``path`` states (:func:`model_card`'s lines), or (None, {}) for what it does not state
+    (no card, an unreadable or edited one)."""
+    command, scores = None, {}
+    try:
+        with open(os.path.join(resolve(path), CARD_NAME), encoding="utf-8") as handle:
+            text = handle.read(MAX_CARD_BYTES)
+    except (OSError, UnicodeDecodeError):
+        return command, scores
+    for line in text.splitlines():
+        if line.startswith("- Written:"):
+            break  # the scores are listed before the date
+        found = _CARD_COMMAND.match(line)
+        if found is not None:
+            command = found.group(1)
+            continue
+        found = _CARD_SCORE.match(line)
+        if found is not None and found.group(1) not in _CARD_FIELDS:
+            scores[found.group(1)] = float(found.group(2))
+    return command, scores
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,6 +282,10 @@ class PretrainedFolder:
         folder = resolve(path)
         if not os.path.isdir(folder):
             raise GlowflowError(f"model folder not found: {path}")
+        if os.access(folder, os.W_OK):
+            removed = remove_stale_temporaries(folder)
+            if removed:
+                note_removed(removed, path)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise GlowflowError(
@@ -240,7 +328,9 @@ class PretrainedFolder:
     def read_weights(self, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The tensors of ``model.safetensors``, on the CPU, checked against ``expected`` (the state
         dict of the model they are for; a meta-device one will do): the same names, shapes and kinds
-        (floating point or not) from the header before any tensor is read, then all finite."""
+        (floating point or not) from the header before any tensor is read, then all finite and every
+        permutation layer invertible. Half-precision (float16, bfloat16) tensors are returned in
+        float32, with a line on stderr saying so."""
         where = os.path.join(self.path, WEIGHTS_NAME)
         try:
             with safe_open(self.weights_path, framework="pt", device="cpu") as handle:
@@ -257,6 +347,9 @@ class PretrainedFolder:
                         kind = "floating-point" if expected[name].is_floating_point() else "integer"
                         raise GlowflowError(f"{where}: {name} holds {part.get_dtype()} values, the model {kind} ones")
                 weights = {name: handle.get_tensor(name) for name in header}
+                halves = sorted(
+                    {HALF_TYPES[part.get_dtype()] for part in header.values() if part.get_dtype() in HALF_TYPES}
+                )
         except GlowflowError:
             raise
         except Exception as err:  # safetensors' own error (SafetensorError) and whatever a damaged file raises
@@ -267,6 +360,16 @@ class PretrainedFolder:
         name = first_non_finite(weights)
         if name is not None:
             raise GlowflowError(f"{where} is corrupt: its weight {name} holds non-finite values (nan or inf)")
+        if halves:
+            weights = {n: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for n, t in weights.items()}
+            print(
+                f"note: {where} holds {' and '.join(halves)} weights: read as float32 (glowflow computes "
+                f"log-determinants and inverses, which half precision cannot carry)",
+                file=sys.stderr,
+            )
+        problem = flow_problem(weights)
+        if problem is not None:
+            raise GlowflowError(f"{where} is unusable: {problem}")
         return weights
 
 

@@ -56,6 +56,7 @@ from glowflow.ood import (  # noqa: E402
     model_fingerprint,
 )
 from glowflow.ood.command import FitSets  # noqa: E402
+from glowflow.pretrained import writing_shipped_models  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
 from glowflow.train import evaluate_bpd  # noqa: E402
 
@@ -251,7 +252,8 @@ def main(argv=None) -> int:
     if not args.name.isidentifier():
         parser.error(f"NAME must be a plain name (letters, digits, _), got {args.name!r}")
     try:
-        folder = make_pretrained(args.checkpoint, args.name, args.data_root, args.device)
+        with writing_shipped_models():  # save_pretrained refuses the package's folder otherwise
+            folder = make_pretrained(args.checkpoint, args.name, args.data_root, args.device)
     except GlowflowError as err:
         print(f"make_pretrained: error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 --sample, --outlier_detection and --train --resume alike, and nothing is built or written first."""
 
 import copy
+import errno
 import math
+import os
 import struct
 import zipfile
 
@@ -96,6 +98,7 @@ MALFORMED = [
     ("model not tensors", _set("model", {"levels.0.0.actnorm.bias": 1.0}), "not a tensor"),
     ("weights nan", _set("model", "levels.0.0.actnorm.bias", torch.full((1, 4, 1, 1), math.nan)), "non-finite"),
     ("weights shape", _set("model", "levels.0.0.actnorm.bias", torch.zeros(3)), "weights do not match"),
+    ("singular 1x1", _set("model", "levels.0.0.permute.weight", torch.zeros(4, 4)), "singular 1x1 convolution"),
     ("run_config text", _set("run_config", "abc"), "run_config must be a dict"),
     ("dataset number", _set("run_config", "dataset", 5), "dataset must be a string"),
     ("image_size text", _set("run_config", "image_size", "big"), "image_size must be an integer or none"),
@@ -215,3 +218,33 @@ def test_crafted_checkpoint_never_runs_code(tmp_path):
     torch.save({"format": "glowflow-checkpoint", "version": 2, "model": Payload()}, path)
     with pytest.raises(GlowflowError, match="not a readable glowflow checkpoint"):
         Checkpoint.read(str(path))
+
+
+def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_written_checkpoint(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """torch.save meets a full disk (the real torch.save, onto a file with 100 bytes of room: torch
+    raises its RuntimeError around the OSError): the run stops with one line, exit 2, and no
+    checkpoint or temporary file is left half-written."""
+    real_save = torch.save
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle, self.room = handle, 100
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, handle, *a, **k: real_save(obj, FullDisk(handle), *a, **k))
+    run = tmp_path / "run"
+    code = main(["--train", "--dataset", trained["data"], "--output_dir", str(run), "--max_steps", "2", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("glowflow: error: cannot write"), err
+    assert err[-1].endswith(".pt: No space left on device") and not any("Traceback" in line for line in err), err
+    assert not [name for name in os.listdir(run) if name.endswith(".pt") or name.startswith(".tmp-")]

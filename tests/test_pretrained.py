@@ -315,3 +315,171 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert code == 2 and "checkpoint not found" in err and not (tmp_path / "out").exists()
     code = main(["--export", str(tmp_path / "out")])
     assert code == 2 and "--export needs --checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_a_half_precision_folder_loads_in_float32_with_a_note(tmp_path, capsys, dtype, name):
+    model = randomised_model((1, 8, 8), L=2, combo=next(architecture_combinations())).float()
+    folder = model.save_pretrained(str(tmp_path / "m"))
+    path = os.path.join(folder, "model.safetensors")
+    halved = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(halved, path)
+    loaded = Glow.from_pretrained(folder)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds {name} weights: read as float32" in err[0], err
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    reference = Glow(model.config)  # the half-precision weights, widened
+    reference.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in halved.items()})
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    with torch.no_grad():
+        log_prob = loaded.log_prob(x)
+        assert torch.isfinite(log_prob).all() and torch.equal(log_prob, reference.eval().log_prob(x))
+    assert {p.dtype for p in glowflow.load_checkpoint(folder).parameters()} == {torch.float32}
+    out = tmp_path / "samples"
+    assert main(["--sample", "--checkpoint", folder, "--n_samples", "4", "--output_dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "read as float32" in err and "Traceback" not in err and (out / "samples_T0.7.png").exists()
+
+
+# ----------------------------------------------------------------------------- exporting a folder again
+
+
+def _provenance(card):
+    """The card's training command and bits/dim lines (those of the list the date ends)."""
+    lines = card.split("\n- Written:")[0].splitlines()
+    return [line for line in lines if line.startswith("- Training command:") or "bits/dim" in line]
+
+
+def test_export_of_a_folder_keeps_its_cards_provenance(trained, tmp_path, capsys):
+    source = tmp_path / "copy"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (source / name).write_bytes((trained["folder"] / name).read_bytes())
+    before = _provenance((source / "README.md").read_text())
+    assert len(before) == 3 and "--ema 0.9" in before[0]  # the command, best validation and its test bits/dim
+    again = tmp_path / "again"
+    assert main(["--export", str(source), "--checkpoint", str(source)]) == 0  # onto itself
+    assert main(["--export", str(again), "--checkpoint", str(source)]) == 0  # to a new folder
+    for folder in (source, again):
+        assert _provenance((folder / "README.md").read_text()) == before
+        assert json.loads((folder / "config.json").read_text())["dataset"] == trained["data"]
+        stored, original = (
+            load_file(str(folder / "model.safetensors")),
+            load_file(str(trained["folder"] / "model.safetensors")),
+        )
+        assert stored.keys() == original.keys() and all(torch.equal(stored[k], original[k]) for k in stored)
+    capsys.readouterr()
+
+
+def test_export_of_the_shipped_model_keeps_its_training_command_and_bits_per_dim(tmp_path, capsys):
+    from glowflow.pretrained import shipped_folder
+
+    shipped = _provenance(open(os.path.join(shipped_folder("fashionmnist"), "README.md")).read())
+    assert any("Training command: `glowflow --train" in line for line in shipped) and len(shipped) >= 2
+    out = tmp_path / "mine"
+    assert main(["--export", str(out), "--checkpoint", "pretrained:fashionmnist"]) == 0
+    assert _provenance((out / "README.md").read_text()) == shipped
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- never into the package
+
+
+def test_export_into_the_package_is_refused(trained, tmp_path, capsys):
+    from glowflow.pretrained import models_root, shipped_folder
+
+    shipped = shipped_folder("fashionmnist")
+    before = {name: open(os.path.join(shipped, name), "rb").read() for name in os.listdir(shipped)}
+    link = tmp_path / "link"
+    os.symlink(shipped, link)
+    for target in (shipped, os.path.join(models_root(), "new"), models_root(), str(link)):
+        code = main(["--export", target, "--checkpoint", str(trained["folder"])])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "inside glowflow's own pretrained_models folder" in err and "Traceback" not in err, err
+    assert not os.path.exists(os.path.join(models_root(), "new"))
+    with pytest.raises(GlowflowError, match="inside glowflow's own pretrained_models folder"):
+        Glow.from_pretrained("fashionmnist").save_pretrained(shipped)
+    assert {name: open(os.path.join(shipped, name), "rb").read() for name in os.listdir(shipped)} == before
+
+
+def test_make_pretrained_alone_writes_into_the_package(tmp_path, monkeypatch):
+    from glowflow import pretrained
+
+    monkeypatch.setattr(pretrained, "models_root", lambda: str(tmp_path / "pretrained_models"))
+    model = Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4)
+    target = str(tmp_path / "pretrained_models" / "new")
+    with pytest.raises(GlowflowError, match="inside glowflow's own pretrained_models folder"):
+        model.save_pretrained(target)
+    with pretrained.writing_shipped_models():  # what scripts/make_pretrained.py does
+        model.save_pretrained(target)
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+    with pytest.raises(GlowflowError, match="inside glowflow's own pretrained_models folder"):
+        model.save_pretrained(target)  # refused again after the block
+
+
+# ----------------------------------------------------------------------------- a full disk, killed writers
+
+
+def _card_write_fills_the_disk(monkeypatch):
+    """The card (the second of the three files) meets a full disk: the weights are written by then."""
+    from glowflow import pretrained
+    from glowflow.files import atomic_write
+
+    real = pretrained.atomic_write_text
+
+    def write(handle):
+        handle.write(b"half a card")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def card_fails(path, text):
+        return atomic_write(path, write) if path.endswith("README.md") else real(path, text)
+
+    monkeypatch.setattr(pretrained, "atomic_write_text", card_fails)
+
+
+def _contents(folder):
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+def test_a_disk_full_export_leaves_nothing_behind(trained, small_folder, tmp_path, monkeypatch, capsys):
+    _card_write_fills_the_disk(monkeypatch)
+    checkpoint = str(trained["run"] / "Glow_smooth.pt")
+    new = tmp_path / "new" / "model"
+    code = main(["--export", str(new), "--checkpoint", checkpoint])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert os.listdir(tmp_path) == []  # neither the folder nor its parent
+    existing = tmp_path / "existing"  # another model's folder, with a file of its own
+    existing.mkdir()
+    for name in os.listdir(small_folder):
+        (existing / name).write_bytes(open(os.path.join(small_folder, name), "rb").read())
+    (existing / "notes.txt").write_text("mine")
+    before = _contents(existing)
+    assert main(["--export", str(existing), "--checkpoint", checkpoint]) == 2
+    assert _contents(existing) == before  # the weights written before the card failed were put back
+    capsys.readouterr()
+
+
+def test_reading_a_folder_removes_temporary_files_of_killed_writers(small_folder, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from glowflow.files import temporary_name
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in os.listdir(small_folder):
+        (folder / name).write_bytes(open(os.path.join(small_folder, name), "rb").read())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = temporary_name("x").rpartition("@")[2]
+    dead, alive = f".tmp-model.safetensors-ab12~{gone.pid}@{host}", f".tmp-README.md-cd34~{os.getpid()}@{host}"
+    for name in (dead, alive):
+        (folder / name).write_bytes(b"half a file")
+    Glow.from_pretrained(str(folder))
+    assert not (folder / dead).exists() and (folder / alive).exists()
+    assert "removed 1 temporary file(s)" in capsys.readouterr().err
