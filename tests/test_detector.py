@@ -170,7 +170,7 @@ def test_saved_detector_reloads_to_identical_scores_without_pickle(trained, tmp_
     with pytest.raises(GlowflowError, match="not a glowflow-ood-detector-v1 file"):
         glowflow.OutlierDetector.load(str(tmp_path / "ref.npz"), model)
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
-    with pytest.raises(GlowflowError, match="cannot read the outlier detector"):
+    with pytest.raises(GlowflowError, match="cannot read outlier detector"):
         glowflow.OutlierDetector.load(str(tmp_path / "bad.npz"), model)
     with pytest.raises(GlowflowError, match="no outlier detector"):
         glowflow.OutlierDetector.load(str(tmp_path / "missing.npz"), model)

@@ -154,7 +154,7 @@ def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[Datas
     multi-hot, partitioned into a fixed test tenth and a training rest (:func:`held_out_test`).
     Per-split ``train_images``/``test_images`` (with ``train_labels``/``test_labels``) are used
     when there is no ``images``. Read with allow_pickle=False."""
-    with open_npz(path, "the .npz file") as (npz, declared):
+    with open_npz(path, ".npz file") as (npz, declared):
         keys = set(npz.files)
         prefix = "" if "images" in keys else f"{split}_"
         if prefix and split not in ("train", "test"):

@@ -134,7 +134,7 @@ def _npz_part(path: str, shape, single: bool) -> Tuple[Dataset, List[str], None]
     """A .npz's images (its test split when it has per-split arrays) at ``shape``."""
     check_regular_file(path, ".npz")
     try:
-        split = "all" if "images" in members(path, "the .npz file") else "test"
+        split = "all" if "images" in members(path, ".npz file") else "test"
     except GlowflowError:
         raise
     except Exception:  # a damaged file: the reader says what is wrong with it
