@@ -313,6 +313,14 @@ def test_a_broken_detector_file_is_refused_in_one_line(checkpoint, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fifo_given_as_the_detector_is_refused_without_blocking(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    fifo = tmp_path / "detector.npz"
+    os.mkfifo(fifo)
+    args = ["--score", _grey(tmp_path / "x.png"), "--checkpoint", ckpt, "--detector", str(fifo)]
+    _refused([*args, "--output_dir", str(tmp_path / "out")], capsys, "not a regular file")
+
+
 def test_a_broken_cache_beside_the_checkpoint_is_refitted_with_a_note(checkpoint, tmp_path, capsys):
     ckpt, cache = checkpoint
     copy = str(tmp_path / "model.pt")
