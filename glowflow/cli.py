@@ -96,9 +96,12 @@ def _add_command_flags(group) -> None:
         "--score",
         dest="score_path",
         metavar="PATH",
+        nargs="+",
+        action=_ScorePaths,
         default=_RUN.score_path,
-        help="Score every image of a folder or .npz for outliers: a CSV, a picture sheet and a summary "
-        "(needs --checkpoint)",
+        help="Score images for outliers: image files, folders of images (however few) and .npz files; "
+        "unreadable files are skipped and marked in the CSV. Writes a CSV and a picture sheet, prints a "
+        "summary (needs --checkpoint)",
     )
     group.add_argument(
         "--export",
@@ -107,6 +110,15 @@ def _add_command_flags(group) -> None:
         help="Write the checkpoint's model as a shareable folder: config.json, model.safetensors and a "
         "README.md model card, loaded by glowflow.Glow.from_pretrained and by every --checkpoint (needs --checkpoint)",
     )
+
+
+class _ScorePaths(argparse.Action):
+    """--score PATH [PATH ...]: the first path in ``score_path`` (RunConfig's field, which says
+    that --score was given), every path in ``score_paths``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.score_path = values[0]
+        namespace.score_paths = list(values)
 
 
 def _add_data_flags(group) -> None:
@@ -425,7 +437,7 @@ def _run(args: argparse.Namespace) -> int:
             raise GlowflowError("--score needs --checkpoint PATH (a .pt file written by glowflow --train)")
         from glowflow.ood import run_score_command
 
-        run_score_command(run, dataset=args.dataset)
+        run_score_command(run, dataset=args.dataset, paths=getattr(args, "score_paths", None))
     if args.export is not None:
         if run.checkpoint is None:
             raise GlowflowError("--export needs --checkpoint PATH (a .pt file written by glowflow --train)")

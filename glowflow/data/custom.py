@@ -13,8 +13,7 @@ dataset of either split says so in ``held_out_from`` (the number of images parti
 from __future__ import annotations
 
 import os
-import zipfile
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,10 +28,10 @@ from glowflow.data.datasets import (
     ImageTensorDataset,
     list_images,
     loops_back,
-    one_line,
     open_image,
     square_resize,
 )
+from glowflow.data.npzfile import open_npz
 from glowflow.data.partition import held_out_test
 from glowflow.errors import GlowflowError
 
@@ -59,12 +58,12 @@ def _subfolder(root: str, names: Sequence[str]) -> Optional[str]:
     return next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
 
 
-def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
-    """One sub-folder per class (label = its index in sorted order; a link back to the folder or
-    above it is no class), or images directly in the folder (label 0). With train/ and test/ (or
-    val/) sub-folders those are the two splits; otherwise the test split is a fixed tenth of the
-    images (:func:`held_out_test`) and the training split the rest. Image shape: the first
-    image's mode (grey or RGB) and its shorter side, unless image_size is given."""
+def folder_samples(path: str, split: str) -> Tuple[Optional[str], List[str], List[Tuple[str, int]]]:
+    """``(split folder, classes, samples)`` of the image folder at ``path``: the train/ or test/
+    (val/) sub-folder of ``split`` when there are such (None when there are not), the class
+    sub-folders (sorted; a link back to the folder or above it is no class) and the (file, label)
+    pairs of every image listed (label = the class's index, 0 without classes). GlowflowError
+    when there is no image."""
     split_dirs = {"train": _subfolder(path, ["train"]), "test": _subfolder(path, ["test", "val"])}
     if any(split_dirs.values()):
         if split not in split_dirs:
@@ -98,6 +97,21 @@ def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[Da
             f"no images in {listed}: expected one sub-folder per class, or image files "
             f"({' '.join(IMAGE_EXTENSIONS)}) directly in it"
         )
+    return folder, classes, samples
+
+
+def has_split_folders(path: str) -> bool:
+    """Whether the image folder at ``path`` has train/ or test/ (val/) sub-folders of its own."""
+    return _subfolder(path, ["train", "test", "val"]) is not None
+
+
+def _custom_folder(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
+    """One sub-folder per class (:func:`folder_samples`), or images directly in the folder
+    (label 0). With train/ and test/ (or val/) sub-folders those are the two splits; otherwise the
+    test split is a fixed tenth of the images (:func:`held_out_test`) and the training split the
+    rest. Image shape: the first image's mode (grey or RGB) and its shorter side, unless
+    image_size is given."""
+    folder, classes, samples = folder_samples(path, split)
     first = open_image(samples[0][0])
     channels = 1 if first.mode in GREY_MODES else 3
     size = image_size or min(first.size)
@@ -125,28 +139,34 @@ def _mark(dataset: Dataset, held_out_from: Optional[int]) -> Dataset:
     return dataset
 
 
+def _check_declared_images(path: str, member) -> None:
+    """The images array's declared dtype and shape (:mod:`glowflow.data.npzfile`), checked before
+    it is read: uint8, (N, H, W) or (N, H, W, C) with C 1 or 3."""
+    if member.dtype != np.uint8:
+        raise GlowflowError(f"{path}: images must be uint8 pixels, got {member.dtype}")
+    shape = member.shape
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
+        raise GlowflowError(f"{path}: images must be (N, H, W) or (N, H, W, C) with C 1 or 3, got {shape}")
+
+
 def _custom_npz(path: str, split: str, image_size: Optional[int]) -> Tuple[DatasetInfo, Build]:
     """``images`` uint8 (N, H, W) or (N, H, W, C) and optional ``labels``: (N,) integers or (N, K)
     multi-hot, partitioned into a fixed test tenth and a training rest (:func:`held_out_test`).
     Per-split ``train_images``/``test_images`` (with ``train_labels``/``test_labels``) are used
     when there is no ``images``. Read with allow_pickle=False."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            prefix = "" if "images" in keys else f"{split}_"
-            if prefix and split not in ("train", "test"):
-                raise GlowflowError(f"{path} has train_/test_ arrays: load its splits by name, not {split!r}")
-            if f"{prefix}images" not in keys:
-                raise GlowflowError(
-                    f"{path} has no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'}); expected "
-                    f"'images' (N, H, W) or (N, H, W, C) uint8 and optional 'labels'"
-                )
-            images = npz[f"{prefix}images"]
-            labels = npz[f"{prefix}labels"] if f"{prefix}labels" in keys else None
-    except GlowflowError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise GlowflowError(f"cannot read {path} as a .npz file: {one_line(e)}") from None
+    with open_npz(path, ".npz file") as (npz, declared):
+        keys = set(npz.files)
+        prefix = "" if "images" in keys else f"{split}_"
+        if prefix and split not in ("train", "test"):
+            raise GlowflowError(f"{path} has train_/test_ arrays: load its splits by name, not {split!r}")
+        if f"{prefix}images" not in keys:
+            raise GlowflowError(
+                f"{path} has no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'}); expected "
+                f"'images' (N, H, W) or (N, H, W, C) uint8 and optional 'labels'"
+            )
+        _check_declared_images(path, declared[f"{prefix}images"])
+        images = npz[f"{prefix}images"]
+        labels = npz[f"{prefix}labels"] if f"{prefix}labels" in keys else None
     if images.dtype != np.uint8:
         raise GlowflowError(f"{path}: images must be uint8 pixels, got {images.dtype}")
     if images.ndim == 3:

@@ -2,10 +2,12 @@
 scores (higher = more outlying), their metrics, and the reports and figures of a run.
 
 Modules, each importing only those below it: ``scoring`` (``glowflow --score``: CSV, picture
-sheet, summary) -> ``command`` (a benchmark run, ``glowflow --outlier_detection``, and the
-images a checkpoint's detector is fitted on) ->
-``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the cache) and
-``report`` -> ``scores`` -> ``reference`` -> ``statistics`` -> ``codecs`` and ``metrics``.
+sheet, summary) -> ``inputs`` (the image files, folders and .npz files it reads) and ``command``
+(a benchmark run, ``glowflow --outlier_detection``, and the images a checkpoint's detector is
+fitted on) -> ``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the
+cache, ``from_pretrained``) and ``report`` -> ``detector_file`` (reading a saved detector, checked)
+-> ``scores`` -> ``reference`` -> ``checks`` (every entry of a stored detector checked),
+``statistics`` -> ``codecs`` and ``metrics``.
 What each score means and where it comes from: docs/outlier_scores.md.
 """
 

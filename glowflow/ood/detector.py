@@ -17,6 +17,7 @@ An image whose score is not finite (NaN) is an outlier.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -32,19 +33,13 @@ from glowflow.config import dataset_slug
 from glowflow.data import make_loader
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
-from glowflow.ood.reference import (
-    Reference,
-    fit_reference,
-    model_fingerprint,
-    reference_arrays,
-    reference_from_arrays,
-    reference_key,
-)
+from glowflow.model import Glow
+from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
+from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, reference_arrays, reference_key
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import StatisticsSettings
-from glowflow.pretrained import is_model_folder, is_shipped, resolve
+from glowflow.pretrained import PretrainedFolder, find_folder, is_model_folder, is_shipped, resolve
 
-DETECTOR_FORMAT = "glowflow-ood-detector-v1"
 FIT_IMAGES = 10_000
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
 for the reference, 2000 held back for the threshold. On Fashion-MNIST the density of states from
@@ -339,48 +334,62 @@ class OutlierDetector:
 
     @classmethod
     def load(cls, path: str, model, device=None, progress: bool = False, check_model: bool = True) -> OutlierDetector:
-        """The detector :meth:`save` wrote to ``path``, for ``model`` (read with
-        ``allow_pickle=False``). Refused with a one-line :class:`GlowflowError` when the file is
-        missing, damaged or of another format, or (``check_model``) was fitted for another model
+        """The detector :meth:`save` wrote to ``path``, for ``model`` (read without pickle, every
+        array checked first: :func:`read_detector_file`). Refused with a one-line
+        :class:`GlowflowError` saying what is wrong when the file is missing or not a regular file,
+        damaged, of another format, holds an entry that is not finite, of the wrong shape or type
+        (a zero scale, a non-finite threshold), or (``check_model``) was fitted for another model
         (weights or architecture)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "detector_format" not in data.files or str(data["detector_format"]) != DETECTOR_FORMAT:
-                    raise GlowflowError(f"{path} is not a {DETECTOR_FORMAT} file (written by OutlierDetector.save)")
-                reference = reference_from_arrays(data, path)
-                settings = json.loads(str(data["detector_settings"]))
-                fingerprint = str(data["model_sha256"])
-                names = [str(n) for n in data["threshold_score_names"]]
-                held = np.array(data["threshold_scores"], dtype=np.float64)
-        except GlowflowError:
-            raise
-        except FileNotFoundError:
-            raise GlowflowError(f"no outlier detector at {path}") from None
-        except Exception as exc:  # zipfile / KeyError / ValueError / JSON from a damaged file
-            raise GlowflowError(f"cannot read the outlier detector {path}: {_one_line(exc)}") from None
-        if check_model and fingerprint != model_fingerprint(model):
+        stored = read_detector_file(path)
+        if check_model and stored.model_sha256 != model_fingerprint(model):
             raise GlowflowError(f"the outlier detector {path} was fitted for another model (weights or architecture)")
-        if held.ndim != 2 or held.shape[1] != len(names) or held.shape[0] < 1:
-            raise GlowflowError(f"cannot read the outlier detector {path}: malformed threshold scores")
-        try:
-            detector = cls(model, device=device, progress=progress, **settings)
-        except TypeError as exc:
-            raise GlowflowError(f"cannot read the outlier detector {path}: {_one_line(exc)}") from None
-        detector.reference_ = reference
-        detector.threshold_scores_ = {n: held[:, i] for i, n in enumerate(names)}
-        if set(names) != set(detector.score_names()):
+        detector = cls(model, device=device, progress=progress, **stored.settings)
+        detector.reference_ = stored.reference
+        detector.threshold_scores_ = {n: stored.held[:, i] for i, n in enumerate(stored.names)}
+        if set(stored.names) != set(detector.score_names()):
             raise GlowflowError(
-                f"the outlier detector {path} has scores {names}, the model gives {detector.score_names()}"
+                f"the outlier detector {path} has scores {list(stored.names)}, the model gives {detector.score_names()}"
+            )
+        broken = {n: t for n, t in detector.thresholds_.items() if not math.isfinite(t)}
+        if broken:
+            name, value = next(iter(broken.items()))
+            raise GlowflowError(
+                f"unusable outlier detector file {path}: the {name} threshold at tpr {detector.tpr:g} is {value} "
+                f"(its held-back scores are not finite numbers)"
             )
         return detector
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str = "fashionmnist", device="cpu", score: Optional[str] = None, tpr: Optional[float] = None
+    ) -> OutlierDetector:
+        """The fitted detector of a model folder, with its model (``detector.model``), in one call:
+        ``OutlierDetector.from_pretrained("fashionmnist")`` for the model shipped with glowflow
+        (also ``"pretrained:NAME"``, or the path of a folder written by ``glowflow --export`` in
+        which ``glowflow --score`` has cached a detector). ``score`` and ``tpr`` change the stored
+        ones (no refit). GlowflowError when the folder holds no fitted detector."""
+        folder = find_folder(name)
+        model = Glow.from_pretrained(folder, device)
+        dataset = PretrainedFolder.open(folder).dataset
+        n_bits = int(model.config.n_bits)
+        path = detector_cache_path_for(folder, dataset, n_bits) if dataset else None
+        if path is None or not os.path.isfile(path):
+            found = sorted(glob.glob(os.path.join(glob.escape(resolve(folder)), f"ood_detector_*_{n_bits}bit.npz")))
+            if len(found) != 1:
+                raise GlowflowError(
+                    f"{name} holds {'no' if not found else 'more than one'} fitted outlier detector "
+                    f"(ood_detector_<dataset>_{n_bits}bit.npz): run glowflow --score IMAGES --checkpoint {name} "
+                    f"once to fit and cache it there, or fit one with OutlierDetector(model).fit(images)"
+                )
+            path = found[0]
+        detector = cls.load(path, model, device=device)
+        if score is not None:
+            detector.set_score(score)
+        return detector if tpr is None else detector.set_tpr(tpr)
 
 
 def _rows(stats: Mapping[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
     return {k: np.asarray(v)[index] for k, v in stats.items()}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def detector_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
@@ -466,7 +475,7 @@ def _cached_detector(path: Optional[str], key: str, detector: OutlierDetector) -
     try:
         cached = OutlierDetector.load(path, detector.model, check_model=False)
     except GlowflowError as exc:
-        print(f"ignoring the cached outlier detector: {exc}")
+        print(f"note: ignoring the cached outlier detector and fitting it again: {exc}")
         return None
     if cached.reference_.key != key:
         print(f"the cached outlier detector in {path} is for another checkpoint or settings; recomputing")

@@ -16,8 +16,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from glowflow.data.npzfile import open_npz
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
+from glowflow.ood import checks
 from glowflow.ood.statistics import NO_LABEL, statistic_columns
 
 REFERENCE_FORMAT = "glowflow-ood-reference-v6"
@@ -338,38 +340,58 @@ def _latent_arrays(latent: Optional[LatentGaussians]) -> Dict[str, np.ndarray]:
 
 
 def _latent_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Optional[LatentGaussians]:
-    """The class Gaussians stored by :func:`_latent_arrays` (None when absent), shapes checked."""
+    """The class Gaussians stored by :func:`_latent_arrays` (None when absent), every array
+    checked (:mod:`glowflow.ood.checks`)."""
     if "latent_means" not in data:
         return None
-    latent = LatentGaussians(
-        classes=np.array(data["latent_classes"], dtype=np.int64),
-        means=np.array(data["latent_means"], dtype=np.float32),
-        precision_cholesky=np.array(data["latent_precision_cholesky"], dtype=np.float32),
-    )
-    c, f = latent.means.shape if latent.means.ndim == 2 else (-1, -1)
-    if latent.classes.shape != (c,) or latent.precision_cholesky.shape != (c, f, f) or c < 1:
-        raise GlowflowError(f"cannot read the outlier reference {path}: malformed top-latent Gaussians")
-    return latent
+    means = checks.array(data, "latent_means", path, (None, None), np.float32)
+    c, f = means.shape
+    classes = checks.array(data, "latent_classes", path, (c,), np.int64)
+    chol = checks.cholesky(data, "latent_precision_cholesky", path, (c, f, f), np.float32)
+    return LatentGaussians(classes=classes, means=means, precision_cholesky=chol)
+
+
+_STATISTIC_NAME = re.compile(r"(level_\d+_bpd|latent_rms_\d+|logdet|bpd|codec_bpd|top_gaussian)")
 
 
 def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Reference:
     """The :class:`Reference` stored by :func:`reference_arrays` in ``data`` (an open .npz, read
-    from ``path``); :class:`GlowflowError` if it is of another format."""
+    from ``path``); :class:`GlowflowError` if it is of another format or anything in it is unusable
+    (:mod:`glowflow.ood.checks`: every array finite and of agreeing shapes, scales positive)."""
     if "format" not in data or str(data["format"]) != REFERENCE_FORMAT:
         raise GlowflowError(f"{path} is not a {REFERENCE_FORMAT} file")
+    features = checks.names(data, "dos_features", path)
+    unknown = [n for n in features if not _STATISTIC_NAME.fullmatch(n)]
+    if unknown:
+        raise checks.bad(path, f"dos_features names unknown statistics {unknown[:3]}")
+    d = len(features)
+    log_weights = checks.array(data, "dos_log_weights", path, (None,))
+    k = log_weights.size
+    dos_std = checks.array(data, "dos_std", path, (d,))
+    checks.positive(dos_std, "dos_std", path)
+    bpd_std = checks.number(data, "bpd_std", path)
+    if bpd_std < 0:
+        raise checks.bad(path, f"bpd_std is {bpd_std}, a negative standard deviation")
+    counts = {key: checks.number(data, key, path, integer=True) for key in ("num_levels", "n_train")}
+    for key, value in counts.items():
+        if value < 1:
+            raise checks.bad(path, f"{key} must be at least 1, got {value}")
+    latent = _latent_from_arrays(data, path)
+    if "top_gaussian" in features and latent is None:
+        raise checks.bad(path, "dos_features uses top_gaussian, but the file has no top-latent Gaussians")
     return Reference(
-        key=str(data["key"]),
-        num_levels=int(data["num_levels"]),
-        n_train=int(data["n_train"]),
-        bpd_mean=float(data["bpd_mean"]),
-        bpd_std=float(data["bpd_std"]),
-        dos_features=tuple(str(s) for s in data["dos_features"]),
-        dos_mean=np.array(data["dos_mean"]),
-        dos_std=np.array(data["dos_std"]),
-        dos_log_weights=np.array(data["dos_log_weights"]),
-        dos_means=np.array(data["dos_means"]),
-        dos_precision_cholesky=np.array(data["dos_precision_cholesky"]),
-        latent=_latent_from_arrays(data, path),
+        key=checks.text(data, "key", path),
+        num_levels=counts["num_levels"],
+        n_train=counts["n_train"],
+        bpd_mean=checks.number(data, "bpd_mean", path),
+        bpd_std=bpd_std,
+        dos_features=features,
+        dos_mean=checks.array(data, "dos_mean", path, (d,)),
+        dos_std=dos_std,
+        dos_log_weights=log_weights,
+        dos_means=checks.array(data, "dos_means", path, (k, d)),
+        dos_precision_cholesky=checks.cholesky(data, "dos_precision_cholesky", path, (k, d, d)),
+        latent=latent,
     )
 
 
@@ -380,20 +402,15 @@ def save_reference(path: str, reference: Reference) -> None:
 
 
 def load_reference(path: str) -> Reference:
-    """Read a reference written by :func:`save_reference` (``np.load(allow_pickle=False)``); a
-    saved :class:`glowflow.ood.OutlierDetector` holds one too and reads as one.
+    """Read a reference written by :func:`save_reference` (:func:`glowflow.data.npzfile.open_npz`:
+    a regular file, its declared sizes checked before reading, no pickle); a saved
+    :class:`glowflow.ood.OutlierDetector` holds one too and reads as one.
 
-    Raises :class:`GlowflowError` when the file is missing, unreadable or of another format.
+    Raises :class:`GlowflowError` when the file is missing, unreadable, of another format or
+    unusable (:func:`reference_from_arrays`).
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return reference_from_arrays(data, path)
-    except GlowflowError:
-        raise
-    except FileNotFoundError:
-        raise GlowflowError(f"no outlier reference at {path}") from None
-    except Exception as exc:  # zipfile / KeyError / ValueError from a damaged file
-        raise GlowflowError(f"cannot read the outlier reference {path}: {exc}") from None
+    with open_npz(path, "outlier reference", checks.DETECTOR_MAX_BYTES) as (data, _):
+        return reference_from_arrays(data, path)
 
 
 def model_fingerprint(model) -> str:

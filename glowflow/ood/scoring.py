@@ -1,34 +1,43 @@
-"""``glowflow --score PATH``: every image of a folder or .npz scored by a checkpoint's outlier
-detector, written as a CSV (one row per image), a picture sheet of the most and least outlying
-images (PNG), and a printed summary of how many were flagged."""
+"""``glowflow --score PATH [PATH ...]``: every image of image files, folders and .npz files
+(:mod:`glowflow.ood.inputs`) scored by a checkpoint's outlier detector, written together or not at
+all as a CSV (one row per image, unreadable files marked) and a picture sheet of the most and least
+outlying images (PNG), and a printed summary of how many were flagged."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+import sys
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from glowflow import data
 from glowflow.checkpoint import Checkpoint
 from glowflow.config import OUTPUT_ROOT, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
-from glowflow.files import atomic_write, atomic_write_text, check_writable_folder
+from glowflow.files import atomic_output, atomic_write, atomic_write_text, check_writable_folder, describe_os_error
 from glowflow.ood.command import FitSets
 from glowflow.ood.detector import OutlierDetector, detector_cache_path_for, detector_for
+from glowflow.ood.inputs import check_some_readable, load_images_to_score, unreadable_note
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
 
 SHEET_IMAGES = 16
 """Images in each row of the picture sheet (most outlying, least outlying)."""
+CAPTION_CHARACTERS = 14
+"""Longest file name a sheet caption shows (longer ones keep their start and end)."""
 
 
 def image_names(dataset) -> List[str]:
-    """One name per image of a dataset from :func:`glowflow.data.load_dataset`: the file path for
-    an image folder, the index in the file otherwise."""
+    """One name per image of a dataset: its ``names`` when it has them (:class:`ScoredImages`),
+    the file path for an image folder from :func:`glowflow.data.load_dataset`, the index otherwise."""
+    names = getattr(dataset, "names", None)
+    if names is not None and len(names) == len(dataset):
+        return [str(n) for n in names]
     base = getattr(dataset, "base", None)
     samples = getattr(base, "samples", None)
     if samples is not None and len(samples) == len(dataset):
@@ -36,31 +45,44 @@ def image_names(dataset) -> List[str]:
     return [str(i) for i in range(len(dataset))]
 
 
-def write_scores_csv(
-    path: str,
+def scores_csv_text(
     names: Sequence[str],
     stats: Mapping[str, np.ndarray],
     scores: Mapping[str, np.ndarray],
     detector_score: str,
     threshold: float,
+    unreadable: Optional[Mapping[int, str]] = None,
 ) -> str:
-    """One row per image: ``index``, ``image`` (path or index), ``bits_per_dim``, every score
-    (higher = more outlying), ``outlier`` (1 when the ``detector_score`` is above ``threshold``
-    or not a number, else 0) and ``decision`` (``threshold - score``: negative = outlier, as
-    scikit-learn's ``decision_function``); written atomically."""
+    """The score CSV: one row per image (``names``, in order): ``index``, ``image`` (path or
+    index), ``bits_per_dim``, every score (higher = more outlying), ``outlier`` (1 when the
+    ``detector_score`` is above ``threshold`` or not a number, else 0), ``decision``
+    (``threshold - score``: negative = outlier, as scikit-learn's ``decision_function``) and
+    ``unreadable`` (empty; for an image file that could not be read, why, with every number of its
+    row empty). ``stats`` and ``scores`` hold the readable images only, in order."""
+    unreadable = unreadable or {}
     columns = list(scores)
     chosen = np.asarray(scores[detector_score], dtype=np.float64)
     outlier = ~(chosen <= threshold)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["index", "image", "bits_per_dim", *columns, "outlier", "decision"])
+    writer.writerow(["index", "image", "bits_per_dim", *columns, "outlier", "decision", "unreadable"])
+    j = 0
     for i, name in enumerate(names):
+        if i in unreadable:
+            writer.writerow([i, name, *[""] * (len(columns) + 3), unreadable[i]])
+            continue
         writer.writerow(
-            [i, name, _num(stats["bpd"][i])]
-            + [_num(scores[k][i]) for k in columns]
-            + [int(outlier[i]), _num(threshold - chosen[i])]
+            [i, name, _num(stats["bpd"][j])]
+            + [_num(scores[k][j]) for k in columns]
+            + [int(outlier[j]), _num(threshold - chosen[j]), ""]
         )
-    return atomic_write_text(path, buffer.getvalue())
+        j += 1
+    return buffer.getvalue()
+
+
+def write_scores_csv(path: str, names: Sequence[str], stats, scores, detector_score: str, threshold: float) -> str:
+    """:func:`scores_csv_text` written atomically at ``path``."""
+    return atomic_write_text(path, scores_csv_text(names, stats, scores, detector_score, threshold))
 
 
 def _num(v: float) -> str:
@@ -69,18 +91,29 @@ def _num(v: float) -> str:
 
 def extremes(scores: np.ndarray, n: int = SHEET_IMAGES):
     """Indices of the ``n`` highest scores (NaN first, then descending) and the ``n`` lowest
-    (ascending)."""
+    (ascending). With fewer than ``2 n`` images no image is in both: the more outlying half
+    (the odd one included) is the first, the rest the second (possibly empty)."""
     order = np.argsort(-np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=np.inf), kind="stable")
-    n = min(n, len(order))
-    return order[:n], order[::-1][:n]
+    n = min(n, (len(order) + 1) // 2)
+    return order[:n], order[n:][::-1][:n]
 
 
-def save_sheet(path: str, rows: Sequence[tuple], title: str) -> str:
-    """A PNG with one labelled row per ``(label, images (n, C, H, W) in [0, 1], captions,
-    flagged)`` in ``rows`` (a flagged image's caption is red), written atomically."""
+def caption(name: str, limit: int = CAPTION_CHARACTERS) -> str:
+    """A picture's caption for the image ``name``: its file name (without folders), shortened
+    to ``limit`` characters in the middle; ``#<index>`` for an image of a .npz."""
+    base = os.path.basename(str(name)) or str(name)
+    if base.isdigit():
+        return f"#{base}"
+    return base if len(base) <= limit else base[: limit // 2 - 1] + "..." + base[-(limit - limit // 2 - 2) :]
+
+
+def render_sheet(rows: Sequence[tuple], title: str) -> bytes:
+    """A PNG (bytes) with one labelled row per ``(label, images (n, C, H, W) in [0, 1], captions,
+    flagged)`` in ``rows`` (a flagged image's caption is red; rows without images are left out)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    rows = [row for row in rows if len(row[1])]
     cols = max(len(images) for _, images, _, _ in rows)
     fig = Figure(figsize=(1.0 * cols + 1.2, 1.45 * len(rows) + 0.3), dpi=100)
     FigureCanvasAgg(fig)
@@ -99,76 +132,124 @@ def save_sheet(path: str, rows: Sequence[tuple], title: str) -> str:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_sheet(path: str, rows: Sequence[tuple], title: str) -> str:
+    """:func:`render_sheet` written atomically at ``path``."""
+    content = render_sheet(rows, title)
+    return atomic_write(path, lambda handle: handle.write(content))
+
+
+def write_all_or_nothing(files: Sequence[Tuple[str, bytes]]) -> None:
+    """Write every ``(path, content)`` or none: each is written to a temporary file and synced
+    before any is renamed into place, so a full disk leaves every old file as it was. One
+    GlowflowError line says what was and was not written in the unlikely case of a failure
+    between the renames."""
+    before = {path: _inode(path) for path, _ in files}
+    try:
+        with contextlib.ExitStack() as stack:
+            for path, content in files:
+                handle = stack.enter_context(atomic_output(path))
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except GlowflowError as err:
+        written = [path for path, _ in files if _inode(path) != before[path]]
+        missing = [path for path, _ in files if path not in written]
+        if not written:
+            raise GlowflowError(f"--score wrote nothing: {err}") from None
+        raise GlowflowError(f"--score wrote only {', '.join(written)}, not {', '.join(missing)}: {err}") from None
+    except OSError as err:
+        raise GlowflowError(f"--score wrote nothing: cannot write {files[0][0]}: {describe_os_error(err)}") from None
+
+
+def _inode(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def run_score(detector: OutlierDetector, dataset, name: str, output_dir: str) -> Dict[str, object]:
-    """Score every image of ``dataset`` (yielding ``(image, label)`` of the model's shape) with the
-    fitted ``detector``; write ``<output_dir>/scores_<slug>.csv`` (:func:`write_scores_csv`) and
+    """Score every image of ``dataset`` (yielding ``(image, label)`` of the model's shape; a
+    :class:`ScoredImages` names its images and the files it could not read) with the fitted
+    ``detector``; write ``<output_dir>/scores_<slug>.csv`` (:func:`scores_csv_text`) and
     ``scores_<slug>_sheet.png`` (the :data:`SHEET_IMAGES` most and least outlying images,
-    :func:`save_sheet`), print a summary. Returns the file paths, the number of images and of
-    outliers, the score and the threshold."""
+    :func:`render_sheet`) together or not at all (:func:`write_all_or_nothing`), print a summary.
+    Returns the file paths, the number of images scored, of outliers and of unreadable files, the
+    score and the threshold."""
     if len(dataset) == 0:
         raise GlowflowError(f"{name}: no images to score")
-    stats = detector.statistics(dataset, "scoring")
-    scores = detector.scores_from_statistics(stats)
     score, threshold = detector.score, detector.threshold_
+    if not math.isfinite(threshold):
+        raise GlowflowError(
+            f"the outlier detector's {score} threshold at tpr {detector.tpr:g} is {threshold}: "
+            f"its held-back scores are not finite numbers; refit it"
+        )
+    stats = detector.statistics(dataset, "scoring")
+    unreadable = dict(getattr(dataset, "unreadable", None) or {})
+    if unreadable:
+        check_some_readable(dataset)
+        kept = np.array([i not in unreadable for i in range(len(dataset))])
+        stats = {k: np.asarray(v)[kept] for k, v in stats.items()}
+    readable = [i for i in range(len(dataset)) if i not in unreadable]
+    scores = detector.scores_from_statistics(stats)
     outlier = detector.decide(scores[score])
-    slug = dataset_slug(name)
+    slug = getattr(dataset, "slug", None) or dataset_slug(name)
     csv_path = os.path.join(output_dir, f"scores_{slug}.csv")
     sheet_path = os.path.join(output_dir, f"scores_{slug}_sheet.png")
     names = image_names(dataset)
-    write_scores_csv(csv_path, names, stats, scores, score, threshold)
     rows = []
     for label, picks in zip(("most outlying", "least outlying"), extremes(scores[score])):
-        images = torch.stack([dataset[int(i)][0] for i in picks])
-        captions = [f"#{i}\n{scores[score][i]:.3g}" for i in picks]
+        images = torch.stack([dataset[readable[int(i)]][0] for i in picks]) if len(picks) else torch.empty(0)
+        captions = [f"{caption(names[readable[int(i)]])}\n{scores[score][i]:.3g}" for i in picks]
         rows.append((label, images, captions, outlier[picks]))
     base = os.path.basename(os.path.normpath(name))
     title = f"{base}: {score} (higher = more outlying; red = flagged at {threshold:.4g})"
-    save_sheet(sheet_path, rows, title)
+    text = scores_csv_text(names, stats, scores, score, threshold, unreadable)
+    write_all_or_nothing([(csv_path, text.encode("utf-8")), (sheet_path, render_sheet(rows, title))])
+    note = unreadable_note(dataset) if unreadable else None
+    if note:
+        print(note, file=sys.stderr)
     flagged, total = int(outlier.sum()), int(outlier.size)
     print(
         f"scored {total} images of {name} with {score}: {flagged} flagged as outliers ({100 * flagged / total:.1f}%) "
         f"at threshold {threshold:.4g}, which keeps {100 * detector.tpr:g}% of {detector.n_threshold_} "
-        f"held-back inlier images"
+        f"held-back inlier images" + (f"; {len(unreadable)} unreadable file(s) skipped" if unreadable else "")
     )
     print(f"wrote {csv_path}")
     print(f"wrote {sheet_path}")
-    return dict(csv=csv_path, sheet=sheet_path, n_images=total, n_outliers=flagged, score=score, threshold=threshold)
+    return dict(
+        csv=csv_path,
+        sheet=sheet_path,
+        n_images=total,
+        n_outliers=flagged,
+        n_unreadable=len(unreadable),
+        score=score,
+        threshold=threshold,
+    )
 
 
-def load_images_to_score(path: str, run: RunConfig, image_shape: Sequence[int]):
-    """The images of the folder or .npz at ``path`` as a dataset of the model's shape: its test
-    split (a folder with train/ and test/ (or val/) sub-folders, or a .npz with ``test_images``),
-    otherwise all of it. One-line :class:`GlowflowError` for a missing, empty or unreadable one."""
-    if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".npz"))):
-        if not os.path.exists(path):
-            raise GlowflowError(f"--score: {path} does not exist")
-        raise GlowflowError(f"--score: {path} is neither a folder of images nor a .npz file")
-    if not os.access(path, os.R_OK):
-        raise GlowflowError(f"--score: cannot read {path} (permission denied)")
-    if os.path.isdir(path) and not os.access(path, os.X_OK):
-        raise GlowflowError(f"--score: cannot read {path} (permission denied)")
-    dataset = data.load_scored_images(path, run.data_root, image_shape[1])
-    if len(dataset) == 0:
-        raise GlowflowError(f"--score: {path} holds no images")
-    return dataset if tuple(dataset.info.image_shape) == tuple(image_shape) else data.match_shape(dataset, image_shape)
-
-
-def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, object]:
-    """``glowflow --score PATH --checkpoint X``: the detector from ``run.detector`` (a saved
-    :class:`OutlierDetector`) or fitted on the checkpoint's training data (``dataset``, default
-    the checkpoint's; cached beside the checkpoint or inside a model folder,
-    :func:`detector_cache_path_for`), then
-    :func:`run_score` on the images at ``run.score_path``."""
+def run_score_command(
+    run: RunConfig, dataset: Optional[str] = None, paths: Optional[Sequence[str]] = None
+) -> Dict[str, object]:
+    """``glowflow --score PATH [PATH ...] --checkpoint X``: the images at ``paths`` (default
+    ``run.score_path`` alone; :func:`load_images_to_score`), scored by the detector from
+    ``run.detector`` (a saved :class:`OutlierDetector`, refused in one line when anything in it is
+    wrong) or fitted on the checkpoint's training data (``dataset``, default the checkpoint's;
+    cached beside the checkpoint or inside a model folder, :func:`detector_cache_path_for`, and
+    refitted with a note when the cache is unusable), with :func:`run_score`."""
     output_dir = run.output_dir or OUTPUT_ROOT
     check_writable_folder(output_dir)  # before any work; creates nothing
     device = resolve_device(run.device)
     checkpoint = Checkpoint.read(run.checkpoint)
     model = checkpoint.load_model(device)
     shape = tuple(model.config.image_shape)
-    to_score = load_images_to_score(run.score_path, run, shape)
+    to_score = load_images_to_score(list(paths) if paths else [run.score_path], shape)
     if run.detector:
         detector = OutlierDetector.load(run.detector, model, device=device, progress=True)
         detector.set_tpr(run.tpr).set_score(run.detector_score)
@@ -198,4 +279,4 @@ def run_score_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str
         cache = detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits)
         validation = fit_sets.validation if fit_sets.has_validation else None
         detector, _ = detector_for(model, training_images, in_name, detector, cache, threshold_images=validation)
-    return run_score(detector, to_score, run.score_path, output_dir)
+    return run_score(detector, to_score, to_score.name, output_dir)

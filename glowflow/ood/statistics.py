@@ -168,6 +168,11 @@ def _checked_images(
                 f"the {desc} images have shape {tuple(images.shape[1:])} but the model expects {image_shape}"
             )
         images = images.to(torch.float32)
+        if images.numel() and not torch.isfinite(images).all().item():
+            raise GlowflowError(
+                f"the {desc} images hold values that are not numbers (NaN or infinite); "
+                f"images must lie in [0, 1] (uint8 / 255)"
+            )
         if images.numel() and (images.min().item() < 0.0 or images.max().item() > 1.0):
             raise GlowflowError(
                 f"the {desc} images must lie in [0, 1] (uint8 / 255), got values in "
