@@ -163,14 +163,20 @@ class RunCost:
         return self.epoch_steps_end if self.max_steps is None else min(self.max_steps, self.epoch_steps_end)
 
     def largest(self) -> tuple:
-        """(bytes, what) of the pass that needs the most memory."""
+        """(bytes, what, advice) of the pass that needs the most memory."""
+        smaller = "a smaller --image_size or fewer --hidden_channels"
         passes = [
-            (self.state_bytes + self.train_bytes, f"a training batch of {self.batch}"),
-            (self.state_bytes + self.eval_bytes, f"an evaluation batch of {self.eval_batch}"),
+            (
+                self.state_bytes + self.train_bytes,
+                f"a training batch of {self.batch} (about {format_bytes(self.train_bytes / max(1, self.batch))} "
+                f"an image)",
+                f"a smaller --batch_size, --grad_checkpoint, or {smaller}",
+            ),
+            (self.state_bytes + self.eval_bytes, f"an evaluation batch of {self.eval_batch}", smaller),
         ]
         if self.init_images:
-            init = f"ActNorm's initialisation on {self.init_images} images"
-            passes.append((self.state_bytes + self.init_bytes, init))
+            init = f"ActNorm's initialisation on {self.init_images} images at once"
+            passes.append((self.state_bytes + self.init_bytes, init, smaller))
         return max(passes)
 
     def describe(self) -> str:
@@ -212,11 +218,8 @@ class RunCost:
         the device has free."""
         if self.fits():
             return
-        needed, what = self.largest()
-        per_image = max(self.train_bytes // max(1, self.batch), 1)
+        needed, what, advice = self.largest()
         raise GlowflowError(
             f"this run would need about {format_bytes(needed)} for {what}, more than the "
-            f"{format_bytes(self.available)} free on {self.device} (a training batch needs about "
-            f"{format_bytes(per_image)} per image): use a smaller --batch_size or --image_size, "
-            f"--grad_checkpoint, or fewer --hidden_channels"
+            f"{format_bytes(self.available)} free on {self.device}: use {advice}"
         )

@@ -28,7 +28,7 @@ def progress_bar(
 ):
     """A progress bar over ``iterable`` (or updated by hand with ``update(n)`` up to ``total``):
     tqdm's on a terminal (stderr is a TTY), else a :class:`PlainProgress`. Both iterate, and have
-    ``update``, ``set_postfix`` and ``close``."""
+    ``update``, ``set_postfix`` (``refresh=False``: shown at the next update) and ``close``."""
     if total is None and iterable is not None:
         try:
             total = len(iterable)
@@ -113,7 +113,8 @@ class PlainProgress:
             self.last_line = now
             self._print(now)
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        """What the next line ends with (``refresh``: tqdm's argument, without effect here)."""
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def close(self) -> None:

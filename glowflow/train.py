@@ -446,7 +446,7 @@ class Trainer:
                     )
                 continue
             images_per_s = self.loss.epoch_images / max(self.loss.epoch_seconds, 1e-9)
-            bar.set_postfix(bpd=f"{self.loss.epoch_mean():.3f}", img_s=f"{images_per_s:.0f}")
+            bar.set_postfix(refresh=False, bpd=f"{self.loss.epoch_mean():.3f}", img_s=f"{images_per_s:.0f}")
             if run.max_steps is not None and self.step >= run.max_steps:
                 stopped_early = True
                 break
