@@ -164,6 +164,11 @@ def _add_training_flags(group) -> None:
         help="Resume from a checkpoint (alone: <output_dir>/last.pt)",
     )
     group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds a previous run, removing its checkpoints and records",
+    )
+    group.add_argument(
         "--perturb",
         type=float,
         default=_RUN.perturb,

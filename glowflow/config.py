@@ -307,6 +307,7 @@ class RunConfig:
     num_classes: Optional[int] = None  # None: the dataset's own number of classes
     max_steps: Optional[int] = None
     resume: Optional[str] = None
+    overwrite: bool = False  # a new run may replace the run its --output_dir holds
     image_size: Optional[int] = None
     tensorboard: bool = False
     compile: bool = False  # torch.compile the training step (pays off on CUDA)

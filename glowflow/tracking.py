@@ -6,10 +6,11 @@ is flushed to disk before the run commits the epoch's last.pt; a resumed run fir
 beyond the checkpoint it resumes from (and a row cut short by a kill), since it writes them again,
 so a run killed anywhere and resumed has each row exactly once.
 
-Beside it, ``training_curves.png`` (:func:`plot_curves`) draws the bits/dim of every split in it
-(train, validation, test, and the raw weights' validation with --ema) against optimizer steps; it
-is drawn again from metrics.csv after every row (matplotlib's Agg canvas, no display) and written
-atomically, so a kill leaves the previous picture.
+A row of an epoch that --max_steps stopped part-way is replaced when a resumed run completes the
+epoch (:func:`drop_rows_after` with ``partial``), so an interrupted and resumed run's metrics.csv is
+an uninterrupted one's. Beside it, ``steps.csv`` (the training bits/dim every few steps,
+:class:`glowflow.curves.StepLog`) and ``training_curves.png`` (:func:`glowflow.curves.plot_curves`),
+drawn again after every metrics row.
 
 wandb never crashes or hangs a run: where it is not installed the run goes on without it; where no
 API key is configured (not logged in) it runs in offline mode; where an online start fails
@@ -20,15 +21,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import sys
 from typing import Any, Dict, Optional, Tuple
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from glowflow.files import atomic_write, atomic_write_text
+from glowflow.curves import StepLog, plot_curves
+from glowflow.files import atomic_write_text
 
 METRIC_COLUMNS = (
     "epoch",
@@ -42,12 +40,6 @@ METRIC_COLUMNS = (
     "seconds",
 )
 CURVES_NAME = "training_curves.png"
-CURVES = (  # metrics.csv column -> what the picture calls it, and its line style
-    ("train_bpd", "train (mean over the epoch)", "-"),
-    ("val_bpd", "validation", "-"),
-    ("test_bpd", "test", "-"),
-    ("raw_val_bpd", "validation, raw weights (no EMA)", "--"),
-)
 
 
 def _note(message: str) -> None:
@@ -93,7 +85,8 @@ def start_wandb(project: str, run_name: str, config: Dict[str, Any], folder: str
 
 
 class Tracker:
-    """Writes one metrics.csv row per epoch and forwards scalars to wandb / TensorBoard."""
+    """Writes one metrics.csv row per epoch and the step curve (steps.csv), and forwards scalars to
+    wandb / TensorBoard."""
 
     def __init__(
         self,
@@ -104,15 +97,21 @@ class Tracker:
         config: Dict[str, Any],
         resume: bool = False,
         resume_at: Optional[Tuple[int, int]] = None,
+        partial: bool = False,
+        steps_per_epoch: Optional[int] = None,
     ):
         """``resume``: append to an existing metrics.csv, after dropping its rows beyond
-        ``resume_at`` (the resumed checkpoint's epoch and step), if given."""
+        ``resume_at`` (the resumed checkpoint's epoch and step), if given, and the row at it too
+        when ``partial`` (the checkpoint is part-way through an epoch, whose row comes again);
+        steps.csv likewise. ``steps_per_epoch`` places metrics rows on the picture's epoch axis."""
         self.csv_path = os.path.join(output_dir, "metrics.csv")
+        self.steps_per_epoch = steps_per_epoch
         if not (resume and os.path.exists(self.csv_path)):
             with open(self.csv_path, "w", newline="") as handle:
                 csv.writer(handle).writerow(METRIC_COLUMNS)
         elif resume_at is not None:
-            drop_rows_after(self.csv_path, *resume_at)
+            drop_rows_after(self.csv_path, *resume_at, partial=partial)
+        self.steps = StepLog(output_dir, resume_at[1] if resume and resume_at is not None else None)
         self.wandb_run = start_wandb("glowflow", run_name, config, output_dir) if use_wandb else None
         self.tensorboard = None
         if use_tensorboard:
@@ -135,11 +134,17 @@ class Tracker:
             csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
             handle.flush()
             os.fsync(handle.fileno())  # on disk before last.pt, which is written after it
-        plot_curves(self.csv_path, os.path.join(os.path.dirname(self.csv_path), CURVES_NAME))
+        folder = os.path.dirname(self.csv_path)
+        plot_curves(self.csv_path, os.path.join(folder, CURVES_NAME), self.steps.path, self.steps_per_epoch)
         self.log(
             int(row["step"]),
             {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))},
         )
+
+    def log_step(self, step: int, epoch: float, train_bpd: float) -> None:
+        """A point of the step curve: steps.csv, and ``train/bpd`` for wandb / TensorBoard."""
+        self.steps.write(step, epoch, train_bpd)
+        self.log(step, {"train/bpd": train_bpd})
 
     def log_image(self, step: int, key: str, path: str) -> None:
         if self.wandb_run is not None:
@@ -154,46 +159,11 @@ class Tracker:
             self.tensorboard.close()
 
 
-def plot_curves(csv_path: str, png_path: str) -> Optional[str]:
-    """Draw the bits/dim columns of metrics.csv ``csv_path`` against the optimizer step into
-    ``png_path`` (atomically); its path, or None when the file has no row to draw yet."""
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    drawn = 0
-    for column, label, style in CURVES:
-        points = [(_number(r.get("step")), _number(r.get(column))) for r in rows]
-        points = [(s, v) for s, v in points if s is not None and v is not None]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, style, marker="o", markersize=3, label=label)
-            drawn += 1
-    if not drawn:
-        return None
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("bits/dim")
-    ax.set_title(f"bits/dim per split ({len(rows)} epoch{'s' if len(rows) != 1 else ''})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return atomic_write(png_path, lambda handle: fig.savefig(handle, format="png"))
-
-
-def _number(text: Any) -> Optional[float]:
-    """A metrics.csv cell as a finite number, or None (empty, not a number, or not finite)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def drop_rows_after(path: str, epoch: int, step: int) -> int:
+def drop_rows_after(path: str, epoch: int, step: int, partial: bool = False) -> int:
     """Remove the rows of metrics.csv ``path`` that come after ``(epoch, step)`` (a larger step, or
-    the same step and a larger epoch) and a last row a kill cut short; the number removed. The file
-    is rewritten atomically, and only if something is removed."""
+    the same step and a larger epoch), with ``partial`` the row at ``(epoch, step)`` too, and a last
+    row a kill cut short; the number removed. The file is rewritten atomically, and only if
+    something is removed."""
     with open(path, newline="") as handle:
         text = handle.read()
     rows = list(csv.reader(io.StringIO(text)))
@@ -207,7 +177,9 @@ def drop_rows_after(path: str, epoch: int, step: int) -> int:
             row_epoch, row_step = int(row[0]), int(row[1])
         except (ValueError, IndexError):
             continue
-        if not cut_short and len(row) == len(header) and (row_step, row_epoch) <= (step, epoch):
+        position, resumed_at = (row_step, row_epoch), (step, epoch)
+        before = position < resumed_at or (position == resumed_at and not partial)
+        if not cut_short and len(row) == len(header) and before:
             kept.append(row)
     removed = len(rows) - len(kept)
     if removed or not text.endswith("\n"):

@@ -17,7 +17,10 @@ of the training set. A run stopped anywhere (``--max_steps``, Ctrl-C) and resume
 therefore ends with the same weights as an uninterrupted run, and N processes with per-process
 batch B/N reproduce one process with batch B.
 
-Per epoch: a progress bar, the validation and test splits' bits/dim (fixed noise seed; with
+Before the first step, one line says what the run will cost (:class:`glowflow.cost.RunCost`), and
+a run estimated to need more memory than the device has free is refused. Per step, the training
+bits/dim on a progress bar (:func:`glowflow.progress.progress_bar`) and every few steps in
+steps.csv (:mod:`glowflow.curves`). Per epoch: the validation and test splits' bits/dim (fixed noise seed; with
 ``--ema`` also the raw weights' validation bits/dim), ``Glow_<dataset>.pt`` when the validation
 bits/dim improves, a metrics.csv row, a sample grid every ``sample_and_save_freq`` epochs,
 and ``last.pt`` last of all: ``last.pt`` is the commit point. A run killed anywhere resumes from it
@@ -26,9 +29,10 @@ resume (:class:`glowflow.tracking.Tracker`).
 
 What else keeps a run from losing work or reporting a wrong result:
 
-* :class:`RunLock` -- one run at a time per output folder (``.glowflow.lock``, held by rank 0 for
-  the whole run and released by the OS when the process dies); temporary files an interrupted
-  write left there are removed once the lock is held;
+* :class:`glowflow.runfolder.RunFolder` -- one run at a time per output folder (a lock held by
+  rank 0 for the whole run); a new run is refused where a previous run left its work unless
+  ``--overwrite``; temporary files an interrupted write left are removed once the lock is held; a
+  run that fails before its first checkpoint removes what it wrote;
 * :class:`StopSignals` -- SIGINT (Ctrl-C) and SIGTERM (Slurm) stop a run at the next point where
   its state is whole (between optimizer steps; after the end-of-epoch writes), and ``last.pt`` is
   saved; a second signal stops at once without saving;
@@ -43,46 +47,44 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import shlex
 import signal
-import socket
 import sys
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
-
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: runs are not locked
-    fcntl = None
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from glowflow import data as data_module
 from glowflow.checkpoint import Checkpoint, save_checkpoint
 from glowflow.config import AUGMENT_SHIFT_FRACTION, SEED_STRIDE, GlowConfig, RunConfig, dataset_slug
+from glowflow.cost import RunCost
+from glowflow.curves import RunningLoss, curve_interval
 from glowflow.data import EpochSampler
 from glowflow.errors import GlowflowError
-from glowflow.files import check_writable_folder, remove_temporary_files
 from glowflow.model import Glow, classification_loss
 from glowflow.pixels import bits_per_dim, dequantization_noise, perturb, preprocess, save_grid, shift_and_flip
+from glowflow.progress import progress_bar
+from glowflow.runfolder import LOCK_NAME, RunFolder, RunLock  # noqa: F401 (RunLock, LOCK_NAME: importable from here)
 from glowflow.runtime import Distributed, autocast_context, compile_model, resolve_device
 from glowflow.tracking import Tracker
 
 
 def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
-    """Train (or resume) as ``run`` says; returns a summary dict."""
+    """Train (or resume) as ``run`` says; returns a summary dict. A run that fails (an error or an
+    interruption) before it wrote a checkpoint removes what it wrote (RunFolder.release)."""
     trainer = Trainer(run, model_config)
     try:
         return trainer.fit()
+    except (Exception, KeyboardInterrupt):
+        trainer.close(failed=True)
+        raise
     finally:
         trainer.close()
 
@@ -90,17 +92,6 @@ def train(run: RunConfig, model_config: Optional[GlowConfig] = None) -> Dict:
 class NonFiniteLoss(GlowflowError):
     """The run has diverged: --max_nonfinite_steps skipped steps in a row, or a non-finite
     validation or test bits/dim."""
-
-
-@dataclasses.dataclass
-class StepLoopTotals:
-    """What the step loop of one epoch measured, for the metrics row and the epoch line."""
-
-    bpd_sum: torch.Tensor  # summed bits/dim of this process's finite steps (float64, on the device)
-    steps: int  # finite steps taken; skipped ones are not counted
-    images: int  # images of those steps, all processes together
-    seconds: float
-    stopped_early: bool  # --max_steps was reached
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -128,18 +119,22 @@ class Trainer:
         self.dist = Distributed(self.device)
         self.run, model_config, resumed = self._restore_run(run, model_config)
         self.output_dir = self.run.resolved_output_dir()
+        self.folder = RunFolder(self.output_dir)
+        self.folder.check_unused(resuming=resumed is not None, overwrite=self.run.overwrite)  # before any work
         self.dataset_name = dataset_slug(self.run.dataset)
         self.train_set, self.val_set, self.test_set = self._load_data(model_config)
         torch.manual_seed(self.run.seed)  # a fresh model's initial weights follow from --seed
         self.model = self._build_model(model_config, resumed)
         self.model.grad_checkpoint = self.run.grad_checkpoint
-        self.lock: Optional[RunLock] = None
+        self.sampler, self.steps_per_epoch = self._build_sampler()
+        self.cost = self._estimate_cost(resumed)  # refused here if it cannot fit in memory
         if self.dist.is_main:  # after data and model are found good, so a bad input leaves no empty folder
-            check_writable_folder(self.output_dir)
-            self.lock = self._lock_output_dir()
+            self.folder.claim(overwrite=self.run.overwrite)
         try:
-            self.sampler, self.steps_per_epoch = self._build_sampler()
+            if self.dist.is_main:
+                self._print_header()
             self.optimizer, self.scheduler = self._build_optimizer()
+            self.loss = RunningLoss()  # the current epoch's training bits/dim so far
             self.epoch, self.step, self.best_val_bpd, self.nonfinite_total = 0, 0, math.inf, 0
             self.test_at_best = math.inf  # the test bits/dim of the checkpoint chosen so far (reported only)
             self.nonfinite_in_a_row = 0  # skipped steps since the last good one, across epochs
@@ -156,17 +151,16 @@ class Trainer:
                 self.average.model.load_state_dict(resumed.averaged_weights)
             self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
             self.train_loader, self.val_loader, self.test_loader = self._build_loaders()
-        except BaseException:
-            self.close()
+        except BaseException as err:
+            self.close(failed=isinstance(err, (Exception, KeyboardInterrupt)))
             raise
         self.tracker: Optional[Tracker] = None  # opened by fit(), on the main process only
         self.signals = StopSignals()
 
-    def close(self) -> None:
-        """Release the output folder and leave the process group (both safe to repeat)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+    def close(self, failed: bool = False) -> None:
+        """Release the output folder (``failed``: removing what the run wrote if it wrote no
+        checkpoint) and leave the process group (both safe to repeat)."""
+        self.folder.release(failed)
         self.dist.close()
 
     # -------------------------------------------------------------- assembling a run
@@ -224,16 +218,24 @@ class Trainer:
         train_set, val_set, _ = data_module.split_validation(train_set, val_size, run.seed)
         return train_set, val_set, test_set
 
-    def _lock_output_dir(self) -> RunLock:
-        """Hold the output folder for this run, then remove what interrupted writes left there."""
-        lock = RunLock.acquire(self.output_dir)
-        removed = remove_temporary_files(self.output_dir)
-        if removed:
-            print(
-                f"note: removed {len(removed)} temporary file(s) left in {self.output_dir} by an interrupted write",
-                file=sys.stderr,
-            )
-        return lock
+    def _estimate_cost(self, resumed: Optional[Checkpoint]) -> RunCost:
+        """What the run will cost; GlowflowError on every process when a pass would not fit in memory."""
+        batch = self.sampler.global_batch // self.dist.world_size
+        init_images = 0
+        if resumed is None and not self.model.is_initialized():
+            init_images = actnorm_images(self.run, len(self.train_set), self.dist.world_size) // self.dist.world_size
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.device.type == "cpu" else 1
+        n_params = sum(p.numel() for p in self.model.parameters())
+        start = resumed.step if resumed is not None else 0
+        cost = RunCost.estimate(
+            self.model.config, n_params, len(self.train_set), self.steps_per_epoch, self.run, start, batch,
+            init_images, self.device, sharing,
+        )  # fmt: skip
+        too_big = self.dist.all_sum(torch.tensor([0 if cost.fits() else 1], device=self.device))
+        if too_big.item():  # every process stops, so none waits for the others
+            cost.check_memory()
+            raise GlowflowError(f"{too_big.item()} process(es) of this run would not fit in their memory")
+        return cost
 
     def _build_model(self, model_config: GlowConfig, resumed: Optional[Checkpoint]) -> Glow:
         """A new Glow of ``model_config``, or the resumed checkpoint's, on the training device."""
@@ -274,6 +276,7 @@ class Trainer:
         self.test_at_best = resumed.best_test_bpd
         self.nonfinite_total = resumed.nonfinite_steps
         self.nonfinite_in_a_row = resumed.nonfinite_in_a_row
+        self.loss = RunningLoss.from_checkpoint(resumed.payload.get("running_loss"), resumed.path)
         rng = resumed.rng_state
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -331,7 +334,6 @@ class Trainer:
         run = self.run
         if self.dist.is_main:
             self.tracker = self._make_tracker()
-            self._print_header()
         stopped_early = False
         self.signals.install()
         try:
@@ -383,12 +385,10 @@ class Trainer:
         resumed from an earlier last.pt writes all of them again, identically. A stop signal waits
         for the commit.
         """
-        totals = self._run_steps()
+        stopped_early = self._run_steps()
         with self.signals.held("finishing this epoch's evaluation and checkpoints before stopping"):
             epoch = self.epoch + 1 if self.step >= (self.epoch + 1) * self.steps_per_epoch else self.epoch
-            # all collective under torchrun: every process computes them, in this order
-            train_bpd = self.dist.all_sum(totals.bpd_sum.clone()).item() / max(1, totals.steps * self.dist.world_size)
-            scores = self.evaluate()
+            scores = self.evaluate()  # collective under torchrun: every process evaluates
             for split, value in scores.items():
                 if value is not None and not math.isfinite(value):
                     raise self._diverged(f"the {SPLIT_WORDS[split]} bits/dim after step {self.step} is {value}")
@@ -396,43 +396,37 @@ class Trainer:
             improved = val_bpd is None or val_bpd < self.best_val_bpd  # no validation split: the last epoch
             best_val_bpd = (val_bpd if val_bpd is not None else math.inf) if improved else self.best_val_bpd
             test_at_best = test_bpd if improved else self.test_at_best
-            row = self._metrics_row(epoch, totals, train_bpd, scores)
+            row = self._metrics_row(epoch, scores)
+            carried = RunningLoss() if epoch > self.epoch else self.loss  # what resuming from here continues
             if self.dist.is_main:
                 rng = rng_state()  # last.pt's, as it was before the sample grid reseeded torch
                 if improved:
-                    self.save(self.best_name, epoch=epoch, best_val_bpd=best_val_bpd, test_bpd_at_best=test_at_best)
+                    fields = dict(best_val_bpd=best_val_bpd, test_bpd_at_best=test_at_best)
+                    self.save(self.best_name, epoch=epoch, running_loss=carried.to_dict(), **fields)
                 self.tracker.log_epoch(row)
-                self._print_epoch(epoch, row, totals, improved)
+                self._print_epoch(epoch, row, improved)
                 freq = self.run.sample_and_save_freq
                 if epoch > self.epoch and freq > 0 and epoch % freq == 0:
                     path = self.save_samples(epoch)
                     self.tracker.log_image(self.step, "samples", path)
             self.epoch, self.best_val_bpd, self.test_at_best = epoch, best_val_bpd, test_at_best
+            self.loss = carried
             if self.dist.is_main:
                 self._save_last(rng=rng)
-        return totals.stopped_early
+        return stopped_early
 
-    def _run_steps(self) -> StepLoopTotals:
+    def _run_steps(self) -> bool:
         """train_step over the current epoch's remaining batches (all of them unless resumed mid-epoch),
-        with a progress bar; stops at --max_steps, and raises NonFiniteLoss after
-        --max_nonfinite_steps skipped steps in a row (counted across epochs)."""
+        with a progress bar and the step curve's points; True if it stopped at --max_steps. Raises
+        NonFiniteLoss after --max_nonfinite_steps skipped steps in a row (counted across epochs)."""
         run = self.run
         self.sampler.set_epoch(self.epoch, start_batch=self.step - self.epoch * self.steps_per_epoch)
         self.model.train()
-        started = time.perf_counter()
-        bpd_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps_done, images_done = 0, 0
-        bar = tqdm(
-            self.train_loader,
-            desc=f"epoch {self.epoch + 1}/{run.n_epochs}",
-            total=len(self.train_loader),
-            disable=not self.dist.is_main,
-            mininterval=1.0,
-            dynamic_ncols=True,
-        )
-        stopped_early = False
+        desc, show = f"epoch {self.epoch + 1}/{run.n_epochs}", self.dist.is_main
+        bar = progress_bar(self.train_loader, total=len(self.train_loader), desc=desc, unit="step", disable=not show)
+        stopped_early, clock = False, time.perf_counter()
         for images, labels in bar:
-            with self.signals.held():  # a stop signal waits for the step to be applied and counted
+            with self.signals.held():  # a stop signal waits for the step to be applied, counted and logged
                 bpd = self.train_step(images, labels)
                 self.step += 1  # batches consumed: a skipped batch counts, so data order and noise stay aligned
                 if bpd is None:
@@ -440,6 +434,10 @@ class Trainer:
                     self.nonfinite_total += 1
                 else:
                     self.nonfinite_in_a_row = 0
+                    self.loss.add(bpd, images.shape[0] * self.dist.world_size)
+                self.loss.epoch_seconds += time.perf_counter() - clock
+                clock = time.perf_counter()
+                self._log_curve_point()
             if bpd is None:
                 if self.nonfinite_in_a_row >= run.max_nonfinite_steps:
                     bar.close()
@@ -447,17 +445,23 @@ class Trainer:
                         f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row at step {self.step}"
                     )
                 continue
-            steps_done += 1
-            images_done += images.shape[0] * self.dist.world_size
-            bpd_sum += bpd.double()
-            if self.step % 10 == 0 or steps_done == 1:
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(bpd=f"{(bpd_sum / steps_done).item():.3f}", img_s=f"{images_done / elapsed:.0f}")
+            images_per_s = self.loss.epoch_images / max(self.loss.epoch_seconds, 1e-9)
+            bar.set_postfix(refresh=False, bpd=f"{self.loss.epoch_mean():.3f}", img_s=f"{images_per_s:.0f}")
             if run.max_steps is not None and self.step >= run.max_steps:
                 stopped_early = True
                 break
         bar.close()
-        return StepLoopTotals(bpd_sum, steps_done, images_done, time.perf_counter() - started, stopped_early)
+        return stopped_early
+
+    def _log_curve_point(self) -> None:
+        """A row of steps.csv (main process) when this step ends a point of the curve: every
+        curve_interval steps of an epoch, and its last step."""
+        into_epoch = self.step - self.epoch * self.steps_per_epoch
+        if into_epoch % curve_interval(self.steps_per_epoch) and into_epoch < self.steps_per_epoch:
+            return
+        mean = self.loss.take_point()
+        if mean is not None and self.tracker is not None:
+            self.tracker.log_step(self.step, self.step / self.steps_per_epoch, mean)
 
     def evaluate(self) -> Dict[str, Optional[float]]:
         """Bits/dim of the evaluation model (the averaged weights with --ema) on the validation
@@ -485,22 +489,25 @@ class Trainer:
             desc=f"{SPLIT_WORDS[split]} bits/dim",
         )
 
-    def _metrics_row(self, epoch: int, totals: StepLoopTotals, train_bpd: float, scores: Dict) -> Dict:
-        """The epoch's metrics.csv row (and tracker entry); ``epoch``: the epochs completed. A split
+    def _metrics_row(self, epoch: int, scores: Dict) -> Dict:
+        """The epoch's metrics.csv row (and tracker entry); ``epoch``: the epochs completed. The
+        training bits/dim, images/s and seconds are the whole epoch's so far, resumed or not. A split
         not evaluated (no validation split; raw weights without --ema) is left empty."""
+        loss = self.loss
         return {
             "epoch": epoch,
             "step": self.step,
-            "train_bpd": round(train_bpd, 6),
+            "train_bpd": round(loss.epoch_mean(), 6),
             **{f"{split}_bpd": (None if value is None else round(value, 6)) for split, value in scores.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": round(totals.images / max(totals.seconds, 1e-9), 2),
-            "seconds": round(totals.seconds, 3),
+            "images_per_s": round(loss.epoch_images / max(loss.epoch_seconds, 1e-9), 2),
+            "seconds": round(loss.epoch_seconds, 3),
         }
 
     def _print_header(self) -> None:
-        """The run's one-line introduction: data, model size, device, processes, output folder;
-        after a note when the data had no test split of its own, or the run has no validation split."""
+        """The run's one-line introduction (data, model size, device, processes, output folder) and
+        its cost; after a note when the data had no test split of its own, or the run has no
+        validation split, and before one when its epochs end before --max_steps."""
         held_out_from = getattr(self.test_set, "held_out_from", None)
         if held_out_from is not None:
             print(
@@ -519,8 +526,11 @@ class Trainer:
             f"{c}x{h}x{w}), {n_params / 1e6:.2f}M parameters, device {self.device}, "
             f"{self.dist.world_size} process(es), output {self.output_dir}"
         )
+        print(self.cost.describe())
+        if self.cost.epochs_end_first():
+            print(self.cost.epochs_end_first(), file=sys.stderr)
 
-    def _print_epoch(self, epoch: int, row: Dict, totals: StepLoopTotals, improved: bool) -> None:
+    def _print_epoch(self, epoch: int, row: Dict, improved: bool) -> None:
         """The epoch's line on stdout, after a note on stderr when steps have been skipped:
         train, validation (the raw weights' too, with --ema) and test bits/dim."""
         if self.nonfinite_total:
@@ -534,7 +544,7 @@ class Trainer:
         if row["raw_val_bpd"] is not None:
             parts.append(f"val without EMA {row['raw_val_bpd']:.4f} bpd")
         parts.append(f"test {row['test_bpd']:.4f} bpd")
-        parts += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{totals.seconds:.1f} s"]
+        parts += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f} s"]
         print("  ".join(parts))
 
     def _make_tracker(self) -> Tracker:
@@ -549,25 +559,29 @@ class Trainer:
             config=config,
             resume=bool(self.run.resume),
             resume_at=(self.epoch, self.step),
+            partial=self.step > self.epoch * self.steps_per_epoch,
+            steps_per_epoch=self.steps_per_epoch,
         )
 
     # -------------------------------------------------------------- one step
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        """One optimizer step on a batch of raw images: its mean bits/dim, or None when the step was
-        skipped for a non-finite loss or gradient. Counting the step is the caller's job."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
+        """One optimizer step on a batch of raw images: its mean bits/dim (over every process's
+        share), or None when the step was skipped for a non-finite loss or gradient. Counting the
+        step is the caller's job."""
         x, y = self._model_inputs(images, labels)
         loss, bpd = self._loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if not self._all_finite(loss):
+        bpd = self._finite_mean(loss, bpd)
+        if bpd is None:
             return None
         self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
             self.average.update(self.model, self.step)
-        return bpd.detach()
+        return bpd
 
     def _model_inputs(self, images: torch.Tensor, labels: torch.Tensor):
         """The batch in model space on the device, dequantised with this step's noise (and first
@@ -597,8 +611,9 @@ class Trainer:
             loss = loss + self.run.y_weight * classification_loss(y_logits.float(), y, self.model.config.y_multilabel)
         return loss, bpd
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss and every gradient are finite, on every process.
+    def _finite_mean(self, loss: torch.Tensor, bpd: torch.Tensor) -> Optional[float]:
+        """The step's bits/dim averaged over the processes, if the loss and every gradient are
+        finite on every process; else None.
 
         A non-finite step is skipped: a finite loss can still overflow in the backward pass, and one
         such update would poison every weight. This is the step's one host-device synchronisation,
@@ -606,10 +621,13 @@ class Trainer:
         the host waits; a skipped batch's gradients are dropped by the next step's zero_grad.
         """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = (torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))).to(torch.int32)
-        if self.dist.enabled:  # every process skips together, or none does
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))
+        # (processes with a non-finite step, summed bits/dim): every process skips together, or none does
+        summed = torch.stack([(~finite).double(), bpd.detach().double()])
+        if self.dist.enabled:
+            dist.all_reduce(summed)
+        not_finite, bpd_sum = summed.tolist()
+        return None if not_finite else bpd_sum / self.dist.world_size
 
     def _clip_gradients(self) -> None:
         """--max_grad_clip (per value), then --max_grad_norm (total 2-norm); 0 turns either off."""
@@ -657,6 +675,7 @@ class Trainer:
             test_bpd_at_best=self.test_at_best,
             nonfinite_steps=self.nonfinite_total,
             nonfinite_in_a_row=self.nonfinite_in_a_row,
+            running_loss=self.loss.to_dict(),
         )
 
     def _last_good_exists(self) -> bool:
@@ -691,78 +710,7 @@ class Trainer:
         return path
 
 
-# ----------------------------------------------------------------------------- one run per folder; stopping
-
-
-LOCK_NAME = ".glowflow.lock"
-
-
-class RunLock:
-    """An exclusive lock on an output folder, held for a whole run.
-
-    ``flock`` on ``<folder>/.glowflow.lock``, which also says who holds it (pid, host, start time,
-    command line, as one JSON line). The operating system releases the lock when the process ends,
-    however it ends, so a killed run never leaves its folder locked; the file itself stays (deleting
-    it would let two runs lock two different files). Without ``fcntl`` (not POSIX) nothing is locked.
-    """
-
-    def __init__(self, path: str, fd: Optional[int]):
-        self.path, self.fd = path, fd
-
-    @classmethod
-    def acquire(cls, folder: str) -> RunLock:
-        """The lock of ``folder`` (made if missing); GlowflowError naming the holder if another
-        run has it."""
-        path = os.path.join(folder, LOCK_NAME)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as err:
-            raise GlowflowError(f"cannot write to output directory {folder}: {err.strerror or err}") from None
-        if fcntl is None:
-            return cls(path, None)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise GlowflowError(f"cannot create the lock file {path}: {err.strerror or err}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise GlowflowError(
-                f"{folder} is in use by another glowflow run ({holder}); wait for it to end or choose "
-                f"another --output_dir"
-            ) from None
-        except OSError as err:  # a file system without locks
-            os.close(fd)
-            raise GlowflowError(f"cannot lock {path}: {err.strerror or err}") from None
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": shlex.join(sys.argv),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
-        return cls(path, fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def _lock_holder(fd: int) -> str:
-    """Who holds a lock, in words, from its file: 'pid 12, host h, started T: COMMAND'."""
-    try:
-        holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
-        return (
-            f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}: "
-            f"{' '.join(str(holder['command']).split())}"
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its details are unknown"
+# ----------------------------------------------------------------------------- stopping
 
 
 class StopSignals:
@@ -832,6 +780,7 @@ RESUME_OVERRIDES = (
     "no_wandb",
     "tensorboard",
     "resume",
+    "overwrite",
     "data_root",
     "sample_and_save_freq",
     "max_eval_images",
@@ -972,8 +921,7 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     The subset is chosen by ``seed``; under torchrun each process takes its share and the
     statistics are averaged across processes (ActNorm.initialize), so every rank starts identical.
     """
-    n = min(len(dataset), max(run.actnorm_init_images, run.batch_size))
-    n -= n % dist_ctx.world_size  # equal shares, so the averaged statistics are the global ones
+    n = actnorm_images(run, len(dataset), dist_ctx.world_size)
     generator = torch.Generator().manual_seed(actnorm_seed(run.seed))
     indices = torch.randperm(len(dataset), generator=generator)[:n]
     n_bits = model.config.n_bits
@@ -983,6 +931,13 @@ def initialize_actnorm(model: Glow, dataset, run: RunConfig, device: torch.devic
     x = preprocess(torch.stack(images), n_bits) + noise[share]
     y = _stack_labels(labels).to(device) if model.config.y_condition else None
     model.initialize(x.to(device), y)
+
+
+def actnorm_images(run: RunConfig, n_train: int, world_size: int) -> int:
+    """How many training images initialise ActNorm: at least --actnorm_init_images and a batch, in
+    equal shares for the processes (so the averaged statistics are the global ones)."""
+    n = min(n_train, max(run.actnorm_init_images, run.batch_size))
+    return n - n % world_size
 
 
 def check_labels(dataset, config: GlowConfig, split: str) -> None:
@@ -1042,7 +997,7 @@ def evaluate_bpd(
     total = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     show = dist_ctx is None or dist_ctx.is_main
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not show, mininterval=1.0):
+    for images, labels in progress_bar(loader, desc=desc, unit="batch", leave=False, disable=not show):
         if max_images is not None and seen >= max_images:
             break
         x = preprocess(images, n_bits)

@@ -109,7 +109,7 @@ def test_a_kill_at_any_point_of_the_epoch_writes_loses_nothing(smooth, uninterru
     capsys.readouterr()
 
     resumable = (run / "last.pt").exists()
-    assert main(argv + ["--resume"] if resumable else argv) == 0
+    assert main(argv + (["--resume"] if resumable else ["--overwrite"])) == 0  # no last.pt: start again
     out, err = capsys.readouterr()
     if state["killed"] != "row":
         assert "note: removed 1 temporary file(s) left in" in err

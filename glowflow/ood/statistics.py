@@ -13,6 +13,7 @@ import torch
 from glowflow.errors import GlowflowError
 from glowflow.ood.codecs import check_codec, codec_bits_per_dim
 from glowflow.pixels import bits_per_dim, dequantize, preprocess
+from glowflow.progress import progress_bar
 
 MAX_LATENT_FEATURES = 1024
 """Largest size of the ``top_latent`` feature vector: a larger top latent is average-pooled over
@@ -108,16 +109,14 @@ def _check_ready(model, codec: Optional[str]) -> None:
 
 
 def _progress_bar(loader: Iterable, max_images: Optional[int], desc: str, progress: bool):
-    """A tqdm bar counting images, with the loader's dataset size (capped) as its total."""
-    from tqdm.auto import tqdm
-
+    """A progress bar counting images, with the loader's dataset size (capped) as its total."""
     try:
         total = len(loader.dataset)
     except (AttributeError, TypeError):
         total = None
     if max_images is not None:
         total = max_images if total is None else min(total, max_images)
-    return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    return progress_bar(total=total, desc=desc, unit="img", disable=not progress, leave=False)
 
 
 def _images_of(batch):

@@ -1,0 +1,197 @@
+"""The training curve: the training bits/dim as a run goes, and the picture of a run.
+
+* :class:`RunningLoss` -- the sums behind the training bits/dim: the current epoch's (its
+  metrics.csv row: ``train_bpd``, images/s, seconds) and the current point's of the step curve.
+  Sums over the finite optimizer steps (each step's bits/dim averaged over all processes), kept in
+  ``last.pt`` (``running_loss``), so a run interrupted mid-epoch and resumed reports what an
+  uninterrupted run reports, to the last bit.
+* :class:`StepLog` -- ``steps.csv`` beside metrics.csv: ``step, epoch, train_bpd``, a row every
+  :func:`curve_interval` steps (about :data:`POINTS_PER_EPOCH` per epoch) and at each epoch's end,
+  with the mean training bits/dim of the steps since the previous row; ``epoch`` is fractional
+  (step / steps per epoch). A resumed run first drops the rows beyond its checkpoint.
+* :func:`plot_curves` -- ``training_curves.png``: the training line from steps.csv, and the
+  validation and test bits/dim of each epoch (metrics.csv) as markers on the same axes, x in
+  epochs. Drawn with matplotlib's Agg canvas (no display), written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from glowflow.errors import GlowflowError
+from glowflow.files import atomic_write, atomic_write_text
+
+STEPS_NAME = "steps.csv"
+STEP_COLUMNS = ("step", "epoch", "train_bpd")
+POINTS_PER_EPOCH = 20
+"""Rows of steps.csv per epoch (fewer when an epoch has fewer steps)."""
+SPLIT_MARKERS = (  # metrics.csv column -> label, marker, line style
+    ("val_bpd", "validation", "o", "-"),
+    ("test_bpd", "test", "s", "-"),
+    ("raw_val_bpd", "validation, raw weights (no EMA)", "^", "--"),
+)
+
+
+def curve_interval(steps_per_epoch: int) -> int:
+    """Steps between two rows of steps.csv."""
+    return max(1, math.ceil(steps_per_epoch / POINTS_PER_EPOCH))
+
+
+@dataclasses.dataclass
+class RunningLoss:
+    """Sums over the finite steps of the current epoch, and of the current point of the curve."""
+
+    epoch_sum: float = 0.0  # bits/dim summed over the epoch's finite steps
+    epoch_steps: int = 0
+    epoch_images: int = 0  # images of those steps, all processes together
+    epoch_seconds: float = 0.0  # time spent in the epoch's steps
+    point_sum: float = 0.0  # the same since the last row of steps.csv
+    point_steps: int = 0
+
+    def add(self, bpd: float, images: int) -> None:
+        self.epoch_sum += bpd
+        self.epoch_steps += 1
+        self.epoch_images += images
+        self.point_sum += bpd
+        self.point_steps += 1
+
+    def epoch_mean(self) -> float:
+        """The epoch's training bits/dim so far (0 before its first finite step)."""
+        return self.epoch_sum / max(1, self.epoch_steps)
+
+    def take_point(self) -> Optional[float]:
+        """The mean bits/dim since the last point (None without a finite step), starting the next."""
+        mean = self.point_sum / self.point_steps if self.point_steps else None
+        self.point_sum, self.point_steps = 0.0, 0
+        return mean
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, value: Any, path: str) -> RunningLoss:
+        """The sums a checkpoint holds (``running_loss``), checked; zero for a checkpoint written
+        before it held them (its resumed epoch then reports only the steps after the resume)."""
+        if value is None:
+            return cls()
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(value, dict) or set(value) != set(fields):
+            raise GlowflowError(f"{path}: malformed checkpoint: running_loss must hold {', '.join(fields)}")
+        for name, kind in fields.items():
+            number = value[name]
+            is_int = isinstance(number, int) and not isinstance(number, bool)
+            ok = is_int if kind == "int" else (is_int or isinstance(number, float)) and math.isfinite(number)
+            if not ok or number < 0 and kind == "int":
+                raise GlowflowError(f"{path}: malformed checkpoint: running_loss {name} is {number!r}")
+        return cls(**{name: (float(v) if fields[name] == "float" else v) for name, v in value.items()})
+
+
+class StepLog:
+    """steps.csv of a run's folder: made anew for a new run; a resumed run keeps the rows up to
+    the step it resumes from (``resume_step``) and appends."""
+
+    def __init__(self, folder: str, resume_step: Optional[int] = None):
+        self.path = os.path.join(folder, STEPS_NAME)
+        if resume_step is None or not os.path.exists(self.path):
+            atomic_write_text(self.path, _csv_text([STEP_COLUMNS]))
+        else:
+            _drop_rows_after(self.path, resume_step)
+
+    def write(self, step: int, epoch: float, train_bpd: float) -> None:
+        """Append a row, on disk (fsync) before the checkpoint that follows it."""
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([step, f"{epoch:.4f}", f"{train_bpd:.6f}"])
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Remove the rows of steps.csv beyond ``step`` and a last row a kill cut short (atomically)."""
+    with open(path, newline="") as handle:
+        text = handle.read()
+    rows = list(csv.reader(io.StringIO(text)))
+    kept: List[List[str]] = [list(STEP_COLUMNS)]
+    for i, row in enumerate(rows[1:], start=1):
+        cut_short = i == len(rows) - 1 and not text.endswith("\n")
+        if not cut_short and len(row) == len(STEP_COLUMNS) and _number(row[0]) is not None and float(row[0]) <= step:
+            kept.append(row)
+    if kept != rows:
+        atomic_write_text(path, _csv_text(kept))
+
+
+def _csv_text(rows) -> str:
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
+def _read_rows(path: Optional[str]) -> List[Dict[str, str]]:
+    if path is None or not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _number(text: Any) -> Optional[float]:
+    """A CSV cell as a finite number, or None (empty, not a number, or not finite)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def plot_curves(
+    metrics_path: str, png_path: str, steps_path: Optional[str] = None, steps_per_epoch: Optional[int] = None
+) -> Optional[str]:
+    """Draw ``training_curves.png`` (``png_path``, atomically): the training line of steps.csv
+    ``steps_path`` (without one, metrics.csv's per-epoch train_bpd) and the per-epoch validation and
+    test bits/dim of metrics.csv ``metrics_path``, against epochs (a metrics row's step divided by
+    ``steps_per_epoch`` where given, else its epoch). Its path, or None when there is nothing to draw."""
+    rows = _read_rows(metrics_path)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+
+    def x_of(row) -> Optional[float]:
+        step = _number(row.get("step"))
+        if steps_per_epoch and step is not None:
+            return step / steps_per_epoch
+        return _number(row.get("epoch"))
+
+    drawn = 0
+    points = [(_number(r.get("epoch")), _number(r.get("train_bpd"))) for r in _read_rows(steps_path)]
+    points = [(x, v) for x, v in points if x is not None and v is not None]
+    label = "train (mean of the steps between points)"
+    if not points:  # no step curve: the epochs' means
+        points = [(x_of(r), _number(r.get("train_bpd"))) for r in rows]
+        points = [(x, v) for x, v in points if x is not None and v is not None]
+        label = "train (mean over the epoch)"
+    if points:
+        xs, values = zip(*points)
+        ax.plot(xs, values, "-", linewidth=1.0, marker="." if len(points) < 50 else None, label=label)
+        drawn += 1
+    for column, split_label, marker, style in SPLIT_MARKERS:
+        split = [(x_of(r), _number(r.get(column))) for r in rows]
+        split = [(x, v) for x, v in split if x is not None and v is not None]
+        if split:
+            xs, values = zip(*split)
+            ax.plot(xs, values, style, marker=marker, markersize=5, label=split_label)
+            drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(f"bits/dim ({len(rows)} evaluation{'s' if len(rows) != 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return atomic_write(png_path, lambda handle: fig.savefig(handle, format="png"))
