@@ -43,8 +43,8 @@ from glowflow.pretrained import PretrainedFolder, find_folder, is_model_folder, 
 FIT_IMAGES = 10_000
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
 for the reference, 2000 held back for the threshold. On Fashion-MNIST the density of states from
-8000 training images is within sampling noise of the one from all 60000 (README, "Outlier
-detection"), and 10000 images take seconds instead of minutes."""
+8000 training images is within sampling noise of the one from all 60000
+(docs/outlier_detection.md), and 10000 images take seconds instead of minutes."""
 THRESHOLD_FRACTION = 0.2
 """Share of the fit images held back (a seeded random subset) to set the threshold on, when
 ``fit`` is given no ``threshold_images``."""

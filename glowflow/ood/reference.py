@@ -51,8 +51,8 @@ def dos_features(
     ``logdet``, ``latent_rms`` (one per level), ``codec_bpd`` (taken only when ``stats`` has it),
     ``bpd``, ``top_gaussian`` (:func:`top_gaussian_nll` under ``latent``; taken only when
     ``latent`` is given and ``stats`` has ``top_latent``). The default is each level's bits/dim,
-    the codec's bits/dim and the top latent's class-Gaussian NLL (the README's "Choosing the
-    statistics of `dos`" compares the choices).
+    the codec's bits/dim and the top latent's class-Gaussian NLL ("Choosing the statistics of
+    `dos`" in docs/outlier_detection.md compares the choices).
     """
     unknown = [g for g in statistics if g not in STATISTIC_GROUPS]
     if unknown:
@@ -205,7 +205,7 @@ def fit_reference(
     ``n // (2 d + 2)`` components for n images and d statistics. The class Gaussians and the
     mixture see the same images: the in-sample NLL is lower than a new inlier's, which weights
     the latent term more in the mixture (measured better on the development sets than fitting
-    them on separate halves; README, "Outlier detection"). Images with a non-finite statistic are
+    them on separate halves; docs/outlier_detection.md). Images with a non-finite statistic are
     left out (with a warning).
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
