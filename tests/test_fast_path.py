@@ -25,7 +25,7 @@ K, L = 2, 3
 # 4 * eps * size * DEPTH: 2 for a difference of two such results, 2 for the two roundings of each
 # step (its coupling network's output and the affine map). Measured under every kernel choice
 # PyTorch offers (ATen default/AVX2/AVX512, oneDNN capped at SSE4.1/AVX2, MKL capped at SSE4.2, one
-# or two threads): at least 13x under these; a real fast-path bug (a dropped log-det term, a
+# or two threads): at least 12x under these; a real fast-path bug (a dropped log-det term, a
 # mis-folded ActNorm) is off by orders of magnitude more.
 EPS32 = 2.0**-23
 DEPTH = K * L + math.ceil(math.log2(math.prod(SHAPE)))
