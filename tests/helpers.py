@@ -83,19 +83,33 @@ def write_noise_npz(path, n=64, size=16, channels=1, seed=1):
     return str(path)
 
 
-def interrupt_training(run, args, sig):
+def interrupt_training(run, args, sig, timeout=600.0):
     """Start ``python -m glowflow --train --output_dir RUN *args`` in a subprocess, send it ``sig``
-    once its first epoch's metrics row is written (or after 120 s), and return (exit code, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glowflow", "--train", "--output_dir", str(run), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    once its first epoch's metrics row is written, and return (exit code, stderr).
+
+    Robust to a slow, loaded machine: the signal is sent only once the run is in its training loop
+    (its handlers installed, a row written: never during the import of torch), the wait for that is
+    generous (``timeout`` seconds, but over as soon as the row is there), and the output goes to
+    files, not pipes, so that a child writing much while nobody reads cannot block before the row.
+    The run must be long (many epochs) so that it is still training when the signal lands."""
+    out_path, err_path = run.parent / f"{run.name}.stdout", run.parent / f"{run.name}.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glowflow", "--train", "--output_dir", str(run), *args], stdout=out, stderr=err
+        )
+        metrics = run / "metrics.csv"
+        deadline = time.monotonic() + timeout
+        try:
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+                if proc.poll() is not None:
+                    raise AssertionError(f"training ended (exit {proc.returncode}) before its first metrics row")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no metrics row after {timeout:.0f} s")
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, err_path.read_text()

@@ -5,6 +5,7 @@ card, and its fitted outlier detector spares --outlier_detection and --score the
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -86,7 +87,23 @@ def test_bits_per_dim_on_the_fixed_test_slice_reproduces_expected_json(model, fa
     images = data.subset(fashion_test_split, range(how["first"]))
     loader = data.make_loader(images, batch_size=how["batch_size"], shuffle=False)
     bpd = evaluate_bpd(model, loader, torch.device("cpu"), how["dequantization_seed"], desc="test slice")
-    assert abs(bpd - how["mean_bpd"]) < 1e-4, (bpd, how["mean_bpd"])
+    # Machine-independent tolerance: the stored mean comes from float32 log-densities of one CPU, and
+    # another CPU's kernels round them differently. Each image's bits/dim is within about
+    # eps * size * depth of the exact value: eps = 2**-23 (float32); size the magnitude of its two
+    # terms in bits/dim, the prior's (about the result) and the log-det's (measured below on a few
+    # of the images); depth the roundings in sequence, K * L flow steps plus log2(D) levels of
+    # pairwise sums over the D dimensions. A mean over images is no less precise than one image, and
+    # the comparison is of two such results (2x). Measured under every kernel choice PyTorch offers
+    # on one machine: at most 1.6e-7 off, against about 7e-5 here (a retrained or changed model is
+    # off by 1e-2 or more).
+    with torch.no_grad():
+        x = torch.stack([images[i][0] for i in range(16)])
+        _, logdet = model.encode(glowflow.preprocess(x, 8))
+    config, dims = model.config, math.prod(model.config.image_shape)
+    depth = config.K * config.L + math.ceil(math.log2(dims))
+    size = how["mean_bpd"] + logdet.abs().max().item() / (dims * math.log(2))
+    tolerance = 2 * 2.0**-23 * size * depth
+    assert abs(bpd - how["mean_bpd"]) < tolerance, (bpd, how["mean_bpd"], tolerance)
 
 
 def test_the_shipped_files_pass_the_checks_of_any_model_folder(model):

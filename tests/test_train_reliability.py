@@ -230,26 +230,44 @@ def test_the_previous_signal_handlers_are_restored(smooth, tmp_path):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def _wait_for(condition, failure, timeout=60.0):
+    """Sleep in short steps until ``condition()`` holds, or fail with ``failure`` after ``timeout``
+    seconds. A signal a process sends itself need not be handled by the time os.kill returns: the
+    kernel may hand it to another thread, whose C handler only flags it for the main thread's Python
+    handler, and on a loaded machine that thread may wait long for a CPU. Sleeping lets the main
+    thread run the handler as soon as the flag is up (at once on an idle machine); a fixed window
+    (the next line of code) made this test fail once under load ("not interrupted")."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{failure} within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
 def test_a_stop_signal_waits_for_the_state_to_be_whole():
     from glowflow.train import StopSignals
 
     signals = StopSignals()
     signals.install()
+    done = False
     try:
         with pytest.raises(KeyboardInterrupt):
             with signals.held():
                 os.kill(os.getpid(), signal.SIGTERM)
+                # handled inside the block: remembered, not raised
+                _wait_for(lambda: signals.pending == signal.SIGTERM, "SIGTERM was not handled")
                 done = True  # reached: the signal waits for the end of the block
-        assert done and not signals.broke_in
+        assert done and not signals.broke_in and signals.pending is None
         with pytest.raises(KeyboardInterrupt):
             with signals.held():
                 os.kill(os.getpid(), signal.SIGTERM)
+                _wait_for(lambda: signals.pending == signal.SIGTERM, "SIGTERM was not handled")
                 os.kill(os.getpid(), signal.SIGINT)  # a second signal stops at once
-                pytest.fail("not interrupted")
+                _wait_for(lambda: False, "not interrupted by a second signal")
         assert signals.broke_in
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)  # outside a held block: at once
-            time.sleep(5)
+            _wait_for(lambda: False, "not interrupted outside a held block")
     finally:
         signals.restore()
 

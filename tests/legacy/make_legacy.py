@@ -64,8 +64,11 @@ def fixed_images(size, n=8, seed=123):
     return (pixels / 255).unsqueeze(1).float(), torch.arange(n) % 3
 
 
-def measure(checkpoint, size):
-    """(values, arrays): every number and picture the test compares, from ``checkpoint``."""
+def measure(checkpoint, size, keep=None):
+    """(values, arrays): every number and picture the test compares, from ``checkpoint``. With a dict
+    ``keep``, also puts there the model and the outlier statistics and reference inputs (``ood``: the
+    training, in and out statistics), so that the test can measure how the scores respond to float32
+    rounding of the statistics."""
     model = glowflow.load_checkpoint(checkpoint)
     payload = torch.load(checkpoint, weights_only=True)
     n_bits = int(payload["run_config"]["n_bits"])
@@ -115,6 +118,16 @@ def measure(checkpoint, size):
     stats_train = ood.compute_statistics(model, [(train_images, None)], n_bits, progress=False)
     stats_in = ood.compute_statistics(model, [(images, None)], n_bits, progress=False)
     stats_out = ood.compute_statistics(model, [(noise, None)], n_bits, progress=False)
+    values.update(ood_values(stats_train, stats_in, stats_out))
+    if keep is not None:
+        keep.update(model=model, ood=(stats_train, stats_in, stats_out))
+    return values, arrays
+
+
+def ood_values(stats_train, stats_in, stats_out):
+    """The outlier scores (and codec bits/dim) of the in and out statistics, against a reference
+    fitted on ``stats_train``."""
+    values = {}
     # The density of states of 0484b49 (its default statistics), and only its scores: the
     # top-latent Gaussian statistic and score came later (pinned and left out here since then).
     reference = ood.fit_reference(stats_train, components=2, statistics=("level_bpd", "codec_bpd"))
@@ -124,7 +137,7 @@ def measure(checkpoint, size):
                 continue
             values[f"ood_{part}_{key}"] = np.asarray(v, dtype=np.float64).tolist()
         values[f"ood_{part}_codec_bpd"] = stats["codec_bpd"].tolist()
-    return values, arrays
+    return values
 
 
 def record(name, checkpoint, size):
