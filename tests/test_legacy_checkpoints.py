@@ -138,6 +138,10 @@ def test_legacy_checkpoint_gives_the_same_numbers_and_pictures(name):
     assert set(arrays) == set(stored.files)
     for key in stored.files:
         got, want = arrays[key].astype(np.int64), stored[key].astype(np.int64)
+        if key == "cli_samples_temperatures" and got.shape[1] > want.shape[1]:
+            # the sheet gained a strip of row labels (T=...) on its left since these were stored;
+            # the pictures to its right are what is compared
+            got = got[:, got.shape[1] - want.shape[1] :]
         assert got.shape == want.shape, key
         moved = np.abs(got - want)
         assert moved.max() <= step, (key, moved.max())
