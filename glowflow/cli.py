@@ -350,7 +350,9 @@ def _add_outlier_flags(group) -> None:
         help="Share of the threshold images (inliers the reference was not fitted on) the decision threshold keeps",
     )
     group.add_argument(
-        "--detector_score", default=_RUN.detector_score, help="The score --score decides with (default: dos)"
+        "--detector_score",
+        default=_RUN.detector_score,
+        help="The score --score and each report decide with (dos_orientation; dos without the orientation score)",
     )
 
 

@@ -340,7 +340,7 @@ class RunConfig:
     detector: Optional[str] = None  # a file written by OutlierDetector.save (else fitted and cached)
     fit_images: int = 10_000  # training images the detector fits on (a seeded subset); 0 = all
     tpr: float = 0.95  # share of held-back inlier images the threshold keeps
-    detector_score: str = "dos"
+    detector_score: str = "dos_orientation"
 
     def validate(self) -> None:
         """Raise GlowflowError with a one-line reason for a flag value that cannot work: a wrong

@@ -2,6 +2,7 @@
 training checkpoint (``pretrained:NAME``; glowflow/names.py's SHIPPED lists the names):
 
     OMP_NUM_THREADS=1 python3 scripts/make_pretrained.py outputs/Glow_fashionmnist/last.pt fashionmnist
+    python3 scripts/make_pretrained.py - fashionmnist --detector_only --val_size 5000 --seed 0
 
 It writes, into a fresh folder that replaces the old one only when everything is done:
 
@@ -56,7 +57,7 @@ from glowflow.ood import (  # noqa: E402
     model_fingerprint,
 )
 from glowflow.ood.command import FitSets  # noqa: E402
-from glowflow.pretrained import writing_shipped_models  # noqa: E402
+from glowflow.pretrained import card_provenance, writing_shipped_models  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
 from glowflow.train import evaluate_bpd  # noqa: E402
 
@@ -147,33 +148,11 @@ def make_pretrained(checkpoint_path: str, name: str, data_root: str, device_name
         if model_fingerprint(shipped) != model_fingerprint(model):
             raise GlowflowError(f"{building}: the folder's model differs from the checkpoint's")
         in_name, image_size = folder.data_to_read(None, run.dataset)
-        settings = OutlierDetectionSettings(
-            output_dir=building,
-            in_name=in_name,
-            reference_cache_path=detector_cache_path_for(building, in_name, shipped.config.n_bits),
-            statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
-            fit_images=run.fit_images or None,
-            detector_score=run.detector_score,
-            tpr=run.tpr,
-        )
-
         # as run_outlier_detection_command reads them: the training run's training images, and
         # its validation split (never trained on) for the threshold
         fit_sets = FitSets(checkpoint, in_name, run, image_size, divisor)
-
-        def loader(dataset):
-            return data.make_loader(
-                dataset, batch_size=run.eval_batch_size, shuffle=False, seed=run.seed, device=device
-            )
-
-        detector, _ = detector_for(
-            shipped,
-            lambda: loader(fit_sets.training()),
-            in_name,
-            settings.detector(shipped),
-            settings.reference_cache_path,
-            threshold_images=(lambda: loader(fit_sets.validation())) if fit_sets.has_validation else None,
-        )
+        validation = (lambda: fit_sets.validation()) if fit_sets.has_validation else None
+        detector, detector_file = fit_detector(shipped, building, in_name, run, device, fit_sets.training, validation)
         cpu_model = Glow.from_pretrained(building)  # what the tests load
         how = dict(SLICE, dataset=in_name)
         how["mean_bpd"] = slice_bpd(cpu_model, in_name, data_root, image_size, SLICE)
@@ -191,22 +170,7 @@ def make_pretrained(checkpoint_path: str, name: str, data_root: str, device_name
             "validation_images": val_size,
             "eval_seed": run.eval_seed,
             "model_sha256": model_fingerprint(cpu_model),
-            "detector": {
-                "file": os.path.basename(settings.reference_cache_path),
-                "dataset": in_name,
-                "n_bits": shipped.config.n_bits,
-                "score": detector.score,
-                "tpr": detector.tpr,
-                "threshold": detector.threshold_,
-                "fit_images": detector.fit_images,
-                "reference_images": detector.reference_.n_train,
-                "threshold_images": detector.n_threshold_,
-                "threshold_split": (
-                    "images of the training run's validation split (never trained on)"
-                    if fit_sets.has_validation
-                    else "training images held back from the reference"
-                ),
-            },
+            "detector": detector_entry(detector, detector_file, in_name, fit_sets.has_validation),
             "checkpoint": {
                 "file": os.path.basename(checkpoint_path),
                 "epoch": checkpoint.epoch,
@@ -229,6 +193,100 @@ def make_pretrained(checkpoint_path: str, name: str, data_root: str, device_name
             shutil.rmtree(building)
 
 
+def fit_detector(shipped: Glow, building: str, in_name: str, run: RunConfig, device, training, validation):
+    """The outlier detector ``glowflow --outlier_detection`` would fit for the folder ``building``
+    (``OutlierDetectionSettings`` from the command's defaults, ``detector_for`` under
+    ``detector_cache_path_for``'s name, so its cache key matches), its reference on the images
+    ``training()`` returns and its threshold on ``validation()`` (None: held back from the
+    training images); returns (detector, its file)."""
+    settings = OutlierDetectionSettings(
+        output_dir=building,
+        in_name=in_name,
+        reference_cache_path=detector_cache_path_for(building, in_name, shipped.config.n_bits),
+        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
+        fit_images=run.fit_images or None,
+        detector_score=run.detector_score,
+        tpr=run.tpr,
+    )
+
+    def loader(dataset):
+        return data.make_loader(dataset, batch_size=run.eval_batch_size, shuffle=False, seed=run.seed, device=device)
+
+    detector, _ = detector_for(
+        shipped,
+        lambda: loader(training()),
+        in_name,
+        settings.detector(shipped),
+        settings.reference_cache_path,
+        threshold_images=(lambda: loader(validation())) if validation is not None else None,
+    )
+    return detector, settings.reference_cache_path
+
+
+def detector_entry(detector, detector_file: str, in_name: str, has_validation: bool) -> dict:
+    """expected.json's description of the shipped detector."""
+    return {
+        "file": os.path.basename(detector_file),
+        "dataset": in_name,
+        "n_bits": detector.model.config.n_bits,
+        "score": detector.score,
+        "tpr": detector.tpr,
+        "threshold": detector.threshold_,
+        "fit_images": detector.fit_images,
+        "reference_images": detector.reference_.n_train,
+        "threshold_images": detector.n_threshold_,
+        "threshold_split": (
+            "images of the training run's validation split (never trained on)"
+            if has_validation
+            else "training images held back from the reference"
+        ),
+    }
+
+
+def refresh_detector(name: str, data_root: str, device_name: str, val_size: int, seed: int) -> str:
+    """Refit only the outlier detector of the shipped folder ``name`` (after the detector changed
+    on main), keeping its model, its card's training command and bits/dim, and expected.json's
+    measurements: the reference on the training run's training images and the threshold on its
+    validation split, which ``val_size`` and ``seed`` (the run's ``--val_size`` and ``--seed``)
+    rebuild exactly. Built aside and swapped in when done, as :func:`make_pretrained`."""
+    final = os.path.join(MODELS, name)
+    with open(os.path.join(final, EXPECTED_NAME), encoding="utf-8") as handle:
+        expected = json.load(handle)
+    building = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=MODELS)
+    try:
+        for file in os.listdir(final):
+            if not file.startswith("ood_detector_"):
+                shutil.copy2(os.path.join(final, file), building)
+        device = resolve_device(device_name)
+        shipped = Glow.from_pretrained(building, device)
+        if model_fingerprint(shipped.cpu()) != expected["model_sha256"]:
+            raise GlowflowError(f"{final}: the folder's model is not the one expected.json describes")
+        shipped.to(device)
+        run = RunConfig(dataset=expected["dataset"], data_root=data_root)
+        folder = Checkpoint.read(building)
+        in_name, image_size = folder.data_to_read(None, run.dataset)
+        divisor = 2**shipped.config.L
+        train_set = data.load_dataset(in_name, "train", data_root, image_size, divisor=divisor)
+        rest, validation, _ = data.split_validation(train_set, val_size, seed)
+        detector, detector_file = fit_detector(
+            shipped, building, in_name, run, device, lambda: rest, lambda: validation
+        )
+        expected["detector"] = detector_entry(detector, detector_file, in_name, True)
+        expected["glowflow_version"] = __version__
+        expected["written"] = datetime.date.today().isoformat()  # the card's date: when the folder was written
+        atomic_write_text(os.path.join(building, EXPECTED_NAME), json.dumps(expected, indent=2) + "\n")
+        command, scores = card_provenance(building)
+        notes = card_notes(name, expected["detector"]["file"], expected)
+        cpu_model = Glow.from_pretrained(building)
+        cpu_model.save_pretrained(building, expected["dataset"], folder.image_size, command, scores, notes=notes)
+        if model_fingerprint(Glow.from_pretrained(building)) != expected["model_sha256"]:
+            raise GlowflowError(f"{building}: the folder's model changed when its card was written")
+        return _replace(building, final)
+    finally:
+        if os.path.isdir(building):
+            shutil.rmtree(building)
+
+
 def _replace(building: str, final: str) -> str:
     """Move the finished folder ``building`` to ``final``, the old one (if any) removed after."""
     os.chmod(building, 0o755)  # mkdtemp's 0700, as a folder made by os.makedirs
@@ -244,8 +302,19 @@ def _replace(building: str, final: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a training checkpoint (.pt) written by glowflow --train")
+    parser.add_argument(
+        "checkpoint",
+        help="a training checkpoint (.pt) written by glowflow --train (with --detector_only: ignored, '-')",
+    )
     parser.add_argument("name", help="the shipped name (pretrained:NAME), e.g. fashionmnist")
+    parser.add_argument(
+        "--detector_only",
+        action="store_true",
+        help="refit only the shipped folder's outlier detector (its model, card and expected bits/dim kept), "
+        "the threshold on the training run's validation split given by --val_size and --seed",
+    )
+    parser.add_argument("--val_size", type=int, default=5000, help="the training run's --val_size (--detector_only)")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's --seed (--detector_only)")
     parser.add_argument("--data_root", default="./data", help="where glowflow looks for the data (default ./data)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     args = parser.parse_args(argv)
@@ -253,7 +322,10 @@ def main(argv=None) -> int:
         parser.error(f"NAME must be a plain name (letters, digits, _), got {args.name!r}")
     try:
         with writing_shipped_models():  # save_pretrained refuses the package's folder otherwise
-            folder = make_pretrained(args.checkpoint, args.name, args.data_root, args.device)
+            if args.detector_only:
+                folder = refresh_detector(args.name, args.data_root, args.device, args.val_size, args.seed)
+            else:
+                folder = make_pretrained(args.checkpoint, args.name, args.data_root, args.device)
     except GlowflowError as err:
         print(f"make_pretrained: error: {err}", file=sys.stderr)
         return 2

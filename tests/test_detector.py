@@ -57,7 +57,7 @@ def test_fit_score_predict_and_their_signs(trained):
     assert detector.fit(data["train"]) is detector
     # a fifth held back for the threshold, the rest for the reference
     assert detector.n_threshold_ == 205 and detector.reference_.n_train == 819
-    assert set(detector.thresholds_) == set(detector.score_names()) and detector.score == "dos"
+    assert set(detector.thresholds_) == set(detector.score_names()) and detector.score == "dos_orientation"
     # unlabelled images: one Gaussian of the top latent, part of the density of states
     assert detector.reference_.latent.classes.tolist() == [-1]
     assert detector.reference_.dos_features[-1] == "top_gaussian"
@@ -97,7 +97,7 @@ def test_fit_uses_a_seeded_subset_and_given_threshold_images(trained):
     everything = glowflow.OutlierDetector(model, fit_images=None).fit(data["train"][:500], data["test"][:300])
     assert everything.reference_.n_train == 500 and everything.n_threshold_ == 300
     # at least 95% of the threshold images themselves are kept (ceil(0.95 * 300) = 285)
-    kept = (~everything.decide(everything.threshold_scores_["dos"])).sum()
+    kept = (~everything.decide(everything.threshold_scores_[everything.score])).sum()
     assert kept >= 285 and kept <= 290
     again = glowflow.OutlierDetector(model, fit_images=500).fit(data["train"], threshold_images=data["test"][:300])
     assert again.threshold_ == detector.threshold_  # seeded: the same subset and the same threshold
@@ -128,13 +128,14 @@ def test_threshold_keeps_its_true_positive_rate_on_unseen_inliers():
 
     def stats(n):
         level = rng.normal([1.0, 2.0], [0.1, 0.3], (n, 2)) + rng.normal(0, 0.05, (n, 1))
-        return {"bpd": level.sum(1), "level_bpd": level, "codec_bpd": rng.normal(4.0, 0.2, n)}
+        turned = level.sum(1)[:, None] + rng.normal([0.1, 0.2], [0.05, 0.1], (n, 2))  # vflip, rot90
+        return {"bpd": level.sum(1), "level_bpd": level, "codec_bpd": rng.normal(4.0, 0.2, n), "transform_bpd": turned}
 
     fresh = stats(20000)
     for tpr in (0.95, 0.8):
         detector = glowflow.OutlierDetector(model, tpr=tpr).fit_statistics(stats(8000), stats(2000))
         sigma = np.sqrt(tpr * (1 - tpr) * (1 / 2000 + 1 / 20000))
-        for name in ("dos", "nll", "typicality"):
+        for name in ("dos_orientation", "dos", "orientation", "nll", "typicality"):
             detector.set_score(name)
             kept = 1.0 - detector.decide(detector.scores_from_statistics(fresh)[name]).mean()
             assert abs(kept - tpr) < 3 * sigma, (tpr, name, kept)
@@ -216,6 +217,8 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
         "hierarchy_ratio",
         "top_gaussian",
         "dos",
+        "orientation",
+        "dos_orientation",
         "outlier",
         "decision",
         "unreadable",
@@ -223,7 +226,7 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
     flagged = sum(int(r["outlier"]) for r in rows)
     assert flagged >= 36  # noise against smooth gradients
     assert all((float(r["decision"]) < 0) == (r["outlier"] == "1") for r in rows)
-    assert f"scored 40 images of {noise} with dos: {flagged} flagged" in printed
+    assert f"scored 40 images of {noise} with dos_orientation: {flagged} flagged" in printed
     with Image.open(out / "scores_noise_sheet.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
 

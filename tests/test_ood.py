@@ -368,6 +368,7 @@ def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
     assert ood.reference_key(model, 8, "mnist", codec="webp") != key
     assert ood.reference_key(model, 8, "mnist", codec=None) != key
     assert ood.reference_key(model, 8, "mnist", threshold_fraction=0.2) != key
+    assert ood.reference_key(model, 8, "mnist", transforms=("vflip",)) != key
     assert ood.detector_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_detector_mnist_8bit.npz"
 
 
@@ -484,6 +485,8 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         "hierarchy_ratio",
         "top_gaussian",
         "dos",
+        "orientation",
+        "dos_orientation",
         "likelihood_ratio",
     }
     for out_name, stem in (("noise", "ood_smooth_vs_noise"), ("more/noise2", "ood_smooth_vs_noise2")):
@@ -492,9 +495,11 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
             report = json.load(f)
         assert report == reports[out_name]
         assert set(report["scores"]) == every
-        for m in report["scores"].values():
+        for name, m in report["scores"].items():
             assert set(m) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
-            assert all(0.0 <= v <= 1.0 for v in m.values()) and m["auroc"] > 0.9
+            # orientation compares an image with itself turned over: noise has no orientation, so
+            # that score alone is not a noise detector (its combination with dos is)
+            assert all(0.0 <= v <= 1.0 for v in m.values()) and (m["auroc"] > 0.9 or name == "orientation")
         assert report["in_dataset"] == "smooth" and report["out_dataset"] == out_name
         assert report["n_in"] == 200 and report["n_out"] == len(data[out_name.split("/")[-1]])
         assert report["bits_per_dim"]["out"] > report["bits_per_dim"]["in"]
@@ -503,7 +508,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         assert report["reference"]["n_train"] == 819 and report["reference"]["reused_cache"] is False
         assert report["reference"]["n_threshold"] == 205
         decisions = report["detector"]
-        assert decisions["score"] == "dos" and decisions["tpr_target"] == 0.95
+        assert decisions["score"] == "dos_orientation" and decisions["tpr_target"] == 0.95
         assert 0.85 < decisions["in_kept"] <= 1.0 and decisions["out_flagged"] > 0.9
         for kind in ("histograms", "roc"):
             png = os.path.join(out_dir, f"{stem}_{kind}.png")
@@ -531,7 +536,8 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     third = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
     assert "another checkpoint" in capsys.readouterr().out
     assert third["noise"]["reference"]["reused_cache"] is False
-    assert ood.load_reference(cache).key == ood.reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2)
+    key = ood.reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2, ood.ORIENTATION_TRANSFORMS)
+    assert ood.load_reference(cache).key == key
     # a background model at another bit depth is refused before anything is computed
     five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
     with pytest.raises(GlowflowError, match="same bit depth"):

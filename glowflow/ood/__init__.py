@@ -6,8 +6,9 @@ sheet, summary) -> ``inputs`` (the image files, folders and .npz files it reads)
 (a benchmark run, ``glowflow --outlier_detection``, and the images a checkpoint's detector is
 fitted on) -> ``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the
 cache, ``from_pretrained``) and ``report`` -> ``detector_file`` (reading a saved detector, checked)
--> ``scores`` -> ``reference`` -> ``checks`` (every entry of a stored detector checked),
-``statistics`` -> ``codecs`` and ``metrics``.
+-> ``scores`` -> ``reference`` -> ``orientation`` (the model's preference for an image's
+orientation, and its combination with the density of states) -> ``checks`` (every entry of a
+stored detector checked), ``statistics`` -> ``codecs`` and ``metrics``.
 What each score means and where it comes from: docs/outlier_scores.md.
 """
 
@@ -41,7 +42,7 @@ from glowflow.ood.reference import (
 from glowflow.ood.report import format_summary, format_table, save_histograms, save_roc_curves
 from glowflow.ood.scores import SCORE_DEFINITIONS, ScoredSet, outlier_scores, score_definition
 from glowflow.ood.scoring import run_score, run_score_command
-from glowflow.ood.statistics import StatisticsSettings, compute_statistics, statistic_columns
+from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, compute_statistics, statistic_columns
 from glowflow.pixels import perturb  # re-exported: glowflow.ood.perturb predates glowflow.pixels
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Reference",
     "ScoredSet",
     "StatisticsSettings",
+    "ORIENTATION_TRANSFORMS",
     "codec_bits_per_dim",
     "codec_description",
     "compute_statistics",

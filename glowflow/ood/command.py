@@ -45,7 +45,7 @@ class OutlierDetectionSettings:
     reference_cache_path: Optional[str] = None
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     fit_images: Optional[int] = FIT_IMAGES
-    detector_score: str = "dos"
+    detector_score: str = "dos_orientation"
     tpr: float = 0.95
 
     def detector(self, model) -> OutlierDetector:

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,9 +35,10 @@ from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.model import Glow
 from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
+from glowflow.ood.orientation import calibrated
 from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, reference_arrays, reference_key
 from glowflow.ood.scores import outlier_scores
-from glowflow.ood.statistics import StatisticsSettings
+from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
 from glowflow.pretrained import PretrainedFolder, find_folder, is_model_folder, is_shipped, resolve
 
 FIT_IMAGES = 10_000
@@ -50,6 +51,8 @@ THRESHOLD_FRACTION = 0.2
 ``fit`` is given no ``threshold_images``."""
 DEFAULT_TPR = 0.95
 """Share of held-back inlier images the threshold keeps (classifies as inliers)."""
+DEFAULT_SCORE = "dos_orientation"
+"""The score a detector decides with by default (glowflow.ood.orientation; docs/outlier_detection.md)."""
 
 Images = Union[torch.Tensor, np.ndarray, Dataset, DataLoader, Iterable]
 
@@ -78,13 +81,16 @@ class OutlierDetector:
     the sign conventions).
 
     ``model``: a trained :class:`glowflow.Glow`. ``score``: the decision score, any name of
-    :func:`glowflow.ood.outlier_scores` but ``likelihood_ratio`` (default ``"dos"``, the density
-    of states). ``tpr``: the share of held-back inliers the threshold keeps. ``fit_images``: at
+    :func:`glowflow.ood.outlier_scores` but ``likelihood_ratio`` (default ``"dos_orientation"``,
+    the density of states plus the model's preference for the image's orientation; ``"dos"``
+    without it). ``tpr``: the share of held-back inliers the threshold keeps. ``fit_images``: at
     most this many fit images are used (a random subset, seeded with ``seed``; None: all).
     ``threshold_fraction``: the share of them held back for the threshold when ``fit`` has no
     ``threshold_images``. ``batch_size``, ``device`` (default: the model's), ``seed`` (the
     dequantisation noise and the subsets), ``codec`` (for ``complexity`` and ``dos``; None: no
-    codec) and ``progress`` (a progress bar) set how images are read.
+    codec) and ``progress`` (a progress bar) set how images are read. ``transforms``: the image
+    transforms the ``orientation`` score compares every image with (one more pass of the model
+    each; empty: no ``orientation`` or ``dos_orientation`` score, and ``dos`` is the default).
 
     Images (``X``) are a tensor or array (N, C, H, W) in [0, 1] on the 8-bit grid, a Dataset
     yielding ``(image, label)`` (labels are ignored), or a DataLoader (or any iterable) of such
@@ -96,7 +102,7 @@ class OutlierDetector:
     def __init__(
         self,
         model,
-        score: str = "dos",
+        score: Optional[str] = None,
         *,
         tpr: float = DEFAULT_TPR,
         fit_images: Optional[int] = FIT_IMAGES,
@@ -106,6 +112,7 @@ class OutlierDetector:
         seed: int = 0,
         codec: Optional[str] = "png",
         progress: bool = False,
+        transforms: Sequence[str] = ORIENTATION_TRANSFORMS,
     ):
         _check_tpr(tpr)
         if fit_images is not None and (isinstance(fit_images, bool) or int(fit_images) < 1):
@@ -115,12 +122,18 @@ class OutlierDetector:
         if int(batch_size) < 1:
             raise GlowflowError(f"batch_size must be at least 1, got {batch_size!r}")
         self.model = model
-        self.score = str(score)
         self.tpr = float(tpr)
         self.fit_images = None if fit_images is None else int(fit_images)
         self.threshold_fraction = float(threshold_fraction)
         self.batch_size = int(batch_size)
-        self.settings = StatisticsSettings(device=device, seed=int(seed), codec=codec, progress=progress)
+        self.settings = StatisticsSettings(
+            device=device,
+            seed=int(seed),
+            codec=codec,
+            progress=progress,
+            transforms=check_transforms(transforms, model.config.image_shape),
+        )
+        self.score = str(score) if score is not None else (DEFAULT_SCORE if self.settings.transforms else "dos")
         self._check_score_name(self.score)
         self.reference_: Optional[Reference] = None
         self.threshold_scores_: Dict[str, np.ndarray] = {}
@@ -133,7 +146,8 @@ class OutlierDetector:
         levels = int(self.model.config.L)
         names += [f"level_{i + 1}_bpd" for i in range(levels)]
         names += ["hierarchy_ratio"] if levels >= 2 else []
-        return tuple(names + ["top_gaussian", "dos"])
+        names += ["top_gaussian", "dos"]
+        return tuple(names + (["orientation", "dos_orientation"] if self.settings.transforms else []))
 
     def _check_score_name(self, name: str) -> None:
         if name not in self.score_names():
@@ -261,7 +275,13 @@ class OutlierDetector:
         """Fit from already computed statistics (:func:`glowflow.ood.compute_statistics` with the
         detector's codec): the reference (:func:`fit_reference`, seeded with ``seed``) on
         ``train_stats``, then every score of ``threshold_stats`` kept for the thresholds."""
-        self.reference_ = fit_reference(train_stats, key=key, seed=self.settings.seed)
+        self.reference_ = fit_reference(
+            train_stats, key=key, seed=self.settings.seed, transforms=self.settings.transforms
+        )
+        if self.reference_.orientation is not None:  # dos_orientation standardised on the held-back images
+            held = self.scores_from_statistics(threshold_stats)
+            orientation = calibrated(self.reference_.orientation, held["dos"], held["orientation"])
+            self.reference_ = replace(self.reference_, orientation=orientation)
         self.threshold_scores_ = self.scores_from_statistics(threshold_stats)
         return self
 
@@ -343,7 +363,9 @@ class OutlierDetector:
         stored = read_detector_file(path)
         if check_model and stored.model_sha256 != model_fingerprint(model):
             raise GlowflowError(f"the outlier detector {path} was fitted for another model (weights or architecture)")
-        detector = cls(model, device=device, progress=progress, **stored.settings)
+        orientation = stored.reference.orientation
+        transforms = () if orientation is None else orientation.transforms
+        detector = cls(model, device=device, progress=progress, transforms=transforms, **stored.settings)
         detector.reference_ = stored.reference
         detector.threshold_scores_ = {n: stored.held[:, i] for i, n in enumerate(stored.names)}
         if set(stored.names) != set(detector.score_names()):
@@ -434,6 +456,7 @@ def detector_for(
         detector.fit_images,
         detector.settings.codec,
         detector.threshold_fraction,
+        detector.settings.transforms,
     )
     cached = _cached_detector(cache_path, key, detector)
     if cached is not None:

@@ -20,9 +20,10 @@ from glowflow.data.npzfile import open_npz
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.ood import checks
-from glowflow.ood.statistics import NO_LABEL, statistic_columns
+from glowflow.ood.orientation import Orientation, fit_orientation, orientation_arrays, orientation_from_arrays
+from glowflow.ood.statistics import NO_LABEL, TRANSFORMS, statistic_columns
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v6"
+REFERENCE_FORMAT = "glowflow-ood-reference-v7"
 
 DOS_STATISTICS = ("level_bpd", "codec_bpd", "top_gaussian")
 """The statistics the density of states uses by default (groups of :func:`statistic_columns`,
@@ -87,6 +88,9 @@ class Reference:
     mixture fitted on the standardised statistics (``precision = P P^T`` per component).
     latent: the class-conditional Gaussians of the top latent (:class:`LatentGaussians`), or
     None when the training statistics had no ``top_latent``.
+    orientation: what the ``orientation`` and ``dos_orientation`` scores need
+    (:class:`glowflow.ood.orientation.Orientation`), or None when the training statistics had no
+    ``transform_bpd``.
     """
 
     key: str
@@ -101,6 +105,7 @@ class Reference:
     dos_means: np.ndarray
     dos_precision_cholesky: np.ndarray
     latent: Optional[LatentGaussians] = None
+    orientation: Optional[Orientation] = None
 
 
 @dataclass
@@ -186,6 +191,7 @@ def fit_reference(
     components: int = DOS_COMPONENTS,
     statistics: Sequence[str] = DOS_STATISTICS,
     latent: Optional[LatentGaussians] = None,
+    transforms: Sequence[str] = (),
 ) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
@@ -207,6 +213,9 @@ def fit_reference(
     the latent term more in the mixture (measured better on the development sets than fitting
     them on separate halves; docs/outlier_detection.md). Images with a non-finite statistic are
     left out (with a warning).
+
+    Orientation: with ``transforms`` (the names the statistics' ``transform_bpd`` columns were
+    computed with), :func:`glowflow.ood.orientation.fit_orientation` on the same images.
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
     if latent is None and "top_latent" in train_stats:
@@ -221,7 +230,7 @@ def fit_reference(
     std = matrix.std(0)
     std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
     mixture = _fit_mixture((matrix - mean) / std, components, max_dos_points, seed)
-    return Reference(
+    reference = Reference(
         key=key,
         num_levels=int(np.asarray(train_stats["level_bpd"]).shape[1]),
         n_train=int(bpd.size),
@@ -235,6 +244,9 @@ def fit_reference(
         dos_precision_cholesky=mixture.precisions_cholesky_,
         latent=latent,
     )
+    if transforms:
+        reference.orientation = fit_orientation(train_stats, transforms, -dos_log_density(reference, train_stats))
+    return reference
 
 
 def _finite_rows(matrix: np.ndarray, bpd: np.ndarray) -> np.ndarray:
@@ -325,6 +337,7 @@ def reference_arrays(reference: Reference) -> Dict[str, np.ndarray]:
         dos_means=reference.dos_means,
         dos_precision_cholesky=reference.dos_precision_cholesky,
         **_latent_arrays(reference.latent),
+        **({} if reference.orientation is None else orientation_arrays(reference.orientation)),
     )
 
 
@@ -392,6 +405,7 @@ def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Referenc
         dos_means=checks.array(data, "dos_means", path, (k, d)),
         dos_precision_cholesky=checks.cholesky(data, "dos_precision_cholesky", path, (k, d, d)),
         latent=latent,
+        orientation=orientation_from_arrays(data, path, tuple(TRANSFORMS)),
     )
 
 
@@ -433,6 +447,7 @@ def reference_key(
     max_images: Optional[int] = None,
     codec: Optional[str] = "png",
     threshold_fraction: float = 0.0,
+    transforms: Sequence[str] = (),
 ) -> str:
     """The cache key of a training reference: JSON of the model fingerprint, n_bits, the training
     dataset's name, the noise seed, the image cap (the detector's fit images), the codec and the
@@ -452,6 +467,7 @@ def reference_key(
             "max_images": max_images,
             "codec": codec,
             "threshold_fraction": float(threshold_fraction),
+            "transforms": list(transforms),
         },
         sort_keys=True,
     )

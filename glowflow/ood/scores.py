@@ -11,6 +11,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from glowflow.errors import GlowflowError
+from glowflow.ood.orientation import combined_score, orientation_score
 from glowflow.ood.reference import Reference, dos_log_density, top_gaussian_nll
 
 SCORE_DEFINITIONS: Dict[str, str] = {
@@ -21,6 +22,8 @@ SCORE_DEFINITIONS: Dict[str, str] = {
     "hierarchy_ratio": "bits/dim minus the level-1 (local) contribution (Schirrmeister et al., 2020)",
     "top_gaussian": "-log density of the top latent under its nearest training class Gaussian (Lee et al., 2018)",
     "dos": "-log density of the image's statistics under their training density (Morningstar et al., 2021)",
+    "orientation": "how much likelier the image is turned over or on its side than as it is, against training images",
+    "dos_orientation": "dos plus orientation, each standardised on held-back inliers (the default)",
     "likelihood_ratio": "bits/dim minus a background model's bits/dim (Ren et al., 2019)",
 }
 
@@ -44,6 +47,10 @@ def outlier_scores(
       :func:`top_gaussian_nll`, the top latent's NLL per feature under its nearest class Gaussian
       (Lee et al., 2018, per-class covariance).
     * ``dos``: ``-log`` density of the statistics under the reference (Morningstar et al., 2021).
+    * ``orientation`` and ``dos_orientation`` (when the reference has an orientation part and
+      ``stats`` has ``transform_bpd``): :func:`glowflow.ood.orientation.orientation_score` and
+      :func:`glowflow.ood.orientation.combined_score` (the model's preference for the image as
+      it is over its transforms, alone and added to ``dos``).
     * ``likelihood_ratio`` (when ``background_stats`` is given): ``bpd - background bpd``
       = ``-(log p_model(x) - log p_background(x)) / (D ln 2)`` (Ren et al., 2019); both models
       must see the same n_bits and image size, so the discretisation constants cancel.
@@ -63,6 +70,9 @@ def outlier_scores(
     if reference.latent is not None and "top_latent" in stats:
         scores["top_gaussian"] = top_gaussian_nll(reference.latent, stats["top_latent"])
     scores["dos"] = -dos_log_density(reference, stats, scores.get("top_gaussian"))
+    if reference.orientation is not None:
+        scores["orientation"] = orientation_score(reference.orientation, stats)
+        scores["dos_orientation"] = combined_score(reference.orientation, scores["dos"], scores["orientation"])
     if background_stats is not None:
         bg = np.asarray(background_stats["bpd"], dtype=np.float64)
         if bg.shape != bpd.shape:

@@ -1,6 +1,7 @@
 """The per-image statistics of one pass of a model over a loader (bits/dim, each level's share of
 it, log-determinant, latent RMS, a codec's bits/dim, the top latent as a feature vector, the class
-label): what every outlier score is computed from."""
+label, and the bits/dim of the image turned over or on its side): what every outlier score is
+computed from."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ MAX_LATENT_FEATURES = 1024
 2x2 spatial blocks until it fits (so the class Gaussians' covariances stay small)."""
 NO_LABEL = -1
 """The ``labels`` entry of an image that has no single class label."""
+TRANSFORMS = {
+    "vflip": lambda x: x.flip(-2),
+    "hflip": lambda x: x.flip(-1),
+    "rot90": lambda x: x.rot90(1, (-2, -1)),
+    "rot180": lambda x: x.flip(-2).flip(-1),
+    "rot270": lambda x: x.rot90(3, (-2, -1)),
+}
+"""The image transforms whose bits/dim :func:`compute_statistics` can add (``transform_bpd``):
+turned upside down (``vflip``), mirrored, or rotated by 90, 180 or 270 degrees (square images)."""
+ORIENTATION_TRANSFORMS = ("vflip", "rot90")
+"""The transforms the detector's ``orientation`` score compares each image with by default
+(docs/outlier_detection.md, "Near outliers: the model's view of orientation", says why these two)."""
 
 
 @torch.inference_mode()
@@ -33,6 +46,7 @@ def compute_statistics(
     codec: Optional[str] = "png",
     desc: str = "statistics",
     progress: bool = True,
+    transforms: Sequence[str] = (),
 ) -> Dict[str, np.ndarray]:
     """One pass over ``loader`` computing every per-image statistic the scores need.
 
@@ -63,9 +77,14 @@ def compute_statistics(
       W_L, or average-pooled over 2x2 blocks until F <= :data:`MAX_LATENT_FEATURES`.
     * ``labels`` (N,) int64: each image's class (a single integer label from the loader), or
       :data:`NO_LABEL` where the loader gives none (bare images, ``None``, multi-label vectors).
+    * ``transform_bpd`` (N, T), only when ``transforms`` (names of :data:`TRANSFORMS`) are given:
+      the bits/dim of each image after each transform, column ``j`` for ``transforms[j]``, with
+      the same dequantisation noise transformed alike (so ``bpd - transform_bpd[:, j]`` compares
+      the same values in two orientations). Each transform costs one more pass of the model.
     """
     n_bits = _model_n_bits(model, n_bits)
     _check_ready(model, codec)
+    transforms = check_transforms(transforms, model.config.image_shape)
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -77,6 +96,8 @@ def compute_statistics(
         for images, labels in _checked_images(loader, tuple(model.config.image_shape), max_images, desc):
             x = dequantize(preprocess(images, n_bits), n_bits, generator).to(device=device, dtype=param.dtype)
             batch = _batch_statistics(model, x, n_bits)
+            if transforms:
+                batch["transform_bpd"] = _transform_bits_per_dim(model, x, n_bits, transforms)
             batch["labels"] = labels
             if codec is not None:
                 batch["codec_bpd"] = codec_bits_per_dim(images, n_bits, codec)
@@ -88,6 +109,30 @@ def compute_statistics(
     if sum(batch["bpd"].size for batch in batches) == 0:
         raise GlowflowError(f"the {desc} loader yielded no images")
     return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def check_transforms(transforms: Sequence[str], image_shape: Sequence[int]) -> Tuple[str, ...]:
+    """``transforms`` as a tuple of known names (:data:`TRANSFORMS`), each at most once; a
+    rotation by 90 or 270 degrees needs square images."""
+    transforms = tuple(str(t) for t in transforms)
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise GlowflowError(f"unknown image transform {unknown[0]!r}; choose from {', '.join(TRANSFORMS)}")
+    if len(set(transforms)) != len(transforms):
+        raise GlowflowError(f"image transforms must differ, got {list(transforms)}")
+    if {"rot90", "rot270"} & set(transforms) and image_shape[-1] != image_shape[-2]:
+        raise GlowflowError(f"rotating by 90 degrees needs square images, not {tuple(image_shape)}")
+    return transforms
+
+
+def _transform_bits_per_dim(model, x: torch.Tensor, n_bits: int, transforms: Sequence[str]) -> np.ndarray:
+    """(n, T) float64 bits/dim of the dequantised batch ``x`` (n, C, H, W) after each transform,
+    the transformed batches run through the model as one batch."""
+    turned = torch.cat([TRANSFORMS[t](x) for t in transforms]).contiguous()
+    terms = model.forward_terms(turned)
+    log_prob = (torch.stack(terms.level_log_priors, 1).sum(1) + torch.stack(terms.level_logdets, 1).sum(1)).double()
+    bpd = bits_per_dim(log_prob.cpu(), int(np.prod(model.config.image_shape)), n_bits)
+    return bpd.reshape(len(transforms), x.shape[0]).T.numpy()
 
 
 def _model_n_bits(model, n_bits: Optional[int]) -> int:
@@ -239,13 +284,15 @@ def statistic_columns(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 class StatisticsSettings:
     """How :func:`compute_statistics` reads every loader of one outlier-detection run: the
     device, the dequantisation noise seed, the cap on images per loader, the codec (None: no
-    ``codec_bpd``) and whether to show a progress bar."""
+    ``codec_bpd``), whether to show a progress bar, and the transforms whose bits/dim the
+    ``orientation`` score compares (empty: none, and no ``orientation`` score)."""
 
     device: Optional[Union[str, torch.device]] = None
     seed: int = 0
     max_images: Optional[int] = None
     codec: Optional[str] = "png"
     progress: bool = True
+    transforms: Tuple[str, ...] = ORIENTATION_TRANSFORMS
 
     def compute(self, model, loader: Iterable, desc: str) -> Dict[str, np.ndarray]:
         """:func:`compute_statistics` of ``model`` over ``loader`` with these settings, at the
@@ -259,4 +306,5 @@ class StatisticsSettings:
             codec=self.codec,
             desc=desc,
             progress=self.progress,
+            transforms=self.transforms,
         )
