@@ -416,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoints = (("--checkpoint", run.checkpoint), ("--background_checkpoint", run.background_checkpoint))
     check_command_line(args.dataset, run.out_dataset if args.outlier_detection else (), checkpoints)
     if args.train:
-        from glowflow.train import train
+        from glowflow.training import train
 
         model_config = None if run.resume else model_config_from_args(args, run)
         summary = train(run, model_config)
