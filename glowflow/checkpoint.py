@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from glowflow.config import GlowConfig, RunConfig, check_field_types
+from glowflow.config import GlowConfig, RunConfig, check_field_types, is_int, is_number
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.invertible import flow_problem
@@ -104,7 +104,7 @@ class Checkpoint:
                 f"glowflow only loads checkpoints it wrote itself"
             )
         version = payload.get("version", 1)
-        if not _is_int(version) or version < 1:
+        if not is_int(version) or version < 1:
             raise GlowflowError(f"{path}: malformed checkpoint: version must be a positive integer, got {version!r}")
         if version > VERSION:
             raise GlowflowError(f"{path} was written by a newer glowflow (checkpoint version {version})")
@@ -302,7 +302,7 @@ class Checkpoint:
 
     def _bpd(self, key: str) -> float:
         value = self.payload.get(key, math.inf)
-        if not _is_number(value) or math.isnan(value):
+        if not is_number(value) or math.isnan(value):
             raise GlowflowError(f"{self.path}: malformed training state: {key} must be a number, got {value!r:.60}")
         return float(value)
 
@@ -336,7 +336,7 @@ class Checkpoint:
 
     def _counter(self, key: str, default: Optional[int] = None) -> int:
         value = self.payload.get(key, default)
-        if not _is_int(value) or not 0 <= value <= MAX_COUNTER:
+        if not is_int(value) or not 0 <= value <= MAX_COUNTER:
             raise GlowflowError(
                 f"{self.path}: malformed training state: {key} must be an integer from 0 to {MAX_COUNTER}, "
                 f"got {value!r:.60}"
@@ -433,14 +433,6 @@ def _check_archive(path: str) -> None:
         )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_text(value: Any, text: str) -> bool:
     return isinstance(value, str) and value == text
 
@@ -459,17 +451,17 @@ def _optimizer_state_problem(state: Any) -> Optional[str]:
     indices = []
     for group in groups:
         params = group.get("params")
-        if not isinstance(params, list) or not all(_is_int(i) and i >= 0 for i in params):
+        if not isinstance(params, list) or not all(is_int(i) and i >= 0 for i in params):
             return "parameter group 'params' must be a list of parameter numbers"
         indices += params
         for key, value in group.items():
             if key == "params":
                 continue
             if key in _GROUP_NUMBERS:
-                ok = _is_number(value) and math.isfinite(value) and value >= 0
+                ok = is_number(value) and math.isfinite(value) and value >= 0
             elif key == "betas":
                 ok = isinstance(value, (list, tuple)) and len(value) == 2
-                ok = ok and all(_is_number(b) and 0 <= b < 1 for b in value)
+                ok = ok and all(is_number(b) and 0 <= b < 1 for b in value)
             else:
                 ok = isinstance(key, str) and isinstance(value, _SCALARS)
             if not ok:
@@ -502,9 +494,9 @@ def _scheduler_state_problem(state: Any) -> Optional[str]:
         return f"has unexpected fields {sorted(map(str, unknown))!r:.80}"
     for key, value in state.items():
         if key in ("last_epoch", "_step_count"):
-            ok = _is_int(value)
+            ok = is_int(value)
         elif key in ("base_lrs", "_last_lr"):
-            ok = isinstance(value, list) and all(_is_number(v) and math.isfinite(v) for v in value)
+            ok = isinstance(value, list) and all(is_number(v) and math.isfinite(v) for v in value)
         elif key == "lr_lambdas":
             ok = isinstance(value, list) and all(v is None or isinstance(v, dict) for v in value)
         else:

@@ -15,6 +15,7 @@ A sampling sub-mode alone (``--reconstruct``, ``--interpolate``, ``--manipulate`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -372,13 +373,14 @@ def apply_preset(args: argparse.Namespace, argv: Optional[List[str]]) -> argpars
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = {f for f in RunConfig.__dataclass_fields__}
-    values = {k: v for k, v in vars(args).items() if k in fields and not (k == "dataset" and v is None)}
-    values["out_dataset"] = tuple(values["out_dataset"])
-    values["temperature"] = tuple(values["temperature"])
-    values["manipulate_scales"] = tuple(values["manipulate_scales"])
-    if values.get("manipulate") is not None:
-        values["manipulate"] = tuple(values["manipulate"])
+    """The RunConfig of the parsed flags: every RunConfig field from the flag of its name (lists
+    as tuples; --dataset, when not given, keeps its default)."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in vars(args).items()
+        if k in names and not (k == "dataset" and v is None)
+    }
     run = RunConfig(**values)
     if run.resume == "last":
         run.resume = os.path.join(run.resolved_output_dir(), "last.pt")
@@ -395,22 +397,9 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
     if 1 <= args.L <= MAX_L:  # (an L out of range is GlowConfig's to refuse)
         check_divisible(info.name, info.image_shape[1], args.L)
     num_classes = run.num_classes if run.num_classes is not None else (info.num_classes or _ARCH.num_classes)
-    return GlowConfig(
-        image_shape=tuple(info.image_shape),
-        hidden_channels=args.hidden_channels,
-        K=args.K,
-        L=args.L,
-        actnorm_scale=args.actnorm_scale,
-        flow_permutation=args.flow_permutation,
-        flow_coupling=args.flow_coupling,
-        LU_decomposed=args.LU_decomposed,
-        coupling_scale_min=args.coupling_scale_min,
-        learn_top=args.learn_top,
-        y_condition=args.y_condition,
-        num_classes=num_classes,
-        y_multilabel=bool(info.multilabel),
-        n_bits=args.n_bits,
-    )
+    from_data = dict(image_shape=tuple(info.image_shape), num_classes=num_classes, y_multilabel=bool(info.multilabel))
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(GlowConfig) if f.name not in from_data}
+    return GlowConfig(**flags, **from_data)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -418,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoints = (("--checkpoint", run.checkpoint), ("--background_checkpoint", run.background_checkpoint))
     check_command_line(args.dataset, run.out_dataset if args.outlier_detection else (), checkpoints)
     if args.train:
-        from glowflow.train import train
+        from glowflow.training import train
 
         model_config = None if run.resume else model_config_from_args(args, run)
         summary = train(run, model_config)

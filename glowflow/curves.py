@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from glowflow.config import is_int, is_number
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write, atomic_write_text
 
@@ -87,8 +88,7 @@ class RunningLoss:
             raise GlowflowError(f"{path}: malformed checkpoint: running_loss must hold {', '.join(fields)}")
         for name, kind in fields.items():
             number = value[name]
-            is_int = isinstance(number, int) and not isinstance(number, bool)
-            ok = is_int if kind == "int" else (is_int or isinstance(number, float)) and math.isfinite(number)
+            ok = is_int(number) if kind == "int" else is_number(number) and math.isfinite(number)
             if not ok or number < 0 and kind == "int":
                 raise GlowflowError(f"{path}: malformed checkpoint: running_loss {name} is {number!r}")
         return cls(**{name: (float(v) if fields[name] == "float" else v) for name, v in value.items()})

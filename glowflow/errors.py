@@ -2,7 +2,8 @@
 
 Anything the user can fix (a bad flag, a missing file, a checkpoint for another
 model) is raised as :class:`GlowflowError`; the command line prints :func:`one_line_message`
-of it and exits with status 2. Every other exception is a bug in glowflow.
+of it and exits with status 2. Every other exception is a bug in glowflow. :func:`one_line` puts
+another exception's text on one short line inside such a message.
 """
 
 import re
@@ -26,3 +27,9 @@ def one_line_message(err: BaseException) -> str:
         found = _EXCEPTION_LINE.match(last)
         message = found.group(1) if found else last
     return message
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line of at most ``limit`` characters, for error messages."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -59,7 +59,7 @@ from glowflow.ood import (  # noqa: E402
 from glowflow.ood.command import FitSets  # noqa: E402
 from glowflow.pretrained import card_provenance, writing_shipped_models  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
-from glowflow.train import evaluate_bpd  # noqa: E402
+from glowflow.training import evaluate_bpd  # noqa: E402
 
 MODELS = os.path.join(REPO, "glowflow", "pretrained_models")
 EXPECTED_NAME = "expected.json"
@@ -70,7 +70,7 @@ SLICE = dict(split="test", first=256, dequantization_seed=0, batch_size=256, dev
 
 def slice_bpd(model: Glow, dataset: str, data_root: str, image_size, how: dict) -> float:
     """Mean bits/dim of ``model`` (on the CPU) on the slice ``how`` (:data:`SLICE`) of ``dataset``:
-    ``glowflow.train.evaluate_bpd`` over the first ``how["first"]`` images of the split."""
+    ``glowflow.training.evaluate_bpd`` over the first ``how["first"]`` images of the split."""
     split = data.load_dataset(dataset, how["split"], data_root, image_size, divisor=2**model.config.L)
     images = data.subset(split, range(how["first"]))
     loader = data.make_loader(images, batch_size=how["batch_size"], shuffle=False)

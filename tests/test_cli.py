@@ -597,7 +597,7 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped(tiny, tmp_path, monk
 
 
 def test_max_abs_without_get_total_norm(monkeypatch):
-    from glowflow.train import max_abs
+    from glowflow.training import max_abs
 
     tensors = [torch.tensor([1.0, -3.0]), torch.tensor([[2.0]]), torch.tensor([3e38, -3e38])]
     assert max_abs(tensors).item() == pytest.approx(3e38)

@@ -10,7 +10,7 @@ import torch
 
 from glowflow import Glow, GlowflowError, bits_per_dim, dequantize
 from glowflow.layers import ActNorm
-from glowflow.speed import autocast_context, eager
+from glowflow.runtime import autocast_context, eager
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
 COMBOS = list(architecture_combinations())

@@ -32,8 +32,8 @@ RANKS = {
     "data": 6,
     "runtime": 6,
     "tracking": 6,
-    "speed": 7,
-    "train": 7,
+    "training": 7,
+    "train": 8,  # the old home of training: an alias of glowflow.training for users
     "export": 7,
     "sample": 7,
     "ood": 7,

@@ -16,7 +16,7 @@ from glowflow.data.partition import held_out_test
 from glowflow.errors import GlowflowError
 from glowflow.model import Glow
 from glowflow.pixels import shift_and_flip
-from glowflow.train import Trainer, augment_draws, evaluate_bpd, resumed_config
+from glowflow.training import Trainer, augment_draws, evaluate_bpd, resumed_config
 from tests.helpers import write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb", "--sample_and_save_freq", "0"]

@@ -21,7 +21,7 @@ from glowflow.cli import main
 from glowflow.errors import GlowflowError
 from glowflow.ood import OutlierDetector, detector_cache_path_for, model_fingerprint
 from glowflow.pretrained import SHIPPED, PretrainedFolder, shipped_folder
-from glowflow.train import evaluate_bpd
+from glowflow.training import evaluate_bpd
 from tests.helpers import write_noise_npz
 
 FOLDER = shipped_folder("fashionmnist")

@@ -68,7 +68,7 @@ def _kill_at_write(monkeypatch, k):
     """From now on the k-th end-of-epoch write (best checkpoint, last.pt, metrics row or sample
     grid, counted together) is killed half-way: a checkpoint or grid leaves its temporary file, a
     metrics row is cut short. Returns a dict whose 'armed' entry turns the killing off."""
-    import glowflow.train as train_module
+    import glowflow.training.trainer as train_module
     from glowflow.tracking import Tracker
 
     state = {"calls": 0, "armed": True, "killed": None}
@@ -155,7 +155,7 @@ def test_resume_drops_metrics_rows_beyond_the_checkpoint(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from glowflow.train import RunLock
+    from glowflow.runfolder import RunLock
     lock = RunLock.acquire(sys.argv[1])
     print("held", flush=True)
     time.sleep(600)
@@ -178,7 +178,7 @@ def _hold_lock(folder, tmp_path):
 def test_a_second_run_on_a_busy_output_dir_is_refused(smooth, tmp_path, capsys):
     import socket
 
-    from glowflow.train import RunLock
+    from glowflow.runfolder import RunLock
 
     run = tmp_path / "busy"
     run.mkdir()
@@ -245,7 +245,7 @@ def _wait_for(condition, failure, timeout=60.0):
 
 
 def test_a_stop_signal_waits_for_the_state_to_be_whole():
-    from glowflow.train import StopSignals
+    from glowflow.training import StopSignals
 
     signals = StopSignals()
     signals.install()

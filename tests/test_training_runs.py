@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-import glowflow.train as train_module
+import glowflow.data as data_module
+import glowflow.training.trainer as trainer_module
 from glowflow.cli import main
 from glowflow.config import GlowConfig, RunConfig
 from glowflow.cost import RunCost, training_bytes_per_image
 from glowflow.curves import STEP_COLUMNS, RunningLoss, curve_interval, plot_curves
 from glowflow.errors import GlowflowError
 from glowflow.progress import PlainProgress, progress_bar
-from glowflow.train import Trainer
+from glowflow.runfolder import RunLock
+from glowflow.training import Trainer
 from tests.helpers import write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
@@ -58,7 +60,7 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resume_or_overwrite(s
         raise AssertionError("the data was read before the refusal")
 
     with monkeypatch.context() as patch:  # refused before any work: the data is not even read
-        patch.setattr(train_module.data_module, "load_dataset", no_data)
+        patch.setattr(data_module, "load_dataset", no_data)
         assert _train(smooth, run, "--max_steps", "4") == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1, err
@@ -112,7 +114,7 @@ def test_a_run_that_fails_while_starting_removes_the_folder_it_made(smooth, tmp_
     def initialize_actnorm(*args, **kwargs):
         raise GlowflowError("no initialisation today")
 
-    monkeypatch.setattr(train_module, "initialize_actnorm", initialize_actnorm)
+    monkeypatch.setattr(trainer_module, "initialize_actnorm", initialize_actnorm)
     run = tmp_path / "run"
     assert _train(smooth, run, "--n_epochs", "1") == 2
     assert "no initialisation today" in capsys.readouterr().err
@@ -137,7 +139,7 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_everything(smooth, tmp_path, 
     names = {p.name for p in run.iterdir()}
     assert {"last.pt", "Glow_smooth.pt", "metrics.csv", "steps.csv", "training_curves.png"} <= names
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
-    train_module.RunLock.acquire(str(run)).release()  # and the lock was released
+    RunLock.acquire(str(run)).release()  # and the lock was released
 
 
 # ----------------------------------------------------------------------------- metrics.csv and steps.csv on resume

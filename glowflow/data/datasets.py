@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from glowflow.errors import GlowflowError
+from glowflow.errors import GlowflowError, one_line  # noqa: F401 (one_line: importable from here too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # PIL modes of 16-bit grey ("I": 32-bit integers, which a 16-bit PNG may also open as).
@@ -191,12 +191,6 @@ def loops_back(path: str, root: str) -> bool:
     if os.path.normpath(path) == os.path.normpath(root):
         return False
     return real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep)
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's text on one line of at most ``limit`` characters, for error messages."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------

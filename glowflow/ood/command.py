@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 from glowflow import data
 from glowflow.checkpoint import Checkpoint, check_image_shape
-from glowflow.config import OUTPUT_ROOT, RunConfig
+from glowflow.config import OUTPUT_ROOT, DetectorConfig, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
 from glowflow.ood.codecs import codec_description
@@ -45,8 +45,8 @@ class OutlierDetectionSettings:
     reference_cache_path: Optional[str] = None
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     fit_images: Optional[int] = FIT_IMAGES
-    detector_score: str = "dos_orientation"
-    tpr: float = 0.95
+    detector_score: str = DetectorConfig.detector_score
+    tpr: float = DetectorConfig.tpr
 
     def detector(self, model) -> OutlierDetector:
         """An unfitted :class:`OutlierDetector` of ``model`` with these settings."""

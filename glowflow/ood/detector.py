@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from glowflow.config import dataset_slug
+from glowflow.config import DetectorConfig, dataset_slug
 from glowflow.data import make_loader
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
@@ -41,7 +41,7 @@ from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
 from glowflow.pretrained import PretrainedFolder, find_folder, is_model_folder, is_shipped, resolve
 
-FIT_IMAGES = 10_000
+FIT_IMAGES = DetectorConfig.fit_images
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
 for the reference, 2000 held back for the threshold. On Fashion-MNIST the density of states from
 8000 training images is within sampling noise of the one from all 60000
@@ -49,9 +49,9 @@ for the reference, 2000 held back for the threshold. On Fashion-MNIST the densit
 THRESHOLD_FRACTION = 0.2
 """Share of the fit images held back (a seeded random subset) to set the threshold on, when
 ``fit`` is given no ``threshold_images``."""
-DEFAULT_TPR = 0.95
+DEFAULT_TPR = DetectorConfig.tpr
 """Share of held-back inlier images the threshold keeps (classifies as inliers)."""
-DEFAULT_SCORE = "dos_orientation"
+DEFAULT_SCORE = DetectorConfig.detector_score
 """The score a detector decides with by default (glowflow.ood.orientation; docs/outlier_detection.md)."""
 
 Images = Union[torch.Tensor, np.ndarray, Dataset, DataLoader, Iterable]
