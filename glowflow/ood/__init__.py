@@ -4,14 +4,17 @@ scores (higher = more outlying), their metrics, and the reports and figures of a
 Modules, each importing only those below it: ``scoring`` (``glowflow --score``: CSV, picture
 sheet, summary) -> ``inputs`` (the image files, folders and .npz files it reads) and ``command``
 (a benchmark run, ``glowflow --outlier_detection``, and the images a checkpoint's detector is
-fitted on) -> ``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, the
-cache, ``from_pretrained``) and ``report`` -> ``detector_file`` (reading a saved detector, checked)
+fitted on) -> ``cache`` (:func:`detector_for`: a checkpoint's detector, reused or fitted and
+cached) -> ``detector`` (:class:`OutlierDetector`: fit, score, threshold, save/load, where a
+checkpoint's detector is cached, ``from_pretrained``) and ``report`` -> ``detector_file`` (reading a
+saved detector, checked)
 -> ``scores`` -> ``reference`` -> ``orientation`` (the model's preference for an image's
 orientation, and its combination with the density of states) -> ``checks`` (every entry of a
 stored detector checked), ``statistics`` -> ``codecs`` and ``metrics``.
 What each score means and where it comes from: docs/outlier_scores.md.
 """
 
+from glowflow.ood.cache import detector_for
 from glowflow.ood.codecs import CODECS, codec_bits_per_dim, codec_description
 from glowflow.ood.command import OutlierDetectionSettings, run_outlier_detection, run_outlier_detection_command
 from glowflow.ood.detector import (
@@ -19,7 +22,6 @@ from glowflow.ood.detector import (
     FIT_IMAGES,
     OutlierDetector,
     detector_cache_path_for,
-    detector_for,
     threshold_at_tpr,
 )
 from glowflow.ood.metrics import fpr_at_tpr, outlier_metrics

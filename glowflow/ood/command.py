@@ -14,8 +14,9 @@ from glowflow.checkpoint import Checkpoint, check_image_shape
 from glowflow.config import OUTPUT_ROOT, DetectorConfig, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
+from glowflow.ood.cache import detector_for
 from glowflow.ood.codecs import codec_description
-from glowflow.ood.detector import FIT_IMAGES, OutlierDetector, detector_cache_path_for, detector_for
+from glowflow.ood.detector import FIT_IMAGES, OutlierDetector, detector_cache_path_for
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.report import (
     build_report,

@@ -20,8 +20,9 @@ from glowflow.checkpoint import Checkpoint
 from glowflow.config import OUTPUT_ROOT, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_output, atomic_write, atomic_write_text, check_writable_folder, describe_os_error
+from glowflow.ood.cache import detector_for
 from glowflow.ood.command import FitSets
-from glowflow.ood.detector import OutlierDetector, detector_cache_path_for, detector_for
+from glowflow.ood.detector import OutlierDetector, detector_cache_path_for
 from glowflow.ood.inputs import check_some_readable, load_images_to_score, unreadable_note
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
