@@ -21,7 +21,7 @@ _EXPORTS = {
     "preprocess": "glowflow.pixels",
     "load_checkpoint": "glowflow.checkpoint",
     "from_pretrained": "glowflow.checkpoint",
-    "save_pretrained": "glowflow.checkpoint",
+    "save_pretrained": "glowflow.pretrained",
     "OutlierDetector": "glowflow.ood.detector",
 }
 

@@ -16,7 +16,7 @@ glowflow/layers.py gives the tensors of a flow step's ``permute`` layer:
   is invertible by construction.
 
 It is cheap (the matrices are at most a few hundred channels across) and runs on the CPU in
-float64. Both readers call it: glowflow/pretrained.py for model folders, glowflow/checkpoint.py for
+float64. Both readers call it: glowflow/pretrained.py for model folders, glowflow/reader.py for
 checkpoint files; each turns the problem into its one-line :class:`GlowflowError`.
 """
 

@@ -12,17 +12,16 @@
   ``torch.load`` is never called;
 - ``README.md``: a short model card (data, the training command, bits/dim, date), for people.
 
-This module owns the format: writing a folder (:func:`write_folder`, each file atomic) and reading
-one (:class:`PretrainedFolder`), trusting nothing in it: ``config.json`` is checked field by field
-(unknown fields, types, ranges and the model's size, through :class:`GlowConfig`), and the
-safetensors header's names, shapes and kinds of number are checked against the model before any
-tensor is read, then every weight's finiteness and every permutation layer's invertibility
+This module owns the format: writing a folder (:func:`save_pretrained` / :func:`write_folder`, each
+file atomic) and reading one (:class:`PretrainedFolder`), trusting nothing in it: ``config.json`` is
+checked field by field (unknown fields, types, ranges and the model's size, through
+:class:`GlowConfig`), and the safetensors header's names, shapes and kinds of number are checked
+against the model before any tensor is read, then every weight's finiteness and every permutation layer's invertibility
 (glowflow/invertible.py). Weights stored in float16 or bfloat16 are read as float32, with a line on
 stderr saying so (glowflow computes log-determinants and inverses, which half precision cannot
 carry). Each problem is a one-line :class:`GlowflowError`. It knows nothing of
-:class:`glowflow.model.Glow` (which ranks above it and builds its ``save_pretrained`` /
-``from_pretrained`` on it) or of training checkpoints
-(glowflow/checkpoint.py, which reads a folder wherever it reads a checkpoint).
+:class:`glowflow.model.Glow` or of training checkpoints: glowflow/reader.py, the one reader of
+stored models, reads a folder through it wherever it reads a checkpoint, and builds the model.
 
 Writing a folder is all or nothing (:func:`glowflow.files.folder_update`: on a failure the files
 it replaced are put back, what it created removed), and never into the package's own
@@ -232,6 +231,25 @@ def write_folder(
         atomic_write_text(os.path.join(folder, CARD_NAME), card if card is not None else model_card(config, dataset))
         atomic_write_text(os.path.join(folder, CONFIG_NAME), text)
     return folder
+
+
+def save_pretrained(
+    model,
+    folder: str,
+    dataset: Optional[str] = None,
+    image_size: Optional[int] = None,
+    command: Optional[str] = None,
+    scores: Optional[Mapping[str, float]] = None,
+    notes: Optional[str] = None,
+) -> str:
+    """Write ``model`` (anything with a :class:`GlowConfig` ``config`` and a ``state_dict()``: a
+    Glow) as the model folder ``folder``: ``config.json`` (the configuration, and ``dataset`` /
+    ``image_size`` it was trained on, if given), ``model.safetensors`` (every tensor of the state
+    dict, buffers included) and a ``README.md`` model card (``command``: the training command;
+    ``scores``: e.g. ``{"test bits/dim": 3.27}``; ``notes``: Markdown appended). Returns ``folder``.
+    ``Glow.save_pretrained`` and ``glowflow.save_pretrained`` are this function."""
+    card = model_card(model.config, dataset, command, scores, notes=notes)
+    return write_folder(folder, model.config, model.state_dict(), dataset, image_size, card)
 
 
 _CARD_COMMAND = re.compile(r"^- Training command: `(.{1,4096})`$")

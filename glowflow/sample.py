@@ -39,7 +39,7 @@ def _class_condition(model: Glow, cls: int, n: int, device) -> torch.Tensor:
 
 def checked_sample(model: Glow, n: int, temperature: float, y: Optional[torch.Tensor] = None, what: str = ""):
     """``model.sample`` with its default check and redraws, printing its report in one line
-    (:meth:`glowflow.model.SampleReport.describe`). Returns the samples (n, C, H, W)."""
+    (:meth:`glowflow.sampling.SampleReport.describe`). Returns the samples (n, C, H, W)."""
     x, report = model.sample_with_report(n, temperature, y)
     print(f"samples ({what}T={temperature:g}): {report.describe()}")
     return x

@@ -251,3 +251,19 @@ def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_written_check
     # is left there, it is no checkpoint and no temporary file
     left = os.listdir(run) if run.exists() else []
     assert not [name for name in left if name.endswith(".pt") or name.startswith(".tmp-")], left
+
+
+def test_the_schema_is_what_the_trainer_writes(trained, tmp_path):
+    """Every key of a training checkpoint is declared by CheckpointContents, and a key it does
+    not declare is refused on save (the trainer's save goes through it)."""
+    import dataclasses
+
+    from glowflow.checkpoint import save_checkpoint
+    from glowflow.checkpoint_schema import CheckpointContents
+
+    declared = {f.name for f in dataclasses.fields(CheckpointContents)} | {"format", "version"}
+    assert set(trained["payload"]) <= declared
+    model = Checkpoint.read(str(trained["path"])).load_model()
+    with pytest.raises(TypeError):
+        save_checkpoint(str(tmp_path / "x.pt"), model, epochs=1)
+    assert not (tmp_path / "x.pt").exists()
