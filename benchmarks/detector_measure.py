@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from glowflow import data as data_module  # noqa: E402
 from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
+from glowflow.ood.codecs import codec_bits_per_dim  # noqa: E402
 from glowflow.ood.statistics import _batch_statistics  # noqa: E402
 from glowflow.pixels import dequantize, preprocess  # noqa: E402
 
@@ -52,7 +53,7 @@ def one_pass(model, dataset, desc):
     for images, y in loader:
         x = dequantize(preprocess(images, n_bits), n_bits, g)
         batch = _batch_statistics(model, x, n_bits)
-        batch["codec_bpd"] = ood.codec_bits_per_dim(images, n_bits, "png")
+        batch["codec_bpd"] = codec_bits_per_dim(images, n_bits, "png")
         tops.append(model.forward_terms(x).latents[-1].flatten(1).double().numpy())
         labels.append(np.asarray(y).reshape(len(images), -1)[:, 0])
         out.append(batch)

@@ -29,9 +29,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from glowflow import data as data_module  # noqa: E402
 from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
+from glowflow.ood.reference import DOS_STATISTICS, dos_log_density, fit_latent_gaussians, top_gaussian_nll  # noqa: E402
 
 CHOICES = {
-    "levels+codec+top (default)": ood.DOS_STATISTICS,
+    "levels+codec+top (default)": DOS_STATISTICS,
     "levels+logdet+codec+top": ("level_bpd", "logdet", "codec_bpd", "top_gaussian"),
     "levels+top": ("level_bpd", "top_gaussian"),
     "codec+top": ("codec_bpd", "top_gaussian"),
@@ -89,8 +90,8 @@ def main() -> None:
     for seed in args.subset_seeds:
         keep = np.sort(np.random.default_rng(seed).permutation(n_pool)[: min(args.fit_images, n_pool)])
         train = {key: value[keep] for key, value in pool.items()}
-        latent = ood.fit_latent_gaussians(train["top_latent"], train["labels"])
-        tops = {name: ood.top_gaussian_nll(latent, s["top_latent"]) for name, s in [("test", test), *outs.items()]}
+        latent = fit_latent_gaussians(train["top_latent"], train["labels"])
+        tops = {name: top_gaussian_nll(latent, s["top_latent"]) for name, s in [("test", test), *outs.items()]}
         fits.append((train, latent, tops))
     rows = []
     for label, statistics in CHOICES.items():
@@ -98,10 +99,10 @@ def main() -> None:
             per_fit = []
             for train, latent, tops in fits:
                 reference = ood.fit_reference(train, statistics=statistics, components=k, latent=latent)
-                scores_in = -ood.dos_log_density(reference, test, tops["test"])
+                scores_in = -dos_log_density(reference, test, tops["test"])
                 per_fit.append(
                     {
-                        name: ood.outlier_metrics(scores_in, -ood.dos_log_density(reference, s, tops[name]))["auroc"]
+                        name: ood.outlier_metrics(scores_in, -dos_log_density(reference, s, tops[name]))["auroc"]
                         for name, s in outs.items()
                     }
                 )

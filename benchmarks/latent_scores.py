@@ -27,7 +27,7 @@ Candidates (z_i: level i's latent, flattened; the top level's is the statistics'
    (tied) covariance (Lee et al., 2018), on each level's latent and on the top latent averaged
    over space (one feature per channel).
 3. class gauss z_i: one Gaussian per class with its own covariance, shrunk towards the identity
-   (glowflow's top_gaussian: ood.fit_latent_gaussians, ood.top_gaussian_nll; Lee et al., 2018
+   (glowflow's top_gaussian: fit_latent_gaussians, top_gaussian_nll; Lee et al., 2018
    with per-class covariance, as in quadratic discriminant analysis); on the top level this is
    the package's top_gaussian score. single gauss top: one Gaussian, labels ignored.
 4. knn top: distance to the k-th nearest fit image's top latent, k = 1 and 10, raw and
@@ -66,7 +66,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from glowflow import data as data_module  # noqa: E402
 from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
-from glowflow.ood.detector import THRESHOLD_FRACTION  # noqa: E402
+from glowflow.ood.detector import (
+    FIT_IMAGES,  # noqa: E402
+    THRESHOLD_FRACTION,  # noqa: E402
+)
+from glowflow.ood.reference import dos_log_density, fit_latent_gaussians, model_fingerprint, top_gaussian_nll  # noqa: E402
 from glowflow.ood.statistics import latent_features  # noqa: E402
 from glowflow.pixels import dequantize, preprocess  # noqa: E402
 
@@ -118,7 +122,7 @@ def read_sets(args, checkpoint, model):
     in_name, image_size = checkpoint.data_to_read(args.dataset, None)
     meta = dict(
         format=CACHE_FORMAT,
-        model_sha256=ood.model_fingerprint(model),
+        model_sha256=model_fingerprint(model),
         in_dataset=in_name,
         pool=args.pool,
         sets=list(args.out_dataset),
@@ -224,19 +228,19 @@ def score_all(fit, targets, levels, seed):
         out[name] = {k: np.asarray(fn(s), dtype=np.float64) for k, s in targets.items()}
 
     # 1. the old default; 2. shared-covariance Mahalanobis; 3. class Gaussians; 4. k nearest neighbours
-    top = ood.fit_latent_gaussians(fit["top_latent"], labels)
+    top = fit_latent_gaussians(fit["top_latent"], labels)
     old = ood.fit_reference(fit, statistics=("level_bpd", "codec_bpd"), latent=top)
-    add("dos levels+codec (old default)", lambda s: -ood.dos_log_density(old, s))
+    add("dos levels+codec (old default)", lambda s: -dos_log_density(old, s))
     for key in levels:
         maha = shared_mahalanobis(fit[key], labels)
         add(f"maha shared {level_name(key, levels)}", lambda s, m=maha, key=key: m(s[key]))
     maha = shared_mahalanobis(fit["pooled_top"], labels)
     add("maha shared pooled top", lambda s: maha(s["pooled_top"]))
     for key in levels:
-        gauss = top if key == "top_latent" else ood.fit_latent_gaussians(fit[key], labels)
-        add(f"class gauss {level_name(key, levels)}", lambda s, g=gauss, key=key: ood.top_gaussian_nll(g, s[key]))
-    single = ood.fit_latent_gaussians(fit["top_latent"], None)
-    add("single gauss top", lambda s: ood.top_gaussian_nll(single, s["top_latent"]))
+        gauss = top if key == "top_latent" else fit_latent_gaussians(fit[key], labels)
+        add(f"class gauss {level_name(key, levels)}", lambda s, g=gauss, key=key: top_gaussian_nll(g, s[key]))
+    single = fit_latent_gaussians(fit["top_latent"], None)
+    add("single gauss top", lambda s: top_gaussian_nll(single, s["top_latent"]))
     for normalise in (False, True):
         knn = knn_distance(fit["top_latent"], (1, 10), normalise)
         dists = {k: knn(s["top_latent"]) for k, s in targets.items()}
@@ -257,22 +261,22 @@ def score_all(fit, targets, levels, seed):
     out["fisher dos + top_gaussian"] = {k: -2 * (log_p(dos, k) + log_p(tg, k)) for k in targets}
     joint = ood.fit_reference(fit, latent=top)
     assert "top_gaussian" in joint.dos_features, joint.dos_features
-    out["dos+top_gaussian (default)"] = {k: -ood.dos_log_density(joint, s, tg[k]) for k, s in targets.items()}
+    out["dos+top_gaussian (default)"] = {k: -dos_log_density(joint, s, tg[k]) for k, s in targets.items()}
 
     n = len(labels)  # cross-fit halves of the fit images, seeded with the subset seed
     order = np.random.default_rng(seed).permutation(n)
     halves = [np.sort(order[: n // 2]), np.sort(order[n // 2 :])]
-    gauss = [ood.fit_latent_gaussians(fit["top_latent"][h], labels[h]) for h in halves]
+    gauss = [fit_latent_gaussians(fit["top_latent"][h], labels[h]) for h in halves]
     out_of_fold = np.empty(n)
     for h, other in zip(halves, gauss[::-1]):
-        out_of_fold[h] = ood.top_gaussian_nll(other, fit["top_latent"][h])
+        out_of_fold[h] = top_gaussian_nll(other, fit["top_latent"][h])
     cross = ood.fit_reference(
         with_column(fit, out_of_fold), statistics=("level_bpd", "logdet", "codec_bpd"), latent=top
     )
     out["dos+top_gaussian cross-fit"] = {}
     for k, s in targets.items():
-        column = np.mean([ood.top_gaussian_nll(g, s["top_latent"]) for g in gauss], 0)
-        out["dos+top_gaussian cross-fit"][k] = -ood.dos_log_density(cross, with_column(s, column))
+        column = np.mean([top_gaussian_nll(g, s["top_latent"]) for g in gauss], 0)
+        out["dos+top_gaussian cross-fit"][k] = -dos_log_density(cross, with_column(s, column))
     return out
 
 
@@ -285,7 +289,7 @@ def main() -> None:
     p.add_argument("--dataset", default=None, help="in-distribution data (default: the checkpoint's)")
     p.add_argument("--out_dataset", nargs="+", default=list(OUT_SETS))
     p.add_argument("--dev", nargs="*", default=list(DEV_SETS), help="sets whose mean AUROC the table gives")
-    p.add_argument("--pool", type=int, default=ood.FIT_IMAGES, help="training images (the detector's fit images)")
+    p.add_argument("--pool", type=int, default=FIT_IMAGES, help="training images (the detector's fit images)")
     p.add_argument("--subset_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data_root", default="./data")
     p.add_argument("--cache", default=None, help=".npz of the pass's arrays (read when it exists)")

@@ -39,7 +39,7 @@ from glowflow import data as data_module  # noqa: E402
 from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
 from glowflow.ood.orientation import calibrated, combined_score, fit_orientation, orientation_score  # noqa: E402
-from glowflow.ood.reference import fit_latent_gaussians, fit_reference  # noqa: E402
+from glowflow.ood.reference import dos_log_density, fit_latent_gaussians, fit_reference, model_fingerprint  # noqa: E402  # noqa: E402
 from glowflow.ood.statistics import TRANSFORMS  # noqa: E402
 
 ALL = tuple(TRANSFORMS)
@@ -62,7 +62,7 @@ def read_sets(args):
     model = checkpoint.load_model("cpu")
     in_name, image_size = checkpoint.data_to_read(None, None)
     meta = dict(
-        format=CACHE_FORMAT, model=ood.model_fingerprint(model), pool=args.pool, max=args.max, sets=args.out_dataset
+        format=CACHE_FORMAT, model=model_fingerprint(model), pool=args.pool, max=args.max, sets=args.out_dataset
     )
     if args.cache and os.path.exists(args.cache):
         with np.load(args.cache, allow_pickle=False) as f:
@@ -120,8 +120,8 @@ def candidates(sets, fit, held, labels_used: bool):
     fit_stats, held_stats = rows(pool, fit), rows(pool, held)
     latent = fit_latent_gaussians(fit_stats["top_latent"], fit_stats["labels"] if labels_used else None)
     reference = fit_reference(fit_stats, latent=latent)
-    dos = {name: -ood.dos_log_density(reference, s) for name, s in sets.items()}
-    dos["held"] = -ood.dos_log_density(reference, held_stats)
+    dos = {name: -dos_log_density(reference, s) for name, s in sets.items()}
+    dos["held"] = -dos_log_density(reference, held_stats)
     margins = {name: s["bpd"][:, None] - s["transform_bpd"] for name, s in sets.items()}
     found = {"dos": lambda name: dos[name]}
     for t in ALL:

@@ -425,13 +425,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.outlier_detection:
         if run.checkpoint is None:
             raise GlowflowError("--outlier_detection needs --checkpoint PATH (a .pt file written by glowflow --train)")
-        from glowflow.ood import run_outlier_detection_command
+        from glowflow.ood.command import run_outlier_detection_command
 
         run_outlier_detection_command(run, dataset=args.dataset)
     if run.score_path is not None:
         if run.checkpoint is None:
             raise GlowflowError("--score needs --checkpoint PATH (a .pt file written by glowflow --train)")
-        from glowflow.ood import run_score_command
+        from glowflow.ood.score_command import run_score_command
 
         run_score_command(run, dataset=args.dataset, paths=getattr(args, "score_paths", None))
     if args.export is not None:

@@ -36,7 +36,7 @@ glowflow/pretrained_models/), and so does a bare ``NAME`` given to ``Glow.from_p
 local folder of that name exists (:func:`find_folder`); an unknown name is a one-line error listing the
 shipped ones (:func:`resolve`). A shipped folder holds, besides the three files above, the fitted
 outlier detector of its training data (``ood_detector_<dataset>_<n_bits>bit.npz``, where
-glowflow/ood/detector.py caches a model folder's detector, so that ``--outlier_detection`` and
+glowflow/ood/cache_path.py says the commands cache a model folder's detector, so that ``--outlier_detection`` and
 ``--score`` need no pass over the training set) and ``expected.json`` (the bits/dim the model
 gives on a fixed slice of the test split, which the tests reproduce); scripts/make_pretrained.py
 writes such a folder from a training checkpoint.

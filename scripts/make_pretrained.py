@@ -49,14 +49,11 @@ from glowflow.config import RunConfig, training_command  # noqa: E402
 from glowflow.errors import GlowflowError  # noqa: E402
 from glowflow.files import atomic_write_text  # noqa: E402
 from glowflow.names import SHIPPED  # noqa: E402
-from glowflow.ood import (  # noqa: E402
-    OutlierDetectionSettings,
-    StatisticsSettings,
-    detector_cache_path_for,
-    detector_for,
-    model_fingerprint,
-)
+from glowflow.ood import OutlierDetectionSettings  # noqa: E402
+from glowflow.ood.cache import detector_cache_path_for, detector_for  # noqa: E402
 from glowflow.ood.command import FitSets  # noqa: E402
+from glowflow.ood.reference import model_fingerprint  # noqa: E402
+from glowflow.ood.statistics import StatisticsSettings  # noqa: E402
 from glowflow.pretrained import card_provenance, writing_shipped_models  # noqa: E402
 from glowflow.runtime import resolve_device  # noqa: E402
 from glowflow.training import evaluate_bpd  # noqa: E402

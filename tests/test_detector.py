@@ -18,6 +18,8 @@ import glowflow.checkpoint
 import glowflow.data
 from glowflow import GlowflowError, ood
 from glowflow.cli import main
+from glowflow.ood.detector import threshold_at_tpr
+from glowflow.ood.reference import load_reference, save_reference
 from tests.helpers import randomised_model, write_noise_npz, write_smooth_npz
 from tests.test_ood import noise_images, smooth_images, train_glow
 
@@ -39,16 +41,16 @@ def trained():
 
 def test_threshold_at_tpr_by_hand():
     scores = np.arange(1.0, 21.0)  # 20 inliers: 95% = 19 kept, so the threshold is the 19th smallest
-    assert ood.threshold_at_tpr(scores, 0.95) == 19.0
-    assert ood.threshold_at_tpr(scores, 0.5) == 10.0
-    assert ood.threshold_at_tpr(scores, 1.0) == 20.0
-    assert ood.threshold_at_tpr(scores, 0.01) == 1.0
+    assert threshold_at_tpr(scores, 0.95) == 19.0
+    assert threshold_at_tpr(scores, 0.5) == 10.0
+    assert threshold_at_tpr(scores, 1.0) == 20.0
+    assert threshold_at_tpr(scores, 0.01) == 1.0
     # a NaN score is the most outlying: 19 finite scores 1..19 and one NaN -> still 19
-    assert ood.threshold_at_tpr(np.r_[np.arange(1.0, 20.0), np.nan], 0.95) == 19.0
+    assert threshold_at_tpr(np.r_[np.arange(1.0, 20.0), np.nan], 0.95) == 19.0
     with pytest.raises(GlowflowError, match="true-positive rate"):
-        ood.threshold_at_tpr(scores, 0.0)
+        threshold_at_tpr(scores, 0.0)
     with pytest.raises(GlowflowError, match="at least one"):
-        ood.threshold_at_tpr([], 0.9)
+        threshold_at_tpr([], 0.9)
 
 
 def test_fit_score_predict_and_their_signs(trained):
@@ -80,12 +82,12 @@ def test_fit_score_predict_and_their_signs(trained):
     np.testing.assert_array_equal(detector.outlier_scores(DataLoader(as_dataset, batch_size=256)), outlying)
 
     # every score is available; switching the decision score needs no refit
-    every = detector.all_scores(data["noise"])
+    every = ood.outlier_scores(detector.statistics(data["noise"]), detector.reference_)
     assert list(every) == list(detector.score_names())
-    detector.set_score("nll")
+    detector.set_params(score="nll")
     np.testing.assert_array_equal(detector.outlier_scores(data["noise"]), every["nll"])
     with pytest.raises(GlowflowError, match="unknown detector score 'bogus'"):
-        detector.set_score("bogus")
+        detector.set_params(score="bogus")
 
 
 def test_fit_uses_a_seeded_subset_and_given_threshold_images(trained):
@@ -94,14 +96,16 @@ def test_fit_uses_a_seeded_subset_and_given_threshold_images(trained):
     detector = glowflow.OutlierDetector(model, fit_images=500)
     detector.fit(data["train"], threshold_images=data["test"][:300])
     assert detector.reference_.n_train == 400 and detector.n_threshold_ == 100
-    everything = glowflow.OutlierDetector(model, fit_images=None).fit(data["train"][:500], data["test"][:300])
+    everything = glowflow.OutlierDetector(model, fit_images=None)
+    everything.fit(data["train"][:500], threshold_images=data["test"][:300])
     assert everything.reference_.n_train == 500 and everything.n_threshold_ == 300
     # at least 95% of the threshold images themselves are kept (ceil(0.95 * 300) = 285)
-    kept = (~everything.decide(everything.threshold_scores_[everything.score])).sum()
+    kept = (everything.labels_ == 0).sum()
     assert kept >= 285 and kept <= 290
     again = glowflow.OutlierDetector(model, fit_images=500).fit(data["train"], threshold_images=data["test"][:300])
     assert again.threshold_ == detector.threshold_  # seeded: the same subset and the same threshold
-    other = glowflow.OutlierDetector(model, fit_images=500, seed=3).fit(data["train"], data["test"][:300])
+    other = glowflow.OutlierDetector(model, fit_images=500, seed=3)
+    other.fit(data["train"], threshold_images=data["test"][:300])
     assert other.threshold_ != detector.threshold_
 
 
@@ -117,6 +121,45 @@ def test_unfitted_and_bad_settings_are_one_line_errors(trained):
         glowflow.OutlierDetector(model, fit_images=0)
     with pytest.raises(GlowflowError, match="shape"):
         glowflow.OutlierDetector(model).fit(torch.rand(10, 8, 8))
+
+
+def test_the_detector_is_an_estimator(trained):
+    """get_params/set_params (score and tpr keep the fit, a fit setting unfits it), labels from y,
+    PyOD's decision_scores_ and labels_ of the held-back images, fit_predict."""
+    model, data = trained
+    detector = glowflow.OutlierDetector(model, fit_images=300)
+    params = detector.get_params()
+    assert list(params) == list(ood.detector.PARAMETERS) and params["score"] == "dos_orientation"
+    assert glowflow.OutlierDetector(**params).get_params() == params
+    with pytest.raises(GlowflowError, match="not fitted") as caught:
+        _ = detector.threshold_
+    assert isinstance(caught.value, AttributeError) and not hasattr(detector, "labels_")
+    labels = torch.arange(len(data["train"])) % 2
+    predicted = detector.fit_predict(data["train"], labels)
+    assert detector.reference_.latent.classes.tolist() == [0, 1]
+    assert predicted.shape == (len(data["train"]),) and set(np.unique(predicted)) <= {-1, 1}
+    assert detector.n_threshold_ == 60 and detector.decision_scores_.shape == (60,)
+    np.testing.assert_array_equal(detector.decision_scores_, detector.threshold_scores_["dos_orientation"])
+    np.testing.assert_array_equal(detector.labels_, (detector.decision_scores_ > detector.threshold_).astype(int))
+    reference = detector.reference_
+    assert detector.set_params(score="nll", tpr=0.5) is detector and detector.reference_ is reference
+    assert detector.threshold_ == ood.detector.threshold_at_tpr(detector.threshold_scores_["nll"], 0.5)
+    assert detector.labels_.mean() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(GlowflowError, match="true-positive rate"):
+        detector.set_params(tpr=2.0)
+    with pytest.raises(GlowflowError, match="unknown OutlierDetector parameter 'bogus'"):
+        detector.set_params(bogus=1)
+    assert detector.tpr == 0.5 and detector.reference_ is reference  # a refused change changes nothing
+    detector.set_params(batch_size=64, progress=False)
+    assert detector.reference_ is reference
+    detector.set_params(seed=1)
+    assert not hasattr(detector, "reference_")
+    with pytest.raises(GlowflowError, match="not fitted"):
+        detector.predict(data["noise"])
+    with pytest.raises(GlowflowError, match="2 labels for 1024 images"):
+        detector.fit(data["train"], labels[:2])
+    with pytest.raises(GlowflowError, match="integer class labels"):
+        detector.fit(data["train"], labels.float())
 
 
 def test_threshold_keeps_its_true_positive_rate_on_unseen_inliers():
@@ -136,11 +179,11 @@ def test_threshold_keeps_its_true_positive_rate_on_unseen_inliers():
         detector = glowflow.OutlierDetector(model, tpr=tpr).fit_statistics(stats(8000), stats(2000))
         sigma = np.sqrt(tpr * (1 - tpr) * (1 / 2000 + 1 / 20000))
         for name in ("dos_orientation", "dos", "orientation", "nll", "typicality"):
-            detector.set_score(name)
-            kept = 1.0 - detector.decide(detector.scores_from_statistics(fresh)[name]).mean()
+            detector.set_params(score=name)
+            kept = np.mean(ood.outlier_scores(fresh, detector.reference_)[name] <= detector.threshold_)
             assert abs(kept - tpr) < 3 * sigma, (tpr, name, kept)
         # and moving the rate moves the thresholds, without refitting
-        assert detector.set_tpr(0.5).threshold_ < detector.set_tpr(0.99).threshold_
+        assert detector.set_params(tpr=0.5).threshold_ < detector.set_params(tpr=0.99).threshold_
 
 
 def test_saved_detector_reloads_to_identical_scores_without_pickle(trained, tmp_path):
@@ -158,16 +201,17 @@ def test_saved_detector_reloads_to_identical_scores_without_pickle(trained, tmp_
     assert (loaded.score, loaded.tpr, loaded.fit_images) == ("complexity", 0.9, 600)
     assert loaded.thresholds_ == detector.thresholds_
     for name in ("noise", "test"):
-        a, b = detector.all_scores(data[name]), loaded.all_scores(data[name])
+        a = ood.outlier_scores(detector.statistics(data[name]), detector.reference_)
+        b = ood.outlier_scores(loaded.statistics(data[name]), loaded.reference_)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
         np.testing.assert_array_equal(loaded.predict(data[name]), detector.predict(data[name]))
     # a saved detector is also a readable reference
-    assert ood.load_reference(path).n_train == detector.reference_.n_train
+    assert load_reference(path).n_train == detector.reference_.n_train
 
     changed = train_glow(data["train"], steps=2, seed=4)
     with pytest.raises(GlowflowError, match="fitted for another model"):
         glowflow.OutlierDetector.load(path, changed)
-    ood.save_reference(str(tmp_path / "ref.npz"), detector.reference_)
+    save_reference(str(tmp_path / "ref.npz"), detector.reference_)
     with pytest.raises(GlowflowError, match="not a glowflow-ood-detector-v1 file"):
         glowflow.OutlierDetector.load(str(tmp_path / "ref.npz"), model)
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
@@ -309,13 +353,13 @@ def test_a_checkpoints_detector_sets_its_threshold_on_the_validation_split(check
     assert run.validation_split(run.dataset) == (14, 0)
     assert run.validation_split("another") is None
     fitted = []
-    fit = glowflow.OutlierDetector.fit
+    fit = glowflow.OutlierDetector._fit  # what fit and the commands' cache (detector_for) call
 
-    def record(self, images, threshold_images=None, key=""):
+    def record(self, images, y=None, threshold_images=None, key=""):
         fitted.append((len(images.dataset), len(threshold_images.dataset)))
-        return fit(self, images, threshold_images, key)
+        return fit(self, images, y, threshold_images, key)
 
-    monkeypatch.setattr(glowflow.OutlierDetector, "fit", record)
+    monkeypatch.setattr(glowflow.OutlierDetector, "_fit", record)
     copy = tmp_path / "model.pt"
     copy.write_bytes(open(ckpt, "rb").read())
     noise = write_noise_npz(tmp_path / "noise.npz", n=20, size=16)

@@ -17,8 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, ood, preprocess
 from glowflow.data import load_dataset, make_loader
-from glowflow.ood.codecs import _to_pil
-from glowflow.ood.report import file_slugs
+from glowflow.ood.cache import detector_cache_path_for
+from glowflow.ood.codecs import _to_pil, codec_bits_per_dim, codec_description
+from glowflow.ood.metrics import fpr_at_tpr
+from glowflow.ood.reference import DOS_COMPONENTS, dos_features, load_reference, reference_key, save_reference
+from glowflow.ood.report import file_slugs, format_summary
+from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings
 from tests.helpers import randomised_model
 
 
@@ -65,16 +69,16 @@ def test_metrics_with_ties_by_hand():
 def test_fpr95_tie_rule_by_hand():
     # 20 outliers 1..20: 95% = 19 of them, so the threshold is the 19th largest, 2.
     out = np.arange(1, 21, dtype=float)
-    assert ood.fpr_at_tpr([0, 1, 2, 2, 3, 25], out) == pytest.approx(4 / 6)  # 2, 2, 3, 25 flagged
-    assert ood.fpr_at_tpr([0, 1, 1.999], out) == 0.0
+    assert fpr_at_tpr([0, 1, 2, 2, 3, 25], out) == pytest.approx(4 / 6)  # 2, 2, 3, 25 flagged
+    assert fpr_at_tpr([0, 1, 1.999], out) == 0.0
     # Outliers tied at the threshold are all caught: 18 fives and two ones -> the 19th largest is 1,
     # the achieved TPR is 1, and every in-distribution score >= 1 is a false positive.
     out = np.array([5.0] * 18 + [1.0] * 2)
-    assert ood.fpr_at_tpr([0, 1, 1, 4], out) == 0.75
+    assert fpr_at_tpr([0, 1, 1, 4], out) == 0.75
     # 10 outliers: ceil(9.5) = 10, the threshold is the smallest outlier score
-    assert ood.fpr_at_tpr([0.5, 1.0, 2.0], np.arange(1, 11, dtype=float)) == pytest.approx(2 / 3)
+    assert fpr_at_tpr([0.5, 1.0, 2.0], np.arange(1, 11, dtype=float)) == pytest.approx(2 / 3)
     # 40 outliers: exactly 38 (no float rounding up to 39)
-    assert ood.fpr_at_tpr([2.5, 3.0], np.arange(1, 41, dtype=float)) == 0.5  # threshold 3
+    assert fpr_at_tpr([2.5, 3.0], np.arange(1, 41, dtype=float)) == 0.5  # threshold 3
 
 
 def test_metrics_agree_with_a_roc_curve_on_tied_random_scores():
@@ -136,7 +140,7 @@ def test_png_codec_counts_the_image_data_of_a_real_png():
     constant = torch.full((1, 1, 16, 16), 0.5)
     ramp = (torch.arange(16.0).repeat(16, 1) * 16 / 255).view(1, 1, 16, 16)
     noise = torch.randint(0, 256, (1, 1, 16, 16), generator=g).float() / 255
-    bpd = ood.codec_bits_per_dim(torch.cat([constant, ramp, noise]), 8, "png")
+    bpd = codec_bits_per_dim(torch.cat([constant, ramp, noise]), 8, "png")
     assert bpd[0] < bpd[1] < bpd[2] and bpd[2] > 7.5
     # the count is the IDAT payload: the whole file minus signature and chunk framing (57 bytes)
     buffer = io.BytesIO()
@@ -150,7 +154,7 @@ def test_png_codec_counts_the_image_data_of_a_real_png():
         decoded = np.asarray(Image.open(io.BytesIO(_encode(_to_pil(img)))))
         expected = img[0] if c == 1 else img.transpose(1, 2, 0) if c == 3 else img.reshape(-1, 8)
         assert np.array_equal(decoded, expected)
-    assert "PNG" in ood.codec_description("png") and "compress_level=9" in ood.codec_description("png")
+    assert "PNG" in codec_description("png") and "compress_level=9" in codec_description("png")
 
 
 def _encode(pil):
@@ -163,11 +167,11 @@ def test_codec_sees_the_models_bit_depth_and_webp_works():
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (3, 3, 8, 8), generator=g).float() / 255
     five_bit = torch.floor(torch.round(images * 255) / 8) / 255  # the 5-bit integers as 8-bit samples
-    assert np.array_equal(ood.codec_bits_per_dim(images, 5, "png"), ood.codec_bits_per_dim(five_bit, 8, "png"))
-    webp = ood.codec_bits_per_dim(torch.cat([torch.full((1, 3, 8, 8), 0.2), images]), 8, "webp")
-    assert webp[0] < webp[1] and "WebP lossless" in ood.codec_description("webp")
+    assert np.array_equal(codec_bits_per_dim(images, 5, "png"), codec_bits_per_dim(five_bit, 8, "png"))
+    webp = codec_bits_per_dim(torch.cat([torch.full((1, 3, 8, 8), 0.2), images]), 8, "webp")
+    assert webp[0] < webp[1] and "WebP lossless" in codec_description("webp")
     with pytest.raises(GlowflowError):
-        ood.codec_bits_per_dim(images, 8, "jpeg")
+        codec_bits_per_dim(images, 8, "jpeg")
 
 
 # ----------------------------------------------------------------------------- statistics of a model
@@ -287,13 +291,13 @@ def test_scores_definitions_on_given_statistics():
     # mixture fitted on the training statistics (checked against scikit-learn's own evaluation)
     from sklearn.mixture import GaussianMixture
 
-    names, train_m = ood.dos_features(train)
+    names, train_m = dos_features(train)
     assert names == ["level_1_bpd", "level_2_bpd", "level_3_bpd"]
-    _, test_m = ood.dos_features(stats)
+    _, test_m = dos_features(stats)
     test_m = test_m[:, :-1]  # the stats' codec_bpd: ignored by a reference fitted without it
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
-    assert len(ref.dos_log_weights) == ood.DOS_COMPONENTS == 4  # 60 images would allow 60 // (2 * 3 + 2) = 7
+    assert len(ref.dos_log_weights) == DOS_COMPONENTS == 4  # 60 images would allow 60 // (2 * 3 + 2) = 7
     mixture = GaussianMixture(4, covariance_type="full", reg_covar=1e-6, random_state=0)
     mixture.fit((train_m - mean) / std)
     np.testing.assert_allclose(s["dos"], -mixture.score_samples((test_m - mean) / std), rtol=1e-8)
@@ -306,9 +310,9 @@ def test_scores_definitions_on_given_statistics():
     # a reference fitted with the codec's bits has them as its last statistic, and then needs them
     train["codec_bpd"] = rng.normal(4.0, 0.3, 60)
     ref_codec = ood.fit_reference(train)
-    names, train_m = ood.dos_features(train)
+    names, train_m = dos_features(train)
     assert names[-1] == "codec_bpd" and ref_codec.dos_features == tuple(names) and train_m.shape == (60, 4)
-    _, test_m = ood.dos_features(stats)
+    _, test_m = dos_features(stats)
     mean, std = train_m.mean(0), train_m.std(0)
     std[std < 1e-9] = 1
     mixture = GaussianMixture(len(ref_codec.dos_log_weights), covariance_type="full", reg_covar=1e-6, random_state=0)
@@ -335,11 +339,11 @@ def test_reference_round_trip_without_pickle(tmp_path):
     assert ref.dos_means.shape == (5, 3) and ref.dos_precision_cholesky.shape == (5, 3, 3) and ref.n_train == 50
     assert ref.latent.classes.tolist() == [0, 1] and ref.latent.precision_cholesky.shape == (2, 3, 3)
     path = tmp_path / "ref.npz"
-    ood.save_reference(str(path), ref)
+    save_reference(str(path), ref)
     assert os.listdir(tmp_path) == ["ref.npz"]  # no temporary left behind
     with np.load(path, allow_pickle=False) as data:  # plain arrays only
         assert str(data["key"]) == "k1"
-    back = ood.load_reference(str(path))
+    back = load_reference(str(path))
     for field in ("key", "num_levels", "n_train", "bpd_mean", "bpd_std", "dos_features"):
         assert getattr(back, field) == getattr(ref, field)
     for field in ("dos_mean", "dos_std", "dos_log_weights", "dos_means", "dos_precision_cholesky"):
@@ -349,27 +353,27 @@ def test_reference_round_trip_without_pickle(tmp_path):
     np.testing.assert_array_equal(ood.outlier_scores(train, back)["dos"], ood.outlier_scores(train, ref)["dos"])
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(GlowflowError, match="cannot read"):
-        ood.load_reference(str(tmp_path / "bad.npz"))
+        load_reference(str(tmp_path / "bad.npz"))
     with pytest.raises(GlowflowError, match="no outlier reference"):
-        ood.load_reference(str(tmp_path / "missing.npz"))
+        load_reference(str(tmp_path / "missing.npz"))
 
 
 def test_reference_key_follows_the_checkpoint_and_settings(tmp_path):
     model = randomised_model((1, 8, 8), 2, COMBO)
-    key = ood.reference_key(model, 8, "mnist")
-    assert key == ood.reference_key(copy.deepcopy(model), 8, "mnist")
+    key = reference_key(model, 8, "mnist")
+    assert key == reference_key(copy.deepcopy(model), 8, "mnist")
     changed = copy.deepcopy(model)
     with torch.no_grad():
         next(changed.parameters()).view(-1)[0] += 1e-6
-    assert ood.reference_key(changed, 8, "mnist") != key
-    assert ood.reference_key(model, 5, "mnist") != key
-    assert ood.reference_key(model, 8, "fashionmnist") != key
-    assert ood.reference_key(model, 8, "mnist", max_images=100) != key
-    assert ood.reference_key(model, 8, "mnist", codec="webp") != key
-    assert ood.reference_key(model, 8, "mnist", codec=None) != key
-    assert ood.reference_key(model, 8, "mnist", threshold_fraction=0.2) != key
-    assert ood.reference_key(model, 8, "mnist", transforms=("vflip",)) != key
-    assert ood.detector_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_detector_mnist_8bit.npz"
+    assert reference_key(changed, 8, "mnist") != key
+    assert reference_key(model, 5, "mnist") != key
+    assert reference_key(model, 8, "fashionmnist") != key
+    assert reference_key(model, 8, "mnist", max_images=100) != key
+    assert reference_key(model, 8, "mnist", codec="webp") != key
+    assert reference_key(model, 8, "mnist", codec=None) != key
+    assert reference_key(model, 8, "mnist", threshold_fraction=0.2) != key
+    assert reference_key(model, 8, "mnist", transforms=("vflip",)) != key
+    assert detector_cache_path_for("/runs/a/glow.pt", "mnist", 8) == "/runs/a/glow.ood_detector_mnist_8bit.npz"
 
 
 # ----------------------------------------------------------------------------- end to end on a trained Glow
@@ -464,7 +468,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         output_dir=out_dir,
         in_name="smooth",
         reference_cache_path=cache,
-        statistics=ood.StatisticsSettings(progress=False),
+        statistics=StatisticsSettings(progress=False),
     )
     kwargs = dict(
         model=model,
@@ -536,8 +540,8 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     third = ood.run_outlier_detection(train_loader=_loader(data["train"], 256), **kwargs)
     assert "another checkpoint" in capsys.readouterr().out
     assert third["noise"]["reference"]["reused_cache"] is False
-    key = ood.reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2, ood.ORIENTATION_TRANSFORMS)
-    assert ood.load_reference(cache).key == key
+    key = reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2, ORIENTATION_TRANSFORMS)
+    assert load_reference(cache).key == key
     # a background model at another bit depth is refused before anything is computed
     five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
     with pytest.raises(GlowflowError, match="same bit depth"):
@@ -555,7 +559,7 @@ def test_outlier_sets_with_one_file_name_get_their_own_reports(trained, tmp_path
         np.savez(paths[key], images=pixels)
     out_dir = tmp_path / "out"
     settings = ood.OutlierDetectionSettings(
-        output_dir=str(out_dir), in_name="smooth", statistics=ood.StatisticsSettings(progress=False)
+        output_dir=str(out_dir), in_name="smooth", statistics=StatisticsSettings(progress=False)
     )
     loaders = {path: make_loader(load_dataset(path, "all"), batch_size=64, shuffle=False) for path in paths.values()}
     reports = ood.run_outlier_detection(
@@ -622,7 +626,7 @@ def test_summary_table_marks_each_sets_best_score():
             "scores": {k: {"auroc": v} for k, v in aurocs.items()},
         }
 
-    table = ood.format_summary(
+    table = format_summary(
         {"mnist": report("mnist", {"nll": 0.2, "dos": 0.98}), "noise": report("noise", {"nll": 1.0, "dos": None})}
     )
     lines = table.splitlines()
@@ -640,17 +644,17 @@ def test_dos_statistics_can_be_chosen_by_group():
         "latent_rms": np.ones((4, 2)),
         "codec_bpd": np.full(4, 4.0),
     }
-    assert ood.dos_features(stats)[0] == ["level_1_bpd", "level_2_bpd", "codec_bpd"]
-    names, matrix = ood.dos_features(stats, ("codec_bpd", "latent_rms", "logdet", "level_bpd"))
+    assert dos_features(stats)[0] == ["level_1_bpd", "level_2_bpd", "codec_bpd"]
+    names, matrix = dos_features(stats, ("codec_bpd", "latent_rms", "logdet", "level_bpd"))
     assert names == ["level_1_bpd", "level_2_bpd", "logdet", "latent_rms_1", "latent_rms_2", "codec_bpd"]
     np.testing.assert_array_equal(matrix[:, 2], np.arange(4.0))
     np.testing.assert_array_equal(matrix[:, :2], stats["level_bpd"])
     no_codec = {k: v for k, v in stats.items() if k != "codec_bpd"}
-    assert ood.dos_features(no_codec)[0] == ["level_1_bpd", "level_2_bpd"]
+    assert dos_features(no_codec)[0] == ["level_1_bpd", "level_2_bpd"]
     with pytest.raises(GlowflowError, match="unknown density-of-states statistic 'norms'"):
-        ood.dos_features(stats, ("norms",))
+        dos_features(stats, ("norms",))
     with pytest.raises(GlowflowError, match="none of"):
-        ood.dos_features(no_codec, ("codec_bpd",))
+        dos_features(no_codec, ("codec_bpd",))
     rng = np.random.default_rng(1)
     train = {
         "bpd": rng.normal(3, 0.2, 80),

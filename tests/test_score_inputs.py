@@ -24,7 +24,8 @@ from glowflow import GlowflowError
 from glowflow.checkpoint import Checkpoint
 from glowflow.cli import main
 from glowflow.data import npzfile
-from glowflow.ood import scoring
+from glowflow.ood import score_command
+from glowflow.ood.cache import detector_cache_path_for
 from tests.helpers import write_noise_npz, write_smooth_npz
 
 
@@ -169,23 +170,24 @@ def test_palette_and_cmyk_images_keep_their_file_names(checkpoint, tmp_path):
 def test_a_sheet_of_few_images_shows_each_once_captioned_by_file_name(checkpoint, tmp_path, monkeypatch):
     ckpt, _ = checkpoint
     for n in (1, 2, 5, 31, 32, 40):
-        top, bottom = scoring.extremes(np.arange(n, dtype=float))
+        top, bottom = score_command.extremes(np.arange(n, dtype=float))
         shown = list(top) + list(bottom)
-        assert len(shown) == len(set(shown)) == min(n, 2 * scoring.SHEET_IMAGES), n
+        assert len(shown) == len(set(shown)) == min(n, 2 * score_command.SHEET_IMAGES), n
         assert list(top) == list(range(n - 1, n - 1 - len(top), -1))  # most outlying first
     folder = tmp_path / "few"
     folder.mkdir()
     for k in range(5):
         _grey(folder / f"picture_with_a_long_name_{k}.png", k)
     sheets = []
-    render = scoring.render_sheet
-    monkeypatch.setattr(scoring, "render_sheet", lambda rows, title: sheets.append(rows) or render(rows, title))
+    render = score_command.render_sheet
+    monkeypatch.setattr(score_command, "render_sheet", lambda rows, title: sheets.append(rows) or render(rows, title))
     assert main(["--score", str(folder), "--checkpoint", ckpt, "--output_dir", str(tmp_path / "out")]) == 0
     (rows,) = sheets
     captions = [c.split("\n")[0] for _, _, caps, _ in rows for c in caps]
     assert len(captions) == 5 and len(set(captions)) == 5
-    assert all(c.startswith("pictu") and c.endswith(".png") and len(c) <= scoring.CAPTION_CHARACTERS for c in captions)
-    assert scoring.caption("7") == "#7" and scoring.caption("/x/cat.png") == "cat.png"
+    limit = score_command.CAPTION_CHARACTERS
+    assert all(c.startswith("pictu") and c.endswith(".png") and len(c) <= limit for c in captions)
+    assert score_command.caption("7") == "#7" and score_command.caption("/x/cat.png") == "cat.png"
 
 
 def test_a_full_disk_writes_neither_the_csv_nor_the_sheet(checkpoint, tmp_path, capsys, monkeypatch):
@@ -196,7 +198,7 @@ def test_a_full_disk_writes_neither_the_csv_nor_the_sheet(checkpoint, tmp_path, 
     assert main(args) == 0
     before = {p: (out / p).read_bytes() for p in ("scores_img.csv", "scores_img_sheet.png")}
     _grey(tmp_path / "img.png", seed=9)  # new pixels: new outputs, if they were written
-    real = scoring.atomic_output
+    real = score_command.atomic_output
 
     @contextlib.contextmanager
     def full_disk(path):
@@ -205,7 +207,7 @@ def test_a_full_disk_writes_neither_the_csv_nor_the_sheet(checkpoint, tmp_path, 
                 raise OSError(errno.ENOSPC, "No space left on device")
             yield handle
 
-    monkeypatch.setattr(scoring, "atomic_output", full_disk)
+    monkeypatch.setattr(score_command, "atomic_output", full_disk)
     line = _refused(args, capsys, "--score wrote nothing: cannot write")
     assert "No space left on device" in line
     assert {p: (out / p).read_bytes() for p in before} == before  # the old pair, untouched
@@ -356,8 +358,8 @@ def test_fitting_on_nan_images_is_a_one_line_error(checkpoint):
 def test_the_shipped_detector_loads_in_one_call():
     detector = glowflow.OutlierDetector.from_pretrained("fashionmnist", tpr=0.9)
     assert isinstance(detector.model, glowflow.Glow) and detector.tpr == 0.9 and detector.score == "dos_orientation"
-    shipped = glowflow.ood.detector_cache_path_for("pretrained:fashionmnist", "fashionmnist", 8)
-    by_hand = glowflow.OutlierDetector.load(shipped, detector.model).set_tpr(0.9)
+    shipped = detector_cache_path_for("pretrained:fashionmnist", "fashionmnist", 8)
+    by_hand = glowflow.OutlierDetector.load(shipped, detector.model).set_params(tpr=0.9)
     assert by_hand.threshold_ == detector.threshold_ and np.isfinite(detector.threshold_)
     images = torch.rand(2, 1, 32, 32).mul(255).round().div(255)
     assert detector.predict(images).tolist() == [-1, -1]  # noise is no Fashion-MNIST

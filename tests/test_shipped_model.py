@@ -19,7 +19,9 @@ from glowflow import Glow, data
 from glowflow.checkpoint import Checkpoint
 from glowflow.cli import main
 from glowflow.errors import GlowflowError
-from glowflow.ood import OutlierDetector, detector_cache_path_for, model_fingerprint
+from glowflow.ood import OutlierDetector
+from glowflow.ood.cache import detector_cache_path_for
+from glowflow.ood.reference import model_fingerprint
 from glowflow.pretrained import SHIPPED, PretrainedFolder, shipped_folder
 from glowflow.training import evaluate_bpd
 from tests.helpers import write_noise_npz

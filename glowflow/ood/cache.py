@@ -1,7 +1,7 @@
 """The cached detector of a checkpoint, as the commands use it: :func:`detector_for` reuses a
 detector fitted before (saved beside the checkpoint, or inside its model folder: where
-:func:`glowflow.ood.detector.detector_cache_path_for` says) when its key matches, and otherwise
-fits one and caches it."""
+:func:`detector_cache_path_for` says, from :mod:`glowflow.ood.cache_path`) when its key matches,
+and otherwise fits one and caches it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import sys
 from typing import Callable, Optional, Tuple, Union
 
 from glowflow.errors import GlowflowError
-from glowflow.ood.detector import Images, OutlierDetector
+from glowflow.ood.cache_path import detector_cache_path_for
+from glowflow.ood.detector import OutlierDetector
+from glowflow.ood.detector_images import Images
 from glowflow.ood.reference import reference_key
 from glowflow.pretrained import is_shipped
+
+__all__ = ["detector_cache_path_for", "detector_for"]
 
 
 def detector_for(
@@ -41,11 +45,11 @@ def detector_for(
         model,
         model.config.n_bits,
         dataset,
-        detector.settings.seed,
+        detector.seed,
         detector.fit_images,
-        detector.settings.codec,
+        detector.codec,
         detector.threshold_fraction,
-        detector.settings.transforms,
+        detector.transforms,
     )
     cached = _cached_detector(cache_path, key, detector)
     if cached is not None:
@@ -53,7 +57,7 @@ def detector_for(
     if train_images is None:
         raise GlowflowError("outlier detection needs the training images (no valid cached detector)")
     threshold = threshold_images() if callable(threshold_images) else threshold_images
-    detector.fit(train_images() if callable(train_images) else train_images, threshold, key=key)
+    detector._fit(train_images() if callable(train_images) else train_images, threshold_images=threshold, key=key)
     if cache_path is not None:
         _cache(detector, cache_path)
     return detector, False
@@ -93,6 +97,4 @@ def _cached_detector(path: Optional[str], key: str, detector: OutlierDetector) -
         print(f"the cached outlier detector in {path} is for another checkpoint or settings; recomputing")
         return None
     print(f"reusing the training statistics (the fitted outlier detector) cached in {path}")
-    detector.reference_ = cached.reference_
-    detector.threshold_scores_ = cached.threshold_scores_
-    return detector
+    return detector._adopt(cached.reference_, cached.threshold_scores_)

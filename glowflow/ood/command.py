@@ -14,9 +14,9 @@ from glowflow.checkpoint import Checkpoint, check_image_shape
 from glowflow.config import OUTPUT_ROOT, DetectorConfig, RunConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
-from glowflow.ood.cache import detector_for
+from glowflow.ood.cache import detector_cache_path_for, detector_for
 from glowflow.ood.codecs import codec_description
-from glowflow.ood.detector import FIT_IMAGES, OutlierDetector, detector_cache_path_for
+from glowflow.ood.detector import FIT_IMAGES, OutlierDetector
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.report import (
     build_report,
@@ -26,7 +26,7 @@ from glowflow.ood.report import (
     write_report,
     write_summary,
 )
-from glowflow.ood.scores import ScoredSet
+from glowflow.ood.scores import ScoredSet, outlier_scores
 from glowflow.ood.statistics import StatisticsSettings
 from glowflow.runtime import resolve_device
 
@@ -38,8 +38,10 @@ class OutlierDetectionSettings:
     detector (the training reference and its threshold) is cached (None: not cached),
     ``statistics`` for every pass over a loader (device, noise seed, image cap, codec, progress
     bar), ``fit_images`` the training images the detector fits on (a seeded subset; None: all;
-    also capped by ``statistics.max_images``) and ``detector_score`` the score whose threshold
-    (at ``tpr`` of held-back training images) each report evaluates on the test images."""
+    also capped by ``statistics.max_images``), ``detector_score`` the score whose threshold
+    (at ``tpr`` of held-back training images) each report evaluates on the test images, and
+    ``batch_size`` the detector's batch size for images that are not already a DataLoader.
+    :func:`command_settings` makes them from the command line's settings."""
 
     output_dir: str
     in_name: str
@@ -48,6 +50,7 @@ class OutlierDetectionSettings:
     fit_images: Optional[int] = FIT_IMAGES
     detector_score: str = DetectorConfig.detector_score
     tpr: float = DetectorConfig.tpr
+    batch_size: int = 256
 
     def detector(self, model) -> OutlierDetector:
         """An unfitted :class:`OutlierDetector` of ``model`` with these settings."""
@@ -57,6 +60,7 @@ class OutlierDetectionSettings:
             self.detector_score,
             tpr=self.tpr,
             fit_images=min(caps) if caps else None,
+            batch_size=self.batch_size,
             device=self.statistics.device,
             seed=self.statistics.seed,
             codec=self.statistics.codec,
@@ -160,8 +164,8 @@ def _decisions(detector: OutlierDetector, in_set: ScoredSet, out_set: ScoredSet)
         "score": name,
         "tpr_target": detector.tpr,
         "threshold": detector.threshold_,
-        "in_kept": float(1.0 - detector.decide(in_set.scores[name]).mean()),
-        "out_flagged": float(detector.decide(out_set.scores[name]).mean()),
+        "in_kept": float(1.0 - detector._decide(in_set.scores[name])[1].mean()),
+        "out_flagged": float(detector._decide(out_set.scores[name])[1].mean()),
     }
 
 
@@ -188,7 +192,7 @@ class _Scorer:
                     f"the {desc} loader gave {stats['bpd'].size} images to the model and "
                     f"{background['bpd'].size} to the background model; it must be deterministic"
                 )
-        return ScoredSet(name, stats, background, self.detector.scores_from_statistics(stats, background))
+        return ScoredSet(name, stats, background, outlier_scores(stats, self.detector.reference_, background))
 
 
 def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None) -> Dict[str, dict]:
@@ -216,15 +220,8 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
     out_loaders = {
         name: _loader(_outlier_set(name, run, tuple(model.config.image_shape)), run, device) for name in run.out_dataset
     }
-    settings = OutlierDetectionSettings(
-        output_dir=run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir(),
-        in_name=in_name,
-        reference_cache_path=detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits),
-        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
-        fit_images=run.fit_images or None,
-        detector_score=run.detector_score,
-        tpr=run.tpr,
-    )
+    output_dir = run.output_dir or RunConfig(dataset=checkpoint.dataset or in_name).resolved_output_dir()
+    settings = command_settings(run, in_name, model.config.n_bits, device, output_dir)
     fit_sets = FitSets(checkpoint, in_name, run, image_size, divisor)  # read only when no cached detector can be used
     return run_outlier_detection(
         model,
@@ -234,6 +231,23 @@ def run_outlier_detection_command(run: RunConfig, dataset: Optional[str] = None)
         settings,
         background_model=background,
         threshold_loader=(lambda: _loader(fit_sets.validation(), run, device)) if fit_sets.has_validation else None,
+    )
+
+
+def command_settings(run: RunConfig, in_name: str, n_bits: int, device, output_dir: str) -> OutlierDetectionSettings:
+    """The settings of ``glowflow --outlier_detection`` and ``glowflow --score`` (``in_name`` the
+    dataset the checkpoint ``run.checkpoint`` trained on, at ``n_bits``), from the command line's:
+    both build their detector with ``command_settings(...).detector(model)``, so that the one
+    fitted and cached by either (at :func:`detector_cache_path_for`) is the one the other reuses."""
+    return OutlierDetectionSettings(
+        output_dir=output_dir,
+        in_name=in_name,
+        reference_cache_path=detector_cache_path_for(run.checkpoint, in_name, n_bits),
+        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
+        fit_images=run.fit_images or None,
+        detector_score=run.detector_score,
+        tpr=run.tpr,
+        batch_size=run.eval_batch_size,
     )
 
 

@@ -1,16 +1,20 @@
-"""The deployable outlier detector: :class:`OutlierDetector` (fit once on inlier images, then
-score, decide and save), the threshold at a chosen true-positive rate, its .npz file (no pickle),
-and where the detector of a checkpoint's training data is cached (beside a checkpoint file, inside
-a model folder: :func:`detector_cache_path_for`; :mod:`glowflow.ood.cache` reuses or fits it for
-``glowflow --outlier_detection`` and ``glowflow --score``).
+"""The deployable outlier detector: :class:`OutlierDetector`, an estimator in the manner of
+scikit-learn's ``IsolationForest`` and PyOD's ``BaseDetector`` (``fit`` once on inlier images,
+then score, decide and save; ``get_params`` / ``set_params``), the threshold at a chosen
+true-positive rate, and its .npz file (no pickle). Where the commands cache a checkpoint's
+detector: :mod:`glowflow.ood.cache_path`; how they reuse or fit it: :mod:`glowflow.ood.cache`.
 
-Conventions, as in scikit-learn's ``IsolationForest`` / ``LocalOutlierFactor``:
+Conventions (scikit-learn's for the methods, PyOD's for the fitted attributes):
 
-* ``outlier_scores(X)`` (glowflow's convention): the chosen score, **higher = more outlying**.
+* ``outlier_scores(X)`` (glowflow's convention, PyOD's ``decision_function``): the chosen score,
+  **higher = more outlying**.
 * ``score_samples(X)`` = ``-outlier_scores(X)``: **higher = more normal** (scikit-learn's).
 * ``decision_function(X)`` = ``score_samples(X) - offset_`` = ``threshold_ - outlier_scores(X)``:
-  **negative = outlier**.
-* ``predict(X)``: **+1 inlier, -1 outlier**; ``is_outlier(X)``: the same as a bool array.
+  **negative = outlier** (scikit-learn's sign, not PyOD's).
+* ``predict(X)`` and ``fit_predict(X)``: **+1 inlier, -1 outlier** (scikit-learn's);
+  ``is_outlier(X)``: the same as a bool array.
+* After ``fit``: ``threshold_``, ``decision_scores_`` (the held-back inlier images' scores,
+  higher = more outlying) and ``labels_`` (0 inlier, 1 outlier for those images), as PyOD names them.
 
 An image whose score is not finite (NaN) is an outlier.
 """
@@ -22,23 +26,24 @@ import json
 import math
 import os
 from dataclasses import replace
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
-from glowflow.config import DetectorConfig, dataset_slug
+from glowflow.config import DetectorConfig
 from glowflow.data import make_loader
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.model import Glow
+from glowflow.ood.cache_path import detector_cache_path_for
 from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
+from glowflow.ood.detector_images import Images, as_indexable, as_loader, with_labels
 from glowflow.ood.orientation import calibrated
 from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, reference_arrays
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
-from glowflow.pretrained import PretrainedFolder, find_folder, is_model_folder, resolve
+from glowflow.pretrained import PretrainedFolder, find_folder, resolve
 
 FIT_IMAGES = DetectorConfig.fit_images
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
@@ -52,8 +57,22 @@ DEFAULT_TPR = DetectorConfig.tpr
 """Share of held-back inlier images the threshold keeps (classifies as inliers)."""
 DEFAULT_SCORE = DetectorConfig.detector_score
 """The score a detector decides with by default (glowflow.ood.orientation; docs/outlier_detection.md)."""
-
-Images = Union[torch.Tensor, np.ndarray, Dataset, DataLoader, Iterable]
+PARAMETERS = (
+    "model",
+    "score",
+    "tpr",
+    "fit_images",
+    "threshold_fraction",
+    "batch_size",
+    "device",
+    "seed",
+    "codec",
+    "progress",
+    "transforms",
+)
+"""The constructor's parameters (:meth:`OutlierDetector.get_params`)."""
+REFIT_PARAMETERS = frozenset({"model", "fit_images", "threshold_fraction", "seed", "codec", "transforms"})
+"""Parameters whose change makes a fitted detector unfitted (:meth:`OutlierDetector.set_params`)."""
 
 
 def threshold_at_tpr(scores: np.ndarray, tpr: float) -> float:
@@ -75,11 +94,23 @@ def _check_tpr(tpr: float) -> None:
         raise GlowflowError(f"the true-positive rate must be in (0, 1], got {tpr!r}")
 
 
+class NotFittedError(GlowflowError, AttributeError):
+    """A fitted attribute or method of an :class:`OutlierDetector` that is not fitted (yet, or
+    any more after :meth:`OutlierDetector.set_params` changed how it fits): a one-line
+    GlowflowError, and an AttributeError as scikit-learn's ``NotFittedError`` is."""
+
+
+FITTED = ("reference_", "threshold_scores_", "thresholds_", "threshold_", "offset_")
+FITTED += ("decision_scores_", "labels_", "n_threshold_")
+"""The attributes :meth:`OutlierDetector.fit` sets (names ending in ``_``, as scikit-learn's)."""
+
+
 class OutlierDetector:
     """Fit-once, score-many outlier detection with a trained Glow (see the module docstring for
     the sign conventions).
 
-    ``model``: a trained :class:`glowflow.Glow`. ``score``: the decision score, any name of
+    Parameters (:meth:`get_params`, :meth:`set_params`): ``model``: a trained
+    :class:`glowflow.Glow`. ``score``: the decision score, any name of
     :func:`glowflow.ood.outlier_scores` but ``likelihood_ratio`` (default ``"dos_orientation"``,
     the density of states plus the model's preference for the image's orientation; ``"dos"``
     without it). ``tpr``: the share of held-back inliers the threshold keeps. ``fit_images``: at
@@ -90,12 +121,20 @@ class OutlierDetector:
     codec) and ``progress`` (a progress bar) set how images are read. ``transforms``: the image
     transforms the ``orientation`` score compares every image with (one more pass of the model
     each; empty: no ``orientation`` or ``dos_orientation`` score, and ``dos`` is the default).
+    Every parameter is checked here, again by :meth:`set_params` and again by :meth:`fit`.
 
     Images (``X``) are a tensor or array (N, C, H, W) in [0, 1] on the 8-bit grid, a Dataset
-    yielding ``(image, label)`` (labels are ignored), or a DataLoader (or any iterable) of such
-    batches. After :meth:`fit`: ``reference_`` (:class:`Reference`), ``thresholds_`` (every
-    score's threshold at ``tpr``), ``threshold_`` and ``offset_`` (``-threshold_``) of ``score``,
-    ``n_threshold_`` (held-back images).
+    yielding ``(image, label)``, or a DataLoader (or any iterable) of such batches.
+
+    After :meth:`fit` (or :meth:`load`): ``reference_`` (:class:`Reference`),
+    ``threshold_scores_`` (every score (n,) of the n held-back inlier images), ``thresholds_``
+    (every score's threshold at ``tpr``), and for ``score``: ``threshold_`` (an image is an
+    outlier when its score is above it), ``offset_`` (``-threshold_``, scikit-learn's),
+    ``decision_scores_`` (n,) (the held-back images' scores, higher = more outlying: the
+    outlier scores of the fit data, as PyOD's ``decision_scores_``), ``labels_`` (n,) int (1
+    where one of them is above the threshold, else 0: PyOD's) and ``n_threshold_`` (n). They are
+    computed once, when the detector is fitted or loaded, and again when :meth:`set_params`
+    changes ``score`` or ``tpr``.
     """
 
     def __init__(
@@ -113,215 +152,247 @@ class OutlierDetector:
         progress: bool = False,
         transforms: Sequence[str] = ORIENTATION_TRANSFORMS,
     ):
-        _check_tpr(tpr)
+        self.model = model
+        self.score = score
+        self.tpr = tpr
+        self.fit_images = fit_images
+        self.threshold_fraction = threshold_fraction
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.codec = codec
+        self.progress = progress
+        self.transforms = transforms
+        self._check_params()
+
+    # ------------------------------------------------------------------ parameters
+
+    def _check_params(self) -> None:
+        """Check every parameter, in one line each, and store it in its plain form (``score``
+        None: the default score given the transforms)."""
+        _check_tpr(self.tpr)
+        fit_images = self.fit_images
         if fit_images is not None and (isinstance(fit_images, bool) or int(fit_images) < 1):
             raise GlowflowError(f"fit_images must be at least 1 (or None: all), got {fit_images!r}")
-        if not 0.0 < threshold_fraction < 1.0:
-            raise GlowflowError(f"threshold_fraction must be in (0, 1), got {threshold_fraction!r}")
-        if int(batch_size) < 1:
-            raise GlowflowError(f"batch_size must be at least 1, got {batch_size!r}")
-        self.model = model
-        self.tpr = float(tpr)
+        if not 0.0 < self.threshold_fraction < 1.0:
+            raise GlowflowError(f"threshold_fraction must be in (0, 1), got {self.threshold_fraction!r}")
+        if int(self.batch_size) < 1:
+            raise GlowflowError(f"batch_size must be at least 1, got {self.batch_size!r}")
+        self.tpr = float(self.tpr)
         self.fit_images = None if fit_images is None else int(fit_images)
-        self.threshold_fraction = float(threshold_fraction)
-        self.batch_size = int(batch_size)
-        self.settings = StatisticsSettings(
-            device=device,
-            seed=int(seed),
-            codec=codec,
-            progress=progress,
-            transforms=check_transforms(transforms, model.config.image_shape),
-        )
-        self.score = str(score) if score is not None else (DEFAULT_SCORE if self.settings.transforms else "dos")
+        self.threshold_fraction = float(self.threshold_fraction)
+        self.batch_size = int(self.batch_size)
+        self.seed = int(self.seed)
+        self.transforms = check_transforms(self.transforms, self.model.config.image_shape)
+        if self.score is None:
+            self.score = DEFAULT_SCORE if self.transforms else "dos"
+        self.score = str(self.score)
         self._check_score_name(self.score)
-        self.reference_: Optional[Reference] = None
-        self.threshold_scores_: Dict[str, np.ndarray] = {}
 
-    # ------------------------------------------------------------------ names and state
+    def get_params(self, deep: bool = True) -> Dict[str, object]:
+        """The constructor's parameters (:data:`PARAMETERS`) as they are now (``deep`` is
+        accepted for scikit-learn's sake: no parameter is itself an estimator)."""
+        return {name: getattr(self, name) for name in PARAMETERS}
+
+    def set_params(self, **params) -> OutlierDetector:
+        """Change parameters of the constructor, each checked (nothing changes when one is
+        refused). ``score`` and ``tpr`` keep the fit (every score's held-back scores are kept:
+        the threshold moves, no refit), as do ``batch_size``, ``device`` and ``progress``. A
+        change of ``model``, ``fit_images``, ``threshold_fraction``, ``seed``, ``codec`` or
+        ``transforms`` (:data:`REFIT_PARAMETERS`) makes the detector unfitted: call :meth:`fit`
+        again."""
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise GlowflowError(
+                f"unknown OutlierDetector parameter {unknown[0]!r}; choose from {', '.join(PARAMETERS)}"
+            )
+        before = self.get_params()
+        for name, value in params.items():
+            setattr(self, name, value)
+        try:
+            self._check_params()
+        except GlowflowError:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+        after = self.get_params()
+        changed = {name for name in params if after[name] is not before[name] and not _equal(after[name], before[name])}
+        if changed & REFIT_PARAMETERS:
+            for name in FITTED:
+                self.__dict__.pop(name, None)
+        elif self._fitted():
+            self._set_threshold()
+        return self
 
     def score_names(self) -> Tuple[str, ...]:
-        """Every score the detector computes (the columns of :meth:`all_scores`), in order."""
-        names = ["nll"] + (["complexity"] if self.settings.codec is not None else []) + ["typicality"]
+        """Every score the detector computes (the keys of ``threshold_scores_``), in order."""
+        names = ["nll"] + (["complexity"] if self.codec is not None else []) + ["typicality"]
         levels = int(self.model.config.L)
         names += [f"level_{i + 1}_bpd" for i in range(levels)]
         names += ["hierarchy_ratio"] if levels >= 2 else []
         names += ["top_gaussian", "dos"]
-        return tuple(names + (["orientation", "dos_orientation"] if self.settings.transforms else []))
+        return tuple(names + (["orientation", "dos_orientation"] if self.transforms else []))
 
     def _check_score_name(self, name: str) -> None:
         if name not in self.score_names():
             raise GlowflowError(f"unknown detector score {name!r}; choose from {', '.join(self.score_names())}")
 
+    @property
+    def settings(self) -> StatisticsSettings:
+        """How the detector reads images (:func:`glowflow.ood.compute_statistics`'s settings)."""
+        return StatisticsSettings(
+            device=self.device, seed=self.seed, codec=self.codec, progress=self.progress, transforms=self.transforms
+        )
+
+    # ------------------------------------------------------------------ fitted state
+
+    def _fitted(self) -> bool:
+        return "reference_" in self.__dict__
+
+    def __getattr__(self, name: str):
+        if name in FITTED:
+            raise NotFittedError(
+                f"the outlier detector is not fitted yet ({name}): call fit(images) or OutlierDetector.load"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _check_fitted(self) -> None:
-        if self.reference_ is None:
-            raise GlowflowError("the outlier detector is not fitted yet: call fit(images) or OutlierDetector.load")
+        if not self._fitted():
+            raise NotFittedError("the outlier detector is not fitted yet: call fit(images) or OutlierDetector.load")
 
-    @property
-    def thresholds_(self) -> Dict[str, float]:
-        """Every score's threshold at ``tpr`` on the held-back inlier images."""
-        self._check_fitted()
-        return {name: threshold_at_tpr(s, self.tpr) for name, s in self.threshold_scores_.items()}
-
-    @property
-    def threshold_(self) -> float:
-        """The threshold of ``score``: an image is an outlier when its score is above it."""
-        return self.thresholds_[self.score]
-
-    @property
-    def offset_(self) -> float:
-        """scikit-learn's ``offset_``: ``decision_function = score_samples - offset_``."""
-        return -self.threshold_
-
-    @property
-    def n_threshold_(self) -> int:
-        """Held-back inlier images the thresholds were set on."""
-        self._check_fitted()
-        return int(next(iter(self.threshold_scores_.values())).size)
-
-    def set_score(self, score: str) -> OutlierDetector:
-        """Decide with another score (every score's threshold is kept: no refit)."""
-        self._check_score_name(score)
-        self.score = score
+    def _adopt(self, reference: Reference, threshold_scores: Mapping[str, np.ndarray]) -> OutlierDetector:
+        """Make ``reference`` and the held-back ``threshold_scores`` (every score) the fit."""
+        self.reference_ = reference
+        self.threshold_scores_ = dict(threshold_scores)
+        self._set_threshold()
         return self
 
-    def set_tpr(self, tpr: float) -> OutlierDetector:
-        """Move every threshold to another true-positive rate (the held-back scores are kept: no refit)."""
-        _check_tpr(tpr)
-        self.tpr = float(tpr)
-        return self
+    def _set_threshold(self) -> None:
+        """Every fitted attribute that depends on ``score`` and ``tpr``, computed once."""
+        self.thresholds_ = {name: threshold_at_tpr(s, self.tpr) for name, s in self.threshold_scores_.items()}
+        self.threshold_ = self.thresholds_[self.score]
+        self.offset_ = -self.threshold_
+        self.decision_scores_ = np.asarray(self.threshold_scores_[self.score], dtype=np.float64)
+        self.labels_ = self._decide(self.decision_scores_)[1].astype(np.int64)
+        self.n_threshold_ = int(self.decision_scores_.size)
+
+    def _decide(self, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The rule, in one place: ``(decision, is_outlier)`` (N,) from scores of ``score``
+        (higher = more outlying): ``decision = threshold_ - score`` and an outlier where the
+        score is above the threshold or not a number (where ``decision`` is not ``>= 0``)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        return self.threshold_ - scores, ~(scores <= self.threshold_)
 
     # ------------------------------------------------------------------ reading images
-
-    def _loader(self, images: Images) -> Iterable:
-        """A loader over ``images`` (see the class docstring), in their order."""
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        if torch.is_tensor(images):
-            if images.dim() != 4:
-                raise GlowflowError(f"images must be a (N, C, H, W) tensor in [0, 1], got shape {tuple(images.shape)}")
-            images = TensorDataset(images)
-        if isinstance(images, Dataset) and hasattr(images, "__len__"):
-            return make_loader(images, batch_size=self.batch_size, shuffle=False)
-        if isinstance(images, Iterable):
-            return images
-        raise GlowflowError(f"images must be a tensor, a Dataset or a DataLoader, got {type(images).__name__}")
-
-    def _indexable(self, images: Images) -> Optional[Dataset]:
-        """``images`` as a map-style Dataset when they are one (a DataLoader's own dataset), else None."""
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        if torch.is_tensor(images):
-            return TensorDataset(images) if images.dim() == 4 else None
-        if isinstance(images, DataLoader):
-            images = images.dataset
-        if isinstance(images, Dataset) and hasattr(images, "__len__"):
-            return images
-        return None
 
     def statistics(self, images: Images, desc: str = "images", max_images: Optional[int] = None):
         """:func:`glowflow.ood.compute_statistics` of ``images`` with the detector's settings."""
         settings = self.settings if max_images is None else replace(self.settings, max_images=max_images)
-        return settings.compute(self.model, self._loader(images), desc)
+        return settings.compute(self.model, as_loader(images, self.batch_size), desc)
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, images: Images, threshold_images: Optional[Images] = None, key: str = "") -> OutlierDetector:
-        """Fit the reference on inlier ``images`` and set the threshold on held-back inliers.
+    def fit(self, X: Images, y=None, threshold_images: Optional[Images] = None) -> OutlierDetector:
+        """Fit the reference on inlier images ``X`` and set the threshold on held-back inliers;
+        returns the detector.
 
-        Without ``threshold_images``: at most ``fit_images`` of ``images`` are used (a random
-        subset seeded with ``seed`` when they are a tensor, a Dataset or a DataLoader over a
-        map-style dataset; the first ones otherwise), and a seeded random ``threshold_fraction``
-        of them is held back: the reference is fitted on the rest and the threshold set on them.
-        With ``threshold_images`` (inlier images the model was not trained on and not among
-        ``images``, e.g. the training run's validation split): the same split of the budget, the
-        reference on at most ``(1 - threshold_fraction) * fit_images`` of ``images`` and the
-        threshold on at most ``threshold_fraction * fit_images`` of ``threshold_images`` (seeded
-        subsets; all of them when ``fit_images`` is None). ``key`` is stored as the reference's
-        key (the cache key; '' when not cached).
+        ``y`` (N,): integer class labels of ``X`` (one top-latent Gaussian per class); None: the
+        labels ``X`` yields as ``(image, label)`` pairs, if any (none: one Gaussian). Without
+        ``threshold_images``: at most ``fit_images`` of ``X`` are used (a random subset seeded
+        with ``seed`` when they are a tensor, a Dataset or a DataLoader over a map-style dataset;
+        the first ones otherwise), and a seeded random ``threshold_fraction`` of them is held
+        back: the reference is fitted on the rest and the threshold set on them. With
+        ``threshold_images`` (inlier images the model was not trained on and not among ``X``,
+        e.g. the training run's validation split): the same split of the budget, the reference
+        on at most ``(1 - threshold_fraction) * fit_images`` of ``X`` and the threshold on at
+        most ``threshold_fraction * fit_images`` of ``threshold_images`` (seeded subsets; all of
+        them when ``fit_images`` is None). Every parameter is checked first.
         """
+        return self._fit(X, y, threshold_images)
+
+    def _fit(self, images: Images, y=None, threshold_images: Optional[Images] = None, key: str = "") -> OutlierDetector:
+        """:meth:`fit`, storing ``key`` as the reference's key (the commands' cache key,
+        :func:`glowflow.ood.cache.detector_for`; '' when not cached)."""
+        self._check_params()
+        if y is not None:
+            images = with_labels(images, y, self.batch_size)
         if threshold_images is not None:
-            stats = self._fit_statistics(images, self._share(1.0 - self.threshold_fraction), "fit images")
+            stats = self._subset_statistics(images, self._share(1.0 - self.threshold_fraction), "fit images")
             limit = self._share(self.threshold_fraction)
-            threshold_stats = self._fit_statistics(threshold_images, limit, "threshold images")
-            return self.fit_statistics(stats, threshold_stats, key=key)
-        stats = self._fit_statistics(images, self.fit_images, "fit images")
+            threshold_stats = self._subset_statistics(threshold_images, limit, "threshold images")
+            return self._fit_statistics(stats, threshold_stats, key)
+        stats = self._subset_statistics(images, self.fit_images, "fit images")
         n = stats["bpd"].size
         held = int(round(self.threshold_fraction * n))
         if held < 1 or n - held < 1:
             raise GlowflowError(f"fitting a detector on {n} image(s) leaves none to hold back for the threshold")
-        order = np.random.default_rng(self.settings.seed).permutation(n)
+        order = np.random.default_rng(self.seed).permutation(n)
         threshold_stats = _rows(stats, np.sort(order[:held]))
-        return self.fit_statistics(_rows(stats, np.sort(order[held:])), threshold_stats, key=key)
+        return self._fit_statistics(_rows(stats, np.sort(order[held:])), threshold_stats, key)
+
+    def fit_predict(self, X: Images, y=None, threshold_images: Optional[Images] = None) -> np.ndarray:
+        """:meth:`fit` on ``X``, then :meth:`predict` of every image of ``X`` (int (N,): +1
+        inlier, -1 outlier, scikit-learn's; PyOD's 0/1 labels of the held-back images: ``labels_``)."""
+        return self.fit(X, y, threshold_images).predict(X)
 
     def _share(self, fraction: float) -> Optional[int]:
         """``fraction`` of ``fit_images`` (at least 1), or None when ``fit_images`` is None (all)."""
         return None if self.fit_images is None else max(1, int(round(fraction * self.fit_images)))
 
-    def _fit_statistics(self, images: Images, limit: Optional[int], desc: str):
+    def _subset_statistics(self, images: Images, limit: Optional[int], desc: str):
         """Statistics of at most ``limit`` of ``images`` (None: all): a seeded random subset when
         they are indexable, the first ones otherwise (see :meth:`fit`)."""
-        dataset = self._indexable(images)
+        dataset = as_indexable(images)
         if dataset is not None and limit is not None and len(dataset) > limit:
-            keep = np.random.default_rng(self.settings.seed).choice(len(dataset), limit, replace=False)
+            keep = np.random.default_rng(self.seed).choice(len(dataset), limit, replace=False)
             batch = images.batch_size if isinstance(images, DataLoader) and images.batch_size else self.batch_size
             subset = Subset(dataset, np.sort(keep).tolist())
             return self.settings.compute(self.model, make_loader(subset, batch, shuffle=False), desc)
         return self.statistics(images, desc, max_images=limit)
 
     def fit_statistics(
-        self, train_stats: Mapping[str, np.ndarray], threshold_stats: Mapping[str, np.ndarray], key: str = ""
+        self, train_stats: Mapping[str, np.ndarray], threshold_stats: Mapping[str, np.ndarray]
     ) -> OutlierDetector:
         """Fit from already computed statistics (:func:`glowflow.ood.compute_statistics` with the
-        detector's codec): the reference (:func:`fit_reference`, seeded with ``seed``) on
-        ``train_stats``, then every score of ``threshold_stats`` kept for the thresholds."""
-        self.reference_ = fit_reference(
-            train_stats, key=key, seed=self.settings.seed, transforms=self.settings.transforms
-        )
-        if self.reference_.orientation is not None:  # dos_orientation standardised on the held-back images
-            held = self.scores_from_statistics(threshold_stats)
-            orientation = calibrated(self.reference_.orientation, held["dos"], held["orientation"])
-            self.reference_ = replace(self.reference_, orientation=orientation)
-        self.threshold_scores_ = self.scores_from_statistics(threshold_stats)
-        return self
+        detector's codec and transforms): the reference (:func:`fit_reference`, seeded with
+        ``seed``) on ``train_stats``, then every score of ``threshold_stats`` kept for the thresholds."""
+        self._check_params()
+        return self._fit_statistics(train_stats, threshold_stats, "")
+
+    def _fit_statistics(self, train_stats, threshold_stats, key: str) -> OutlierDetector:
+        reference = fit_reference(train_stats, key=key, seed=self.seed, transforms=self.transforms)
+        if reference.orientation is not None:  # dos_orientation standardised on the held-back images
+            held = outlier_scores(threshold_stats, reference)
+            reference = replace(
+                reference, orientation=calibrated(reference.orientation, held["dos"], held["orientation"])
+            )
+        return self._adopt(reference, outlier_scores(threshold_stats, reference))
 
     # ------------------------------------------------------------------ scoring
 
-    def scores_from_statistics(
-        self, stats: Mapping[str, np.ndarray], background_stats: Optional[Mapping[str, np.ndarray]] = None
-    ) -> Dict[str, np.ndarray]:
-        """Every score (:func:`glowflow.ood.outlier_scores`, higher = more outlying) of the
-        images whose statistics are ``stats``."""
+    def outlier_scores(self, X: Images) -> np.ndarray:
+        """The detector's ``score`` (N,) of the images ``X``: higher = more outlying (every score
+        at once: ``glowflow.ood.outlier_scores(detector.statistics(X), detector.reference_)``)."""
         self._check_fitted()
-        return outlier_scores(stats, self.reference_, background_stats)
+        return outlier_scores(self.statistics(X), self.reference_)[self.score]
 
-    def all_scores(self, images: Images) -> Dict[str, np.ndarray]:
-        """Every score (N,) of ``images``, higher = more outlying (glowflow's convention)."""
-        return self.scores_from_statistics(self.statistics(images))
-
-    def outlier_scores(self, images: Images) -> np.ndarray:
-        """The detector's ``score`` (N,): higher = more outlying."""
-        self._check_fitted()
-        return self.all_scores(images)[self.score]
-
-    def score_samples(self, images: Images) -> np.ndarray:
+    def score_samples(self, X: Images) -> np.ndarray:
         """scikit-learn's convention: ``-outlier_scores``, higher = more normal."""
-        return -self.outlier_scores(images)
+        return -self.outlier_scores(X)
 
-    def decision_function(self, images: Images) -> np.ndarray:
-        """``threshold_ - outlier_scores``: negative = outlier, positive = inlier (scikit-learn's)."""
-        return self.score_samples(images) - self.offset_
+    def decision_function(self, X: Images) -> np.ndarray:
+        """``threshold_ - outlier_scores``: negative = outlier, positive = inlier (scikit-learn's
+        sign; PyOD's ``decision_function`` is :meth:`outlier_scores`). NaN for an image whose
+        score is not a number (an outlier)."""
+        return self._decide(self.outlier_scores(X))[0]
 
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Bool (N,) from scores of ``score`` (higher = more outlying): above the threshold, or NaN."""
-        return ~(np.asarray(scores, dtype=np.float64) <= self.threshold_)
-
-    def is_outlier(self, images: Images) -> np.ndarray:
+    def is_outlier(self, X: Images) -> np.ndarray:
         """Bool (N,): True for an outlier (score above the threshold, or not a number)."""
-        return self.decide(self.outlier_scores(images))
+        return self._decide(self.outlier_scores(X))[1]
 
-    def predict(self, images: Images) -> np.ndarray:
+    def predict(self, X: Images) -> np.ndarray:
         """int (N,): +1 inlier, -1 outlier (scikit-learn's convention)."""
-        return np.where(self.is_outlier(images), -1, 1)
+        return np.where(self.is_outlier(X), -1, 1)
 
     # ------------------------------------------------------------------ file
 
@@ -347,8 +418,8 @@ class OutlierDetector:
             fit_images=self.fit_images,
             threshold_fraction=self.threshold_fraction,
             batch_size=self.batch_size,
-            seed=self.settings.seed,
-            codec=self.settings.codec,
+            seed=self.seed,
+            codec=self.codec,
         )
 
     @classmethod
@@ -365,20 +436,21 @@ class OutlierDetector:
         orientation = stored.reference.orientation
         transforms = () if orientation is None else orientation.transforms
         detector = cls(model, device=device, progress=progress, transforms=transforms, **stored.settings)
-        detector.reference_ = stored.reference
-        detector.threshold_scores_ = {n: stored.held[:, i] for i, n in enumerate(stored.names)}
         if set(stored.names) != set(detector.score_names()):
             raise GlowflowError(
                 f"the outlier detector {path} has scores {list(stored.names)}, the model gives {detector.score_names()}"
             )
-        broken = {n: t for n, t in detector.thresholds_.items() if not math.isfinite(t)}
+        held = {n: stored.held[:, i] for i, n in enumerate(stored.names)}
+        broken = {
+            n: t for n, t in ((n, threshold_at_tpr(s, detector.tpr)) for n, s in held.items()) if not math.isfinite(t)
+        }
         if broken:
             name, value = next(iter(broken.items()))
             raise GlowflowError(
                 f"unusable outlier detector file {path}: the {name} threshold at tpr {detector.tpr:g} is {value} "
                 f"(its held-back scores are not finite numbers)"
             )
-        return detector
+        return detector._adopt(stored.reference, held)
 
     @classmethod
     def from_pretrained(
@@ -404,22 +476,17 @@ class OutlierDetector:
                 )
             path = found[0]
         detector = cls.load(path, model, device=device)
-        if score is not None:
-            detector.set_score(score)
-        return detector if tpr is None else detector.set_tpr(tpr)
+        changes = dict(score=score, tpr=tpr)
+        return detector.set_params(**{k: v for k, v in changes.items() if v is not None})
+
+
+def _equal(a, b) -> bool:
+    """Whether two parameter values are the same (a model only as itself)."""
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _rows(stats: Mapping[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
     return {k: np.asarray(v)[index] for k, v in stats.items()}
-
-
-def detector_cache_path_for(checkpoint_path: str, dataset: str, n_bits: int) -> str:
-    """Where the command line caches a checkpoint's detector (fitted on ``dataset`` at ``n_bits``):
-    inside a model folder (and ``pretrained:NAME``), ``<folder>/ood_detector_<dataset>_<n_bits>bit.npz``,
-    so that it travels with the folder; beside a checkpoint file,
-    ``<checkpoint stem>.ood_detector_<dataset>_<n_bits>bit.npz``."""
-    name = f"ood_detector_{dataset_slug(dataset)}_{int(n_bits)}bit.npz"
-    if is_model_folder(checkpoint_path):
-        return os.path.join(os.path.abspath(resolve(checkpoint_path)), name)
-    stem = os.path.splitext(os.path.abspath(checkpoint_path))[0]
-    return f"{stem}.{name}"

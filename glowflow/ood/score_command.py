@@ -1,7 +1,8 @@
 """``glowflow --score PATH [PATH ...]``: every image of image files, folders and .npz files
 (:mod:`glowflow.ood.inputs`) scored by a checkpoint's outlier detector, written together or not at
 all as a CSV (one row per image, unreadable files marked) and a picture sheet of the most and least
-outlying images (PNG), and a printed summary of how many were flagged."""
+outlying images (PNG), and a printed summary of how many were flagged (:func:`write_image_scores`;
+the command itself: :func:`run_score_command`). The scores themselves: :mod:`glowflow.ood.scores`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from glowflow.config import OUTPUT_ROOT, RunConfig, dataset_slug
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_output, atomic_write, atomic_write_text, check_writable_folder, describe_os_error
 from glowflow.ood.cache import detector_for
-from glowflow.ood.command import FitSets
-from glowflow.ood.detector import OutlierDetector, detector_cache_path_for
+from glowflow.ood.command import FitSets, command_settings
+from glowflow.ood.detector import OutlierDetector
 from glowflow.ood.inputs import check_some_readable, load_images_to_score, unreadable_note
-from glowflow.ood.statistics import StatisticsSettings
+from glowflow.ood.scores import outlier_scores
 from glowflow.runtime import resolve_device
 
 SHEET_IMAGES = 16
@@ -50,20 +51,18 @@ def scores_csv_text(
     names: Sequence[str],
     stats: Mapping[str, np.ndarray],
     scores: Mapping[str, np.ndarray],
-    detector_score: str,
-    threshold: float,
+    decision: np.ndarray,
+    outlier: np.ndarray,
     unreadable: Optional[Mapping[int, str]] = None,
 ) -> str:
     """The score CSV: one row per image (``names``, in order): ``index``, ``image`` (path or
-    index), ``bits_per_dim``, every score (higher = more outlying), ``outlier`` (1 when the
-    ``detector_score`` is above ``threshold`` or not a number, else 0), ``decision``
-    (``threshold - score``: negative = outlier, as scikit-learn's ``decision_function``) and
-    ``unreadable`` (empty; for an image file that could not be read, why, with every number of its
-    row empty). ``stats`` and ``scores`` hold the readable images only, in order."""
+    index), ``bits_per_dim``, every score (higher = more outlying), ``outlier`` (1 where
+    ``outlier`` is True, else 0), ``decision`` (the detector's ``decision_function``,
+    ``threshold - score``: negative = outlier) and ``unreadable`` (empty; for an image file that
+    could not be read, why, with every number of its row empty). ``stats``, ``scores``,
+    ``decision`` and ``outlier`` hold the readable images only, in order."""
     unreadable = unreadable or {}
     columns = list(scores)
-    chosen = np.asarray(scores[detector_score], dtype=np.float64)
-    outlier = ~(chosen <= threshold)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["index", "image", "bits_per_dim", *columns, "outlier", "decision", "unreadable"])
@@ -75,15 +74,17 @@ def scores_csv_text(
         writer.writerow(
             [i, name, _num(stats["bpd"][j])]
             + [_num(scores[k][j]) for k in columns]
-            + [int(outlier[j]), _num(threshold - chosen[j]), ""]
+            + [int(outlier[j]), _num(decision[j]), ""]
         )
         j += 1
     return buffer.getvalue()
 
 
-def write_scores_csv(path: str, names: Sequence[str], stats, scores, detector_score: str, threshold: float) -> str:
-    """:func:`scores_csv_text` written atomically at ``path``."""
-    return atomic_write_text(path, scores_csv_text(names, stats, scores, detector_score, threshold))
+def write_scores_csv(path: str, names: Sequence[str], stats, scores, detector: OutlierDetector) -> str:
+    """:func:`scores_csv_text` written atomically at ``path``, with the fitted ``detector``'s
+    decision (its ``decision_function`` and ``is_outlier`` of the images whose ``scores`` these are)."""
+    decision, outlier = detector._decide(scores[detector.score])
+    return atomic_write_text(path, scores_csv_text(names, stats, scores, decision, outlier))
 
 
 def _num(v: float) -> str:
@@ -175,7 +176,7 @@ def _inode(path: str) -> Optional[Tuple[int, int]]:
     return info.st_dev, info.st_ino
 
 
-def run_score(detector: OutlierDetector, dataset, name: str, output_dir: str) -> Dict[str, object]:
+def write_image_scores(detector: OutlierDetector, dataset, name: str, output_dir: str) -> Dict[str, object]:
     """Score every image of ``dataset`` (yielding ``(image, label)`` of the model's shape; a
     :class:`ScoredImages` names its images and the files it could not read) with the fitted
     ``detector``; write ``<output_dir>/scores_<slug>.csv`` (:func:`scores_csv_text`) and
@@ -198,8 +199,8 @@ def run_score(detector: OutlierDetector, dataset, name: str, output_dir: str) ->
         kept = np.array([i not in unreadable for i in range(len(dataset))])
         stats = {k: np.asarray(v)[kept] for k, v in stats.items()}
     readable = [i for i in range(len(dataset)) if i not in unreadable]
-    scores = detector.scores_from_statistics(stats)
-    outlier = detector.decide(scores[score])
+    scores = outlier_scores(stats, detector.reference_)
+    decision, outlier = detector._decide(scores[score])  # as decision_function and is_outlier, from these scores
     slug = getattr(dataset, "slug", None) or dataset_slug(name)
     csv_path = os.path.join(output_dir, f"scores_{slug}.csv")
     sheet_path = os.path.join(output_dir, f"scores_{slug}_sheet.png")
@@ -211,7 +212,7 @@ def run_score(detector: OutlierDetector, dataset, name: str, output_dir: str) ->
         rows.append((label, images, captions, outlier[picks]))
     base = os.path.basename(os.path.normpath(name))
     title = f"{base}: {score} (higher = more outlying; red = flagged at {threshold:.4g})"
-    text = scores_csv_text(names, stats, scores, score, threshold, unreadable)
+    text = scores_csv_text(names, stats, scores, decision, outlier, unreadable)
     write_all_or_nothing([(csv_path, text.encode("utf-8")), (sheet_path, render_sheet(rows, title))])
     note = unreadable_note(dataset) if unreadable else None
     if note:
@@ -243,7 +244,8 @@ def run_score_command(
     ``run.detector`` (a saved :class:`OutlierDetector`, refused in one line when anything in it is
     wrong) or fitted on the checkpoint's training data (``dataset``, default the checkpoint's;
     cached beside the checkpoint or inside a model folder, :func:`detector_cache_path_for`, and
-    refitted with a note when the cache is unusable), with :func:`run_score`."""
+    refitted with a note when the cache is unusable; built as ``--outlier_detection`` builds it,
+    :func:`command_settings`), with :func:`write_image_scores`."""
     output_dir = run.output_dir or OUTPUT_ROOT
     check_writable_folder(output_dir)  # before any work; creates nothing
     device = resolve_device(run.device)
@@ -253,7 +255,7 @@ def run_score_command(
     to_score = load_images_to_score(list(paths) if paths else [run.score_path], shape)
     if run.detector:
         detector = OutlierDetector.load(run.detector, model, device=device, progress=True)
-        detector.set_tpr(run.tpr).set_score(run.detector_score)
+        detector.set_params(tpr=run.tpr, score=run.detector_score)
     else:
         in_name, image_size = checkpoint.data_to_read(dataset, run.dataset)
         fit_sets = FitSets(checkpoint, in_name, run, image_size, 2**model.config.L)
@@ -266,18 +268,10 @@ def run_score_command(
                 )
             return train_set
 
-        settings = StatisticsSettings(device=device, seed=run.eval_seed)
-        detector = OutlierDetector(
-            model,
-            run.detector_score,
-            tpr=run.tpr,
-            fit_images=run.fit_images or None,
-            batch_size=run.eval_batch_size,
-            device=device,
-            seed=settings.seed,
-            progress=True,
-        )
-        cache = detector_cache_path_for(run.checkpoint, in_name, model.config.n_bits)
+        settings = command_settings(run, in_name, model.config.n_bits, device, output_dir)
+        detector = settings.detector(model)
         validation = fit_sets.validation if fit_sets.has_validation else None
-        detector, _ = detector_for(model, training_images, in_name, detector, cache, threshold_images=validation)
-    return run_score(detector, to_score, to_score.name, output_dir)
+        detector, _ = detector_for(
+            model, training_images, in_name, detector, settings.reference_cache_path, threshold_images=validation
+        )
+    return write_image_scores(detector, to_score, to_score.name, output_dir)
