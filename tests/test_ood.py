@@ -756,3 +756,24 @@ def test_top_gaussian_is_the_nearest_class_gaussian_negative_log_density():
     assert fit_latent_gaussians(features, odd).classes.tolist() == [0, 1]
     with pytest.raises(GlowflowError, match="top-latent features"):
         top_gaussian_nll(latent, queries[:, :3])
+
+
+def test_orientation_transforms_reach_the_detector_of_both_commands(trained):
+    """--orientation_transforms (RunConfig.orientation_transforms) sets the transforms the
+    detector of --outlier_detection and --score compares images with; none turns the orientation
+    score off and the default score becomes dos; the names are glowflow.ood.statistics.TRANSFORMS'."""
+    from glowflow.config import IMAGE_TRANSFORMS, RunConfig
+    from glowflow.ood.command import command_settings
+    from glowflow.ood.statistics import TRANSFORMS
+
+    model = trained[0]
+    assert tuple(TRANSFORMS) == IMAGE_TRANSFORMS
+    default = command_settings(RunConfig(checkpoint="/runs/a.pt"), "smooth", 8, "cpu", "/tmp/out").detector(model)
+    assert default.settings.transforms == ORIENTATION_TRANSFORMS and default.score == "dos_orientation"
+    off = command_settings(RunConfig(checkpoint="/runs/a.pt", orientation_transforms=()), "smooth", 8, "cpu", "/o")
+    assert off.statistics.transforms == () and off.detector(model).score == "dos"
+    assert "orientation" not in off.detector(model).score_names()
+    turned = RunConfig(checkpoint="/runs/a.pt", orientation_transforms=("rot180",))
+    assert command_settings(turned, "smooth", 8, "cpu", "/o").detector(model).settings.transforms == ("rot180",)
+    with pytest.raises(GlowflowError, match="orientation_transforms"):
+        RunConfig(orientation_transforms=("spin",)).validate()

@@ -34,6 +34,7 @@ from glowflow.config.reproduce import TRAINING_COMMAND_FIELDS, training_command
 from glowflow.config.run import (
     AMP_CHOICES,
     EVAL_BATCH_SIZE,
+    IMAGE_TRANSFORMS,
     SEED_LIMIT,
     SEED_STRIDE,
     CommonConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "VAL_MAX",
     "CommonConfig",
     "DetectorConfig",
+    "IMAGE_TRANSFORMS",
     "GlowConfig",
     "OutlierConfig",
     "RunConfig",

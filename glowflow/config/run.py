@@ -213,6 +213,11 @@ class SampleConfig(CommonConfig):
             raise GlowflowError(f"manipulate_scales must be finite numbers, got {list(self.manipulate_scales)}")
 
 
+IMAGE_TRANSFORMS = ("vflip", "hflip", "rot90", "rot180", "rot270")
+"""The image transforms the outlier detector's orientation score can compare images with
+(glowflow.ood.statistics.TRANSFORMS computes them)."""
+
+
 @dataclass
 class DetectorConfig(_Section):
     """The outlier detector (glowflow.ood.OutlierDetector), the one home of its defaults.
@@ -220,17 +225,26 @@ class DetectorConfig(_Section):
     fit_images: training images it fits on (a seeded subset); 0 = all.
     tpr: share of held-back inlier images the decision threshold keeps.
     detector_score: the score it decides with (dos_orientation; "dos" without the orientation score).
+    orientation_transforms: the transforms of IMAGE_TRANSFORMS the orientation score compares each
+    image with, one more pass of the model each; empty: no orientation score, and "dos" decides.
     """
 
     fit_images: int = 10_000
     tpr: float = 0.95
     detector_score: str = "dos_orientation"
+    orientation_transforms: Tuple[str, ...] = ("vflip", "rot90")
 
     INT_RANGES = {"fit_images": (0, None)}
 
     def _check(self) -> None:
         if not (math.isfinite(self.tpr) and 0.0 < self.tpr <= 1.0):
             raise GlowflowError(f"tpr must be in (0, 1], got {self.tpr}")
+        unknown = [t for t in self.orientation_transforms if t not in IMAGE_TRANSFORMS]
+        if unknown or len(set(self.orientation_transforms)) != len(self.orientation_transforms):
+            raise GlowflowError(
+                f"orientation_transforms must be distinct names of {', '.join(IMAGE_TRANSFORMS)}, "
+                f"got {list(self.orientation_transforms)}"
+            )
 
 
 @dataclass

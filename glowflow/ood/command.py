@@ -16,7 +16,7 @@ from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
 from glowflow.ood.cache import detector_cache_path_for, detector_for
 from glowflow.ood.codecs import codec_description
-from glowflow.ood.detector import FIT_IMAGES, OutlierDetector
+from glowflow.ood.detector import DEFAULT_SCORE, FIT_IMAGES, OutlierDetector
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.report import (
     build_report,
@@ -65,6 +65,7 @@ class OutlierDetectionSettings:
             seed=self.statistics.seed,
             codec=self.statistics.codec,
             progress=self.statistics.progress,
+            transforms=self.statistics.transforms,
         )
 
 
@@ -243,9 +244,17 @@ def command_settings(run: RunConfig, in_name: str, n_bits: int, device, output_d
         output_dir=output_dir,
         in_name=in_name,
         reference_cache_path=detector_cache_path_for(run.checkpoint, in_name, n_bits),
-        statistics=StatisticsSettings(device=device, seed=run.eval_seed, max_images=run.max_eval_images),
+        statistics=StatisticsSettings(
+            device=device,
+            seed=run.eval_seed,
+            max_images=run.max_eval_images,
+            transforms=tuple(run.orientation_transforms),
+        ),
         fit_images=run.fit_images or None,
-        detector_score=run.detector_score,
+        # without transforms there is no orientation score: the default decides with dos
+        detector_score=run.detector_score
+        if run.orientation_transforms or run.detector_score != DEFAULT_SCORE
+        else "dos",
         tpr=run.tpr,
         batch_size=run.eval_batch_size,
     )
