@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from glowflow import Glow, GlowflowError, bits_per_dim, dequantize
+from glowflow import Glow, GlowConfig, GlowflowError, bits_per_dim, dequantize
 from glowflow.layers import ActNorm
 from glowflow.runtime import autocast_context, eager
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
@@ -77,7 +77,7 @@ def test_fast_equals_eager(combo):
     x = _data(6)
     y = labels_for(model, 6)
     with torch.inference_mode():
-        fast, plain = _both(model, lambda: model.bits_per_dim(x, 8, y))
+        fast, plain = _both(model, lambda: model.bits_per_dim(x, y))
         assert _max_diff(fast, plain) < _bpd_tol(model, x, plain)
         if model.config.y_condition:  # the class mixture (no labels)
             fast, plain = _both(model, lambda: model.bits_per_dim(x))
@@ -110,7 +110,8 @@ def test_training_gradients_match_in_float64(combo):
     def grads():
         model.zero_grad()
         log_prob, logits = model(x, y)
-        loss = bits_per_dim(log_prob, model.num_dims).mean() + (0 if logits is None else logits.square().mean())
+        bpd = bits_per_dim(log_prob, model.num_dims, model.config.n_bits)
+        loss = bpd.mean() + (0 if logits is None else logits.square().mean())
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -122,7 +123,7 @@ def test_training_gradients_match_in_float64(combo):
 
 def _check_same(model, x, y=None):
     with torch.no_grad():
-        fast, plain = _both(model, lambda: model.bits_per_dim(x, 8, y))
+        fast, plain = _both(model, lambda: model.bits_per_dim(x, y))
     assert _max_diff(fast, plain) < _bpd_tol(model, x, plain)
     return fast
 
@@ -142,7 +143,7 @@ def test_cache_follows_optimizer_steps(fused):
     model.train()
     for _ in range(2):
         log_prob, _ = model(x)
-        loss = bits_per_dim(log_prob, model.num_dims).mean()
+        loss = bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -178,7 +179,7 @@ def test_fast_path_initialises_actnorm_like_the_plain_path():
 
     def build():
         torch.manual_seed(3)
-        return Glow(image_shape=SHAPE, hidden_channels=16, K=2, L=2, flow_permutation="shuffle")
+        return Glow(GlowConfig(image_shape=SHAPE, hidden_channels=16, K=2, L=2, flow_permutation="shuffle"))
 
     fast, plain = build(), build()
     plain.fast = False
@@ -218,7 +219,7 @@ def test_bf16_autocast_keeps_log_densities_in_float32():
     # the 1x1 convolution's folded weight and bias stay float32 (a bf16 W would no longer have
     # the log-determinant the density uses)
     assert weight.dtype == bias.dtype == pixel_logdet.dtype == torch.float32
-    bits_per_dim(log_prob, model.num_dims).mean().backward()
+    bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
     with torch.no_grad():
