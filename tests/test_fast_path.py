@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from glowflow import Glow, GlowConfig, GlowflowError, bits_per_dim, dequantize
-from glowflow.layers import ActNorm
 from glowflow.runtime import autocast_context, eager
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
@@ -238,14 +237,18 @@ def test_initialised_check_does_not_reread_the_buffer_until_it_changes(monkeypat
     step = model.fused.levels[0][0]
     actnorm = step.step.actnorm
     assert step.is_initialized()
-    reads = []
-    monkeypatch.setattr(ActNorm, "__bool__", lambda self: reads.append(1) or True, raising=False)
-    calls = []
+    reads = []  # every tensor whose value is read (bool(tensor): what would synchronise a GPU)
     original = torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append(1) or original(t))
-    assert step.is_initialized() and not calls  # remembered: no read of the buffer
-    monkeypatch.undo()
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or original(t))
+    assert step.is_initialized() and not reads  # remembered: no read of the buffer
     actnorm.initialized.fill_(0)  # a write bumps the version: re-read
     assert not step.is_initialized()
+    assert reads and reads[0] is actnorm.initialized  # the changed buffer was read, not remembered
+    reads.clear()
     actnorm.initialized.fill_(1)
     assert step.is_initialized()
+    buffers = [a.initialized for a in (actnorm, step.step.coupling.net[0].actnorm, step.step.coupling.net[2].actnorm)]
+    assert len(reads) == 3 and all(r is b for r, b in zip(reads, buffers))  # each of the step's ActNorms, once
+    reads.clear()
+    assert step.is_initialized() and step.is_initialized() and not reads  # remembered again
+    monkeypatch.undo()
