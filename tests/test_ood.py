@@ -232,7 +232,7 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     g8 = torch.Generator().manual_seed(0)  # compute_statistics' default seed
     x8 = torch.cat([dequantize(preprocess(b, 8), 8, g8) for b in images.split(4)]).double()
     with torch.no_grad():
-        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8, 8).numpy(), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8).numpy(), rtol=0, atol=1e-10)
     np.testing.assert_allclose(cstats["level_bpd"].sum(1), cstats["bpd"], rtol=0, atol=1e-10)
 
 
