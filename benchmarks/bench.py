@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from glowflow import Glow, bits_per_dim, dequantize, preprocess  # noqa: E402
+from glowflow import Glow, GlowConfig, bits_per_dim, dequantize, preprocess  # noqa: E402
 from glowflow.layers import ActNorm  # noqa: E402
 from glowflow.runtime import autocast_context, compile_model  # noqa: E402
 
@@ -67,12 +67,12 @@ def build(name: str, device: torch.device, batch: Optional[int] = None, seed: in
     spec = {k: v for k, v in CONFIGS[name].items() if k != "batch"}
     n = batch or CONFIGS[name]["batch"]
     torch.manual_seed(seed)
-    model = Glow(**spec).to(device)
+    model = Glow(GlowConfig(**spec)).to(device)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, *spec["image_shape"]), generator=generator).float() / 255
-    x = preprocess(images).to(device)
+    x = preprocess(images, model.config.n_bits).to(device)
     if init:
-        model.initialize(dequantize(x.cpu(), 8, generator).to(device))
+        model.initialize(dequantize(x.cpu(), model.config.n_bits, generator).to(device))
     else:
         for module in model.modules():
             if isinstance(module, ActNorm):
@@ -107,7 +107,7 @@ def make_steps(model: Glow, x: torch.Tensor, row: Row, device: torch.device, cal
         model.train()
         with autocast_context(device, row.amp):
             log_prob, _ = call(x + noise)
-        loss = bits_per_dim(log_prob, model.num_dims).mean()
+        loss = bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -153,7 +153,7 @@ def train_flops_per_image(model: Glow, x: torch.Tensor) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         log_prob, _ = model(x)
-        bits_per_dim(log_prob, model.num_dims).mean().backward()
+        bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / x.shape[0]
 
@@ -178,10 +178,10 @@ def bpd_difference(model: Glow, x: torch.Tensor, row: Row, device: torch.device,
     model.eval()
     with torch.inference_mode():
         model.fast = False
-        reference = bits_per_dim(model(x + noise)[0], model.num_dims)
+        reference = bits_per_dim(model(x + noise)[0], model.num_dims, model.config.n_bits)
         row.apply(model)
         with autocast_context(device, row.amp):
-            got = bits_per_dim(call(x + noise)[0], model.num_dims)
+            got = bits_per_dim(call(x + noise)[0], model.num_dims, model.config.n_bits)
     Row("fast", True).apply(model)
     return (got.double() - reference.double()).abs().max().item()
 
@@ -294,7 +294,7 @@ def run_config(config: str, args, peaks: Dict[str, float]) -> List[Dict]:
             model.fast = True
             model.train()
             log_prob, _ = calls[row.name](x)  # compiles forward + backward on first use
-            bits_per_dim(log_prob, model.num_dims).mean().backward()
+            bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean().backward()
             model.eval()
             with torch.inference_mode():
                 calls[row.name](x)

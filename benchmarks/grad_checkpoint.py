@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from glowflow import Glow  # noqa: E402
+from glowflow import Glow, GlowConfig  # noqa: E402
 
 SHAPES = ("1x32x32", "3x64x64", "3x128x128", "3x256x256")
 
@@ -58,7 +58,7 @@ def measure(shape: str, checkpointed: bool, args) -> dict:
     c, h, w = (int(v) for v in shape.split("x"))
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Glow(image_shape=(c, h, w), hidden_channels=args.hidden, K=args.K, L=args.L).to(device)
+    model = Glow(GlowConfig(image_shape=(c, h, w), hidden_channels=args.hidden, K=args.K, L=args.L)).to(device)
     x = torch.rand(args.batch, c, h, w, device=device) - 0.5
     model.initialize(x)
     model.train()

@@ -9,9 +9,10 @@
   :func:`curve_interval` steps (about :data:`POINTS_PER_EPOCH` per epoch) and at each epoch's end,
   with the mean training bits/dim of the steps since the previous row; ``epoch`` is fractional
   (step / steps per epoch). A resumed run first drops the rows beyond its checkpoint.
-* :func:`plot_curves` -- ``training_curves.png``: the training line from steps.csv, and the
-  validation and test bits/dim of each epoch (metrics.csv) as markers on the same axes, x in
-  epochs. Drawn with matplotlib's Agg canvas (no display), written atomically.
+* :func:`curve_series` / :func:`plot_curves` -- ``training_curves.png``: the training line from
+  steps.csv, and the validation and test bits/dim of each epoch (metrics.csv) as markers on the
+  same axes, x in epochs, non-finite values left out (:func:`curve_series` is the data; the picture
+  is drawn with matplotlib's Agg canvas, no display, written atomically).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import dataclasses
 import io
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -149,17 +150,28 @@ def _number(text: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def plot_curves(
-    metrics_path: str, png_path: str, steps_path: Optional[str] = None, steps_per_epoch: Optional[int] = None
-) -> Optional[str]:
-    """Draw ``training_curves.png`` (``png_path``, atomically): the training line of steps.csv
-    ``steps_path`` (without one, metrics.csv's per-epoch train_bpd) and the per-epoch validation and
-    test bits/dim of metrics.csv ``metrics_path``, against epochs (a metrics row's step divided by
-    ``steps_per_epoch`` where given, else its epoch). Its path, or None when there is nothing to draw."""
+@dataclasses.dataclass(frozen=True)
+class CurveSeries:
+    """One line of ``training_curves.png``: its label, whether it is the training line (a thin
+    line; the splits' are markers), matplotlib marker and line style, and its points (x in epochs,
+    bits/dim), finite values only."""
+
+    label: str
+    training: bool
+    marker: Optional[str]
+    style: str
+    xs: Tuple[float, ...]
+    values: Tuple[float, ...]
+
+
+def curve_series(
+    metrics_path: str, steps_path: Optional[str] = None, steps_per_epoch: Optional[int] = None
+) -> List[CurveSeries]:
+    """What :func:`plot_curves` draws: the training line of steps.csv ``steps_path`` (without one,
+    metrics.csv's per-epoch train_bpd), then each of :data:`SPLIT_MARKERS` that has a value, against
+    epochs (a metrics row's step divided by ``steps_per_epoch`` where given, else its epoch). A
+    cell that is empty, not a number or not finite is left out (its point, not its row)."""
     rows = _read_rows(metrics_path)
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
 
     def x_of(row) -> Optional[float]:
         step = _number(row.get("step"))
@@ -167,30 +179,46 @@ def plot_curves(
             return step / steps_per_epoch
         return _number(row.get("epoch"))
 
-    drawn = 0
-    points = [(_number(r.get("epoch")), _number(r.get("train_bpd"))) for r in _read_rows(steps_path)]
-    points = [(x, v) for x, v in points if x is not None and v is not None]
+    def finite(points) -> List[Tuple[float, float]]:
+        return [(x, v) for x, v in points if x is not None and v is not None]
+
+    series = []
+    points = finite((_number(r.get("epoch")), _number(r.get("train_bpd"))) for r in _read_rows(steps_path))
     label = "train (mean of the steps between points)"
     if not points:  # no step curve: the epochs' means
-        points = [(x_of(r), _number(r.get("train_bpd"))) for r in rows]
-        points = [(x, v) for x, v in points if x is not None and v is not None]
+        points = finite((x_of(r), _number(r.get("train_bpd"))) for r in rows)
         label = "train (mean over the epoch)"
     if points:
         xs, values = zip(*points)
-        ax.plot(xs, values, "-", linewidth=1.0, marker="." if len(points) < 50 else None, label=label)
-        drawn += 1
+        series.append(CurveSeries(label, True, "." if len(points) < 50 else None, "-", xs, values))
     for column, split_label, marker, style in SPLIT_MARKERS:
-        split = [(x_of(r), _number(r.get(column))) for r in rows]
-        split = [(x, v) for x, v in split if x is not None and v is not None]
+        split = finite((x_of(r), _number(r.get(column))) for r in rows)
         if split:
             xs, values = zip(*split)
-            ax.plot(xs, values, style, marker=marker, markersize=5, label=split_label)
-            drawn += 1
-    if not drawn:
+            series.append(CurveSeries(split_label, False, marker, style, xs, values))
+    return series
+
+
+def plot_curves(
+    metrics_path: str, png_path: str, steps_path: Optional[str] = None, steps_per_epoch: Optional[int] = None
+) -> Optional[str]:
+    """Draw ``training_curves.png`` (``png_path``, atomically): the lines of :func:`curve_series`
+    against epochs. Its path, or None when there is nothing to draw."""
+    series = curve_series(metrics_path, steps_path, steps_per_epoch)
+    if not series:
         return None
+    evaluations = len(_read_rows(metrics_path))
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for line in series:
+        if line.training:
+            ax.plot(line.xs, line.values, line.style, linewidth=1.0, marker=line.marker, label=line.label)
+        else:
+            ax.plot(line.xs, line.values, line.style, marker=line.marker, markersize=5, label=line.label)
     ax.set_xlabel("epochs")
     ax.set_ylabel("bits/dim")
-    ax.set_title(f"bits/dim ({len(rows)} evaluation{'s' if len(rows) != 1 else ''})")
+    ax.set_title(f"bits/dim ({evaluations} evaluation{'s' if evaluations != 1 else ''})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -19,6 +19,7 @@ only hand the model to them.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -64,8 +65,8 @@ class FlowTerms:
 
 
 class Glow(nn.Module):
-    """Glow (Kingma & Dhariwal, 2018), built from a :class:`GlowConfig` or its fields as keywords
-    (the command-line flags): ``Glow(config)`` or ``Glow(image_shape=(1, 32, 32), K=8, ...)``.
+    """Glow (Kingma & Dhariwal, 2018), built from a :class:`GlowConfig` (the one home of the
+    architecture's fields and defaults): ``Glow(GlowConfig(image_shape=(1, 32, 32), K=8, L=3))``.
 
     Input: model-space images (N, C, H, W) (see :meth:`preprocess`); H, W divisible by 2**L.
     Latents: for level i < L, (N, C * 2**(i+1), H / 2**i, W / 2**i) (1-based i); top latent
@@ -78,14 +79,11 @@ class Glow(nn.Module):
     keeps only each flow step's input during training and recomputes the rest in the backward pass.
     """
 
-    def __init__(self, config: Optional[GlowConfig] = None, **fields):
+    def __init__(self, config: Optional[GlowConfig] = None, **old_fields):
         super().__init__()
-        if config is not None and not isinstance(config, GlowConfig):  # Glow((C, H, W), ...)
-            config, fields = None, {"image_shape": config, **fields}
-        if config is not None and fields:
-            raise TypeError("Glow takes a GlowConfig or its fields as keywords, not both")
-        self.config = config if config is not None else GlowConfig(**fields)
-        cfg = self.config
+        if not isinstance(config, GlowConfig) or old_fields:  # the old Glow((C, H, W), ...) or Glow(K=8, ...)
+            raise TypeError("Glow takes one GlowConfig: Glow(GlowConfig(image_shape=..., K=..., L=...))")
+        self.config = cfg = config
         c, h, w = cfg.image_shape
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
@@ -238,12 +236,21 @@ class Glow(nn.Module):
         return self.forward_terms(x, y).log_prob
 
     def bits_per_dim(
-        self, x: torch.Tensor, n_bits: Optional[int] = None, y: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, n_bits: Optional[int] = None
     ) -> torch.Tensor:
-        """Bits/dim of (dequantised) model-space ``x`` at the model's own ``n_bits``, shape (N,).
-        ``n_bits``, if given, must be the model's (it is only checked)."""
-        if n_bits is not None and n_bits != self.config.n_bits:
-            raise ValueError(f"this model sees {self.config.n_bits}-bit pixels, not {n_bits}")
+        """Bits/dim of (dequantised) model-space ``x`` (N, C, H, W) at the model's own ``n_bits``,
+        shape (N,); ``y`` as in :meth:`log_prob`. ``n_bits=`` is deprecated (the model knows its
+        own; it is only checked) and goes in the next release."""
+        if n_bits is not None:
+            warnings.warn(
+                "Glow.bits_per_dim(x, n_bits=...) is deprecated: the model uses its own n_bits; drop the argument",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if n_bits != self.config.n_bits:
+                raise ValueError(f"this model sees {self.config.n_bits}-bit pixels, not {n_bits}")
+        if y is not None and not isinstance(y, torch.Tensor):  # the old bits_per_dim(x, n_bits)
+            raise TypeError(f"bits_per_dim(x, y): y is a tensor of classes, not {y!r} (the model's n_bits is its own)")
         return bits_per_dim(self.log_prob(x, y), self.num_dims, self.config.n_bits)
 
     # ------------------------------------------------------------------ latents -> x

@@ -8,7 +8,9 @@ and outlier scoring all add dequantisation noise U(0, 1/n_bins) through
 (:func:`bits_per_dim`). Also here: the input perturbation of a likelihood-ratio background model
 (:func:`perturb`), training's data augmentation (:func:`shift_and_flip`: whole-pixel shifts with
 the edge repeated, left-right flips; pixels stay on their grid) and saving model-space images as
-a PNG grid (:func:`save_grid`, written atomically).
+a PNG grid (:func:`save_grid`, written atomically). Every map takes ``n_bits`` explicitly (no
+default: a forgotten bit depth must not silently mean 8); a model's own maps are
+``Glow.preprocess``/``dequantize``/``postprocess``/``bits_per_dim``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from glowflow.files import atomic_write
 LN2 = math.log(2.0)
 
 
-def quantize(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+def quantize(images: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Images in [0, 1] on the 8-bit grid -> the integer levels the model sees, 0..2**n_bits - 1
     (as a float tensor of the input's dtype)."""
     pixels = torch.round(images * 255.0)
@@ -33,14 +35,14 @@ def quantize(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
     return pixels
 
 
-def preprocess(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+def preprocess(images: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Images in [0, 1] (uint8 / 255, as torchvision's ToTensor) -> model space [-0.5, 0.5), no noise."""
     return quantize(images, n_bits) / 2**n_bits - 0.5
 
 
 def dequantization_noise(
     shape: Sequence[int],
-    n_bits: int = 8,
+    n_bits: int,
     generator: Optional[torch.Generator] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -51,24 +53,24 @@ def dequantization_noise(
     return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=device) / 2**n_bits
 
 
-def dequantize(x: torch.Tensor, n_bits: int = 8, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def dequantize(x: torch.Tensor, n_bits: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Model-space ``x`` plus dequantisation noise U(0, 1/n_bins) on every dimension."""
     return x + dequantization_noise(x.shape, n_bits, generator, x.dtype).to(x.device)
 
 
-def postprocess(x: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+def postprocess(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Model space -> images in [0, 1] on the n_bits grid (for saving pictures)."""
     n_bins = 2**n_bits
     pixels = torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1)
     return pixels * (2 ** (8 - n_bits)) / 255.0
 
 
-def discretisation_nats(num_dims: int, n_bits: int = 8) -> float:
+def discretisation_nats(num_dims: int, n_bits: int) -> float:
     """``D log n_bins``: what turns a continuous log-density into a discrete log-probability."""
     return num_dims * n_bits * LN2
 
 
-def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int = 8) -> torch.Tensor:
+def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:
     """Discrete NLL in bits per dimension: ``-(log_prob - D log n_bins) / (D ln 2)``."""
     return -(log_prob - discretisation_nats(num_dims, n_bits)) / (num_dims * LN2)
 

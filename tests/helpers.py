@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from glowflow import Glow
+from glowflow import Glow, GlowConfig
 from glowflow.layers import ActNorm
 
 
@@ -37,7 +37,8 @@ def randomised_model(image_shape, L, combo, K=2, hidden=8, dtype=torch.float64, 
     random batch through the perturbed network (keeping activations of order one), then ActNorm's
     own parameters are perturbed too."""
     torch.manual_seed(seed)
-    model = Glow(image_shape=image_shape, hidden_channels=hidden, K=K, L=L, num_classes=3, **combo).to(dtype)
+    config = GlowConfig(image_shape=image_shape, hidden_channels=hidden, K=K, L=L, num_classes=3, **combo)
+    model = Glow(config).to(dtype)
     actnorm_params = {id(p) for m in model.modules() if isinstance(m, ActNorm) for p in m.parameters()}
     with torch.no_grad():
         for p in model.parameters():

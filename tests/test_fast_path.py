@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from glowflow import Glow, GlowflowError, bits_per_dim, dequantize
-from glowflow.layers import ActNorm
+from glowflow import Glow, GlowConfig, GlowflowError, bits_per_dim, dequantize
 from glowflow.runtime import autocast_context, eager
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
@@ -77,7 +76,7 @@ def test_fast_equals_eager(combo):
     x = _data(6)
     y = labels_for(model, 6)
     with torch.inference_mode():
-        fast, plain = _both(model, lambda: model.bits_per_dim(x, 8, y))
+        fast, plain = _both(model, lambda: model.bits_per_dim(x, y))
         assert _max_diff(fast, plain) < _bpd_tol(model, x, plain)
         if model.config.y_condition:  # the class mixture (no labels)
             fast, plain = _both(model, lambda: model.bits_per_dim(x))
@@ -110,7 +109,8 @@ def test_training_gradients_match_in_float64(combo):
     def grads():
         model.zero_grad()
         log_prob, logits = model(x, y)
-        loss = bits_per_dim(log_prob, model.num_dims).mean() + (0 if logits is None else logits.square().mean())
+        bpd = bits_per_dim(log_prob, model.num_dims, model.config.n_bits)
+        loss = bpd.mean() + (0 if logits is None else logits.square().mean())
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -122,7 +122,7 @@ def test_training_gradients_match_in_float64(combo):
 
 def _check_same(model, x, y=None):
     with torch.no_grad():
-        fast, plain = _both(model, lambda: model.bits_per_dim(x, 8, y))
+        fast, plain = _both(model, lambda: model.bits_per_dim(x, y))
     assert _max_diff(fast, plain) < _bpd_tol(model, x, plain)
     return fast
 
@@ -142,7 +142,7 @@ def test_cache_follows_optimizer_steps(fused):
     model.train()
     for _ in range(2):
         log_prob, _ = model(x)
-        loss = bits_per_dim(log_prob, model.num_dims).mean()
+        loss = bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -178,7 +178,7 @@ def test_fast_path_initialises_actnorm_like_the_plain_path():
 
     def build():
         torch.manual_seed(3)
-        return Glow(image_shape=SHAPE, hidden_channels=16, K=2, L=2, flow_permutation="shuffle")
+        return Glow(GlowConfig(image_shape=SHAPE, hidden_channels=16, K=2, L=2, flow_permutation="shuffle"))
 
     fast, plain = build(), build()
     plain.fast = False
@@ -218,7 +218,7 @@ def test_bf16_autocast_keeps_log_densities_in_float32():
     # the 1x1 convolution's folded weight and bias stay float32 (a bf16 W would no longer have
     # the log-determinant the density uses)
     assert weight.dtype == bias.dtype == pixel_logdet.dtype == torch.float32
-    bits_per_dim(log_prob, model.num_dims).mean().backward()
+    bits_per_dim(log_prob, model.num_dims, model.config.n_bits).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
     with torch.no_grad():
@@ -237,14 +237,18 @@ def test_initialised_check_does_not_reread_the_buffer_until_it_changes(monkeypat
     step = model.fused.levels[0][0]
     actnorm = step.step.actnorm
     assert step.is_initialized()
-    reads = []
-    monkeypatch.setattr(ActNorm, "__bool__", lambda self: reads.append(1) or True, raising=False)
-    calls = []
+    reads = []  # every tensor whose value is read (bool(tensor): what would synchronise a GPU)
     original = torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append(1) or original(t))
-    assert step.is_initialized() and not calls  # remembered: no read of the buffer
-    monkeypatch.undo()
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or original(t))
+    assert step.is_initialized() and not reads  # remembered: no read of the buffer
     actnorm.initialized.fill_(0)  # a write bumps the version: re-read
     assert not step.is_initialized()
+    assert reads and reads[0] is actnorm.initialized  # the changed buffer was read, not remembered
+    reads.clear()
     actnorm.initialized.fill_(1)
     assert step.is_initialized()
+    buffers = [a.initialized for a in (actnorm, step.step.coupling.net[0].actnorm, step.step.coupling.net[2].actnorm)]
+    assert len(reads) == 3 and all(r is b for r, b in zip(reads, buffers))  # each of the step's ActNorms, once
+    reads.clear()
+    assert step.is_initialized() and step.is_initialized() and not reads  # remembered again
+    monkeypatch.undo()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision.utils
 
-from glowflow import Glow
+from glowflow import Glow, GlowConfig
 from glowflow.checkpoint import save_checkpoint
 from glowflow.errors import GlowflowError
 from glowflow.files import (
@@ -40,7 +40,7 @@ def _assert_only(folder, name, content):
 
 
 def test_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1))
     path = tmp_path / "last.pt"
     save_checkpoint(str(path), model, step=1)
     before = path.read_bytes()
@@ -118,7 +118,7 @@ class _DiskFullAfter:
 def test_torch_runtime_error_on_a_full_disk_is_a_write_failure(tmp_path, monkeypatch):
     """torch.save wraps the OSError of a failed write in a RuntimeError ('unexpected pos'): the real
     torch.save onto a file that fills up after 100 bytes is one line, nothing half-written."""
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1))
     path = tmp_path / "last.pt"
     save_checkpoint(str(path), model, step=1)
     before = path.read_bytes()
@@ -145,7 +145,7 @@ def test_torch_file_write_failed_without_a_cause_is_a_write_failure(tmp_path, mo
             "PytorchStreamWriter failed writing file data/0: file write failed"
         )
 
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1))
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(GlowflowError, match=r"cannot write .*last.pt: the write failed \(is the disk full\?\)"):
         save_checkpoint(str(tmp_path / "last.pt"), model, step=2)
@@ -159,7 +159,7 @@ def test_another_runtime_error_is_not_taken_for_a_write_failure(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(RuntimeError, match="a bug"):
-        save_checkpoint(str(tmp_path / "last.pt"), Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1))
+        save_checkpoint(str(tmp_path / "last.pt"), Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1)))
     assert os.listdir(tmp_path) == []
 
 

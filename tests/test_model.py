@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from glowflow import Glow, bits_per_dim, dequantize, preprocess
+from glowflow import Glow, GlowConfig, bits_per_dim, dequantize, preprocess
 from glowflow.layers import squeeze2x
 from glowflow.model import classification_loss
+from glowflow.pixels import dequantization_noise, discretisation_nats, postprocess, quantize
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
 COMBOS = list(architecture_combinations())
@@ -126,7 +127,7 @@ def test_state_dict_round_trip_is_bit_exact(combo):
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(999)  # another shuffle order and another random init
-    fresh = Glow(image_shape=shape, hidden_channels=8, K=2, L=2, num_classes=3, **combo)
+    fresh = Glow(GlowConfig(image_shape=shape, hidden_channels=8, K=2, L=2, num_classes=3, **combo))
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert fresh.is_initialized()
     fresh.train()  # training mode must not re-initialise ActNorm after a load
@@ -139,7 +140,7 @@ def test_state_dict_round_trip_is_bit_exact(combo):
 
 def test_actnorm_initialises_once_from_data():
     torch.manual_seed(0)
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=1, L=1)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=8, K=1, L=1))
     assert not model.is_initialized()
     x = torch.rand(64, 1, 8, 8) * 0.3 + 0.1
     model.initialize(x)
@@ -196,7 +197,7 @@ def test_sample_shapes_and_temperature_zero_is_prior_mean(y_condition, multilabe
 
 
 def test_sample_rejects_mismatched_labels():
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1, y_condition=True)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1, y_condition=True))
     with pytest.raises(ValueError):
         model.sample(3, y=torch.tensor([0, 1]))
 
@@ -218,7 +219,7 @@ def test_conditional_log_prob_without_labels_is_the_class_mixture():
 def test_bits_per_dim_equals_hand_formula():
     torch.manual_seed(0)
     n_bits = 5
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2, n_bits=n_bits).double()
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2, n_bits=n_bits)).double()
     images = torch.randint(0, 256, (6, 1, 8, 8)).double() / 255
     x = preprocess(images, n_bits)
     # pixel p -> floor(p / 2**(8 - n_bits)) / n_bins - 0.5
@@ -235,10 +236,41 @@ def test_bits_per_dim_equals_hand_formula():
         D = 64
         hand = -(log_prior + logdet - D * math.log(2**n_bits)) / (D * math.log(2))
         assert torch.allclose(model.bits_per_dim(x), hand, atol=1e-12)  # the model's own n_bits
-        assert torch.allclose(model.bits_per_dim(x, n_bits), hand, atol=1e-12)
+        with pytest.warns(DeprecationWarning, match="n_bits"):  # check-only, deprecated for one release
+            assert torch.allclose(model.bits_per_dim(x, n_bits=n_bits), hand, atol=1e-12)
         assert torch.allclose(bits_per_dim(model.log_prob(x), D, n_bits), hand, atol=1e-12)
-        with pytest.raises(ValueError, match="5-bit"):
+        with pytest.raises(ValueError, match="5-bit"), pytest.warns(DeprecationWarning):
+            model.bits_per_dim(x, n_bits=8)
+        with pytest.raises(TypeError, match="n_bits is its own"):  # the old positional bits_per_dim(x, n_bits)
             model.bits_per_dim(x, 8)
+
+
+def test_pixel_maps_need_n_bits():
+    images = torch.rand(2, 1, 8, 8)
+    for call in (
+        lambda: quantize(images),
+        lambda: preprocess(images),
+        lambda: dequantization_noise(images.shape),
+        lambda: dequantize(images),
+        lambda: postprocess(images),
+        lambda: discretisation_nats(64),
+        lambda: bits_per_dim(torch.zeros(2), 64),
+    ):
+        with pytest.raises(TypeError, match="n_bits"):
+            call()
+
+
+def test_glow_takes_only_a_config():
+    config = GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1)
+    assert Glow(config).config is config
+    for old in (
+        lambda: Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=1),
+        lambda: Glow((1, 8, 8), hidden_channels=4, K=1, L=1),
+        lambda: Glow(config, K=2),
+        lambda: Glow(),
+    ):
+        with pytest.raises(TypeError, match=r"Glow\(GlowConfig\("):
+            old()
 
 
 def test_classification_loss_single_and_multi_label():
@@ -255,12 +287,12 @@ def test_classification_loss_single_and_multi_label():
 
 
 def test_conditional_model_trains_with_integer_labels():
-    model = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=1, L=2, y_condition=True, num_classes=4)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=8, K=1, L=2, y_condition=True, num_classes=4))
     x = torch.rand(8, 1, 8, 8) - 0.5
     y = torch.randint(0, 4, (8,))
     model.initialize(x)
     terms = model.forward_terms(x, y)
-    loss = bits_per_dim(terms.log_prob, 64).mean() + 0.01 * classification_loss(terms.y_logits, y, False)
+    loss = bits_per_dim(terms.log_prob, 64, 8).mean() + 0.01 * classification_loss(terms.y_logits, y, False)
     loss.backward()
     assert model.y_prior.linear.weight.grad is not None and model.classifier.linear.weight.grad is not None
 
@@ -292,9 +324,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(fast, coupling):
 def test_gradient_checkpointing_leaves_actnorm_initialisation_alone():
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
     torch.manual_seed(0)
-    reference = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2)
+    reference = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2))
     torch.manual_seed(0)
-    checkpointed = Glow(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2)
+    checkpointed = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=8, K=2, L=2))
     checkpointed.grad_checkpoint = True
     for model in (reference, checkpointed):
         model.train()

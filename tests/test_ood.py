@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from glowflow import Glow, GlowflowError, bits_per_dim, dequantize, ood, preprocess
+from glowflow import Glow, GlowConfig, GlowflowError, bits_per_dim, dequantize, ood, preprocess
 from glowflow.data import load_dataset, make_loader
 from glowflow.ood.cache import detector_cache_path_for
 from glowflow.ood.codecs import _to_pil, codec_bits_per_dim, codec_description
@@ -232,7 +232,7 @@ def test_statistics_levels_sum_to_bits_per_dim_and_match_the_model():
     g8 = torch.Generator().manual_seed(0)  # compute_statistics' default seed
     x8 = torch.cat([dequantize(preprocess(b, 8), 8, g8) for b in images.split(4)]).double()
     with torch.no_grad():
-        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8, 8).numpy(), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(cstats["bpd"], conditional.bits_per_dim(x8).numpy(), rtol=0, atol=1e-10)
     np.testing.assert_allclose(cstats["level_bpd"].sum(1), cstats["bpd"], rtol=0, atol=1e-10)
 
 
@@ -244,7 +244,7 @@ def test_statistics_reject_bad_inputs():
         ood.compute_statistics(model, _loader(torch.rand(4, 1, 8, 8) * 255), 8, progress=False)
     with pytest.raises(GlowflowError, match="no images"):
         ood.compute_statistics(model, [], 8, progress=False)
-    fresh = Glow(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=2)
+    fresh = Glow(GlowConfig(image_shape=(1, 8, 8), hidden_channels=4, K=1, L=2))
     with pytest.raises(GlowflowError, match="initialised"):
         ood.compute_statistics(fresh, _loader(torch.rand(4, 1, 8, 8)), 8, progress=False)
 
@@ -402,7 +402,7 @@ def noise_images(n, g):
 def train_glow(data, steps=100, perturb_rate=None, seed=0):
     """The little training loop: Adamax 1e-3, batches of 64, dequantised bits/dim."""
     torch.manual_seed(seed)
-    model = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2)
+    model = Glow(GlowConfig(image_shape=SHAPE, hidden_channels=8, K=2, L=2))
     g = torch.Generator().manual_seed(seed + 1)
     model.initialize(dequantize(preprocess(data[:256], 8), 8, g))
     opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
@@ -543,7 +543,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
     key = reference_key(changed, 8, "smooth", 0, 10_000, "png", 0.2, ORIENTATION_TRANSFORMS)
     assert load_reference(cache).key == key
     # a background model at another bit depth is refused before anything is computed
-    five_bit = Glow(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5)
+    five_bit = Glow(GlowConfig(image_shape=SHAPE, hidden_channels=8, K=2, L=2, n_bits=5))
     with pytest.raises(GlowflowError, match="same bit depth"):
         ood.run_outlier_detection(train_loader=None, **dict(kwargs, background_model=five_bit))
 

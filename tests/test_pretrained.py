@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import glowflow
-from glowflow import Glow
+from glowflow import Glow, GlowConfig
 from glowflow.checkpoint import Checkpoint
 from glowflow.cli import build_parser, main, model_config_from_args, run_config_from_args
 from glowflow.config import TRAINING_COMMAND_FIELDS, training_command
@@ -95,7 +95,7 @@ def test_loading_a_folder_never_calls_torch_load(tmp_path, monkeypatch, capsys):
 def test_a_file_where_the_folder_goes_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(GlowflowError, match="is a file"):
-        Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4).save_pretrained(str(tmp_path / "taken"))
+        Glow(GlowConfig(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4)).save_pretrained(str(tmp_path / "taken"))
 
 
 # ----------------------------------------------------------------------------- --export, and the folder everywhere
@@ -410,7 +410,7 @@ def test_make_pretrained_alone_writes_into_the_package(tmp_path, monkeypatch):
     from glowflow import pretrained
 
     monkeypatch.setattr(pretrained, "models_root", lambda: str(tmp_path / "pretrained_models"))
-    model = Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4)
+    model = Glow(GlowConfig(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4))
     target = str(tmp_path / "pretrained_models" / "new")
     with pytest.raises(GlowflowError, match="inside glowflow's own pretrained_models folder"):
         model.save_pretrained(target)

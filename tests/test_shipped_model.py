@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import glowflow
-from glowflow import Glow, data
+from glowflow import Glow, GlowConfig, data
 from glowflow.checkpoint import Checkpoint
 from glowflow.cli import main
 from glowflow.errors import GlowflowError
@@ -203,7 +203,7 @@ def test_an_unknown_name_is_one_line_listing_the_shipped_ones(tmp_path, capsys):
 
 def test_a_local_folder_of_the_same_name_wins(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    local = Glow(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4)
+    local = Glow(GlowConfig(image_shape=(1, 8, 8), K=1, L=1, hidden_channels=4))
     local.initialize(torch.rand(4, 1, 8, 8) - 0.5)
     local.save_pretrained("fashionmnist")
     assert Glow.from_pretrained("fashionmnist").config == local.config

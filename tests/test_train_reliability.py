@@ -2,6 +2,7 @@
 the end-of-epoch writes, leftover temporary files, the output-folder lock, SIGTERM, divergence
 (across epochs and in evaluation), where a resumed run writes, and labels the model cannot take."""
 
+import math
 import os
 import signal
 import subprocess
@@ -12,9 +13,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from matplotlib.axes import Axes
 from PIL import Image
 
 from glowflow.cli import main
+from glowflow.curves import curve_series
 from glowflow.tracking import METRIC_COLUMNS, plot_curves
 from tests.helpers import interrupt_training, write_smooth_npz
 
@@ -387,14 +390,28 @@ def test_labels_beyond_num_classes_are_one_line_errors(tmp_path, capsys):
     assert main([*argv[:-1], "6", "--max_steps", "1"]) == 0  # enough classes: trains
 
 
-def test_training_curves_are_drawn_from_metrics_csv(tmp_path):
+def test_training_curves_are_drawn_from_metrics_csv(tmp_path, monkeypatch):
     path = tmp_path / "metrics.csv"
     header = ",".join(METRIC_COLUMNS)
     assert path.write_text(header + "\n") and plot_curves(str(path), str(tmp_path / "c.png")) is None  # no row yet
     assert not (tmp_path / "c.png").exists()
     rows = ["1,4,7.5,7.2,7.3,,0.1,1,1", "2,8,6.5,nan,6.4,,0.1,1,1", "3,12,6.1,6.0,6.1,,0.1,1,1"]
     path.write_text("\n".join([header, *rows]) + "\n")  # a non-finite value is left out, not drawn
+    series = {line.label: (line.xs, line.values) for line in curve_series(str(path))}
+    assert series == {  # epoch 2's validation nan has no point; its other values do; no raw_val_bpd line
+        "train (mean over the epoch)": ((1.0, 2.0, 3.0), (7.5, 6.5, 6.1)),
+        "validation": ((1.0, 3.0), (7.2, 6.0)),
+        "test": ((1.0, 2.0, 3.0), (7.3, 6.4, 6.1)),
+    }
+    drawn = []  # what reaches the picture: every line's (x, y) data
+    original_plot = Axes.plot
+    monkeypatch.setattr(
+        Axes,
+        "plot",
+        lambda ax, xs, ys, *a, **k: drawn.append((tuple(xs), tuple(ys))) or original_plot(ax, xs, ys, *a, **k),
+    )
     assert plot_curves(str(path), str(tmp_path / "c.png")) == str(tmp_path / "c.png")
+    assert drawn == list(series.values()) and all(math.isfinite(v) for _, ys in drawn for v in ys)
     with Image.open(tmp_path / "c.png") as picture:
         picture.verify()
     assert _temporary_files(tmp_path) == []

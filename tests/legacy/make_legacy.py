@@ -81,7 +81,7 @@ def measure(checkpoint, size, keep=None):
             model.fast = fast
             tag = "fast" if fast else "plain"
             values[f"log_prob_{tag}"] = model.log_prob(xd).double().tolist()
-            values[f"bpd_{tag}"] = model.bits_per_dim(xd, n_bits=n_bits).double().tolist()
+            values[f"bpd_{tag}"] = model.bits_per_dim(xd).double().tolist()
             if model.config.y_condition:
                 values[f"log_prob_labels_{tag}"] = model.log_prob(xd, labels).double().tolist()
         model.fast = True
