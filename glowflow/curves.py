@@ -10,8 +10,9 @@
   with the mean training bits/dim of the steps since the previous row; ``epoch`` is fractional
   (step / steps per epoch). A resumed run first drops the rows beyond its checkpoint.
 * :func:`plot_curves` -- ``training_curves.png``: the training line from steps.csv, and the
-  validation and test bits/dim of each epoch (metrics.csv) as markers on the same axes, x in
-  epochs. Drawn with matplotlib's Agg canvas (no display), written atomically.
+  validation and test bits/dim of each epoch (metrics.csv) as markers on the same axes, and each
+  rollback (an event row of metrics.csv) as a vertical line, x in epochs. Drawn with matplotlib's
+  Agg canvas (no display), written atomically.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def plot_curves(
     test bits/dim of metrics.csv ``metrics_path``, against epochs (a metrics row's step divided by
     ``steps_per_epoch`` where given, else its epoch). Its path, or None when there is nothing to draw."""
     rows = _read_rows(metrics_path)
+    events = [r for r in rows if r.get("event")]  # rollbacks (glowflow/tracking.py's EVENT_COLUMN)
+    rows = [r for r in rows if not r.get("event")]
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -188,6 +191,8 @@ def plot_curves(
             drawn += 1
     if not drawn:
         return None
+    for i, x in enumerate(x for x in map(x_of, events) if x is not None):
+        ax.axvline(x, color="tab:red", linewidth=0.8, alpha=0.5, label=None if i else "rollback")
     ax.set_xlabel("epochs")
     ax.set_ylabel("bits/dim")
     ax.set_title(f"bits/dim ({len(rows)} evaluation{'s' if len(rows) != 1 else ''})")
