@@ -327,6 +327,8 @@ class Trainer:
         lower the learning rate for a while, with a line and a metrics.csv row; NonFiniteLoss when
         no rollback is left."""
         rollback = self.rollback
+        if what != "weights" and not step_parts.weights_finite(self.model, self.dist):
+            what = "weights"  # what made the loss or gradients non-finite
         if not rollback.left:
             raise self._diverged(
                 f"non-finite {what} at step {self.step} after {rollback.count} rollback(s) "
@@ -344,17 +346,19 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
         """One optimizer step on a batch of raw images: its mean bits/dim (over every process's
-        share), or None when the step was skipped for a non-finite loss or gradient (or, with
-        --max_rollbacks above 0, weights; :attr:`skipped_for` says which). Counting the step and
-        rolling it back are the caller's job."""
+        share), or None when the step was skipped for a non-finite loss or gradient (or weights,
+        checked when the rollback guard keeps the state; :attr:`skipped_for` says which). Counting
+        the step and rolling it back are the caller's job."""
         x, y = step_parts.model_inputs(images, labels, self.model, self.run, self.step, self.dist, self.device)
         loss, bpd = step_parts.step_loss(self.step_model, self.model, x, y, self.run, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        bpd, self.skipped_for = step_parts.check_step(self.model, loss, bpd, self.dist, self.rollback.enabled)
+        keep = self.rollback.keep_due(self.step)  # then the check covers the weights too
+        bpd, self.skipped_for = step_parts.check_step(self.model, loss, bpd, self.dist, weights=keep)
         if bpd is None:
             return None
-        self.rollback.keep_if_due(self.step, self.epoch)  # the state this step starts from, found finite
+        if keep:
+            self.rollback.keep(self.step, self.epoch)  # the state this step starts from, found finite
         step_parts.clip_gradients(self.model, self.run)
         self.rollback.scale_learning_rate(self.step)
         self.optimizer.step()
