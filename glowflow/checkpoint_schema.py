@@ -62,6 +62,9 @@ class CheckpointContents:
     """The epoch's running sums so far (glowflow/curves.py's ``RunningLoss``)."""
     rng: Optional[Dict[str, Any]] = None
     """The random number generators' states: ``torch`` (CPU) and ``cuda`` (a list, one per GPU)."""
+    rollback: Optional[Dict[str, Any]] = None
+    """With ``--max_rollbacks`` above 0: the rollback guard's counters, and the state it would go back
+    to when that is not this checkpoint's own (a checkpoint payload; glowflow/training/rollback.py)."""
 
     def payload(self) -> Dict[str, Any]:
         """The dict ``torch.save`` writes: ``format``, ``version``, then every field that is set."""

@@ -159,6 +159,14 @@ def _add_training_flags(group) -> None:
     group.add_argument("--seed", type=int, default=_RUN.seed, help="Random seed")
     group.add_argument("--max_steps", type=int, default=_RUN.max_steps, help="Stop after this many optimizer steps")
     group.add_argument(
+        "--max_rollbacks",
+        type=int,
+        default=_RUN.max_rollbacks,
+        help="A step whose loss, gradients or weights are not finite puts back the last finite state kept in "
+        "memory, skips its batch and halves the learning rate for 100 steps; after this many rollbacks the "
+        "next one stops the run (0: such steps are only skipped)",
+    )
+    group.add_argument(
         "--resume",
         nargs="?",
         const="last",

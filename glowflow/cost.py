@@ -109,7 +109,7 @@ class RunCost:
     train_bytes: int  # activations of one training batch
     init_bytes: int
     eval_bytes: int
-    state_bytes: int  # weights, gradients, optimizer state (and the averaged weights with --ema)
+    state_bytes: int  # weights, gradients, optimizer state (and the averaged weights with --ema; the kept copy)
     available: Optional[int]  # free memory of the device, None where unknown
     device: str
 
@@ -130,8 +130,10 @@ class RunCost:
         """The cost of ``run`` (a RunConfig) training a Glow of ``config`` on ``device``: batches of
         ``batch`` images on this process; ``processes_sharing_memory`` processes of the run share
         the device's memory (CPU runs under torchrun), so each gets its share."""
-        # weights, gradients, Adamax's two moments, the fast path's folded copy of the weights; the average
-        state_copies = 5 + (1 if run.ema > 0 else 0)
+        # weights, gradients, Adamax's two moments, the fast path's folded copy of the weights; the
+        # average; the copy of weights, moments (and average) that --max_rollbacks keeps
+        averages = 1 if run.ema > 0 else 0
+        state_copies = 5 + averages + ((3 + averages) if run.max_rollbacks > 0 else 0)
         available = available_memory(device)
         if available is not None:
             available //= max(1, processes_sharing_memory)

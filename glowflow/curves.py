@@ -10,9 +10,10 @@
   with the mean training bits/dim of the steps since the previous row; ``epoch`` is fractional
   (step / steps per epoch). A resumed run first drops the rows beyond its checkpoint.
 * :func:`curve_series` / :func:`plot_curves` -- ``training_curves.png``: the training line from
-  steps.csv, and the validation and test bits/dim of each epoch (metrics.csv) as markers on the
-  same axes, x in epochs, non-finite values left out (:func:`curve_series` is the data; the picture
-  is drawn with matplotlib's Agg canvas, no display, written atomically).
+  steps.csv, the validation and test bits/dim of each epoch (metrics.csv) as markers on the same
+  axes, and each rollback (an event row of metrics.csv) as a vertical line, x in epochs, non-finite
+  values left out (:func:`curve_series` is the data; the picture is drawn with matplotlib's Agg
+  canvas, no display, written atomically).
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ def _number(text: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+def _x_of(row, steps_per_epoch: Optional[int]) -> Optional[float]:
+    """A metrics.csv row's place in epochs: its step over ``steps_per_epoch`` where given, else its epoch."""
+    step = _number(row.get("step"))
+    if steps_per_epoch and step is not None:
+        return step / steps_per_epoch
+    return _number(row.get("epoch"))
+
+
 @dataclasses.dataclass(frozen=True)
 class CurveSeries:
     """One line of ``training_curves.png``: its label, whether it is the training line (a thin
@@ -171,13 +180,10 @@ def curve_series(
     metrics.csv's per-epoch train_bpd), then each of :data:`SPLIT_MARKERS` that has a value, against
     epochs (a metrics row's step divided by ``steps_per_epoch`` where given, else its epoch). A
     cell that is empty, not a number or not finite is left out (its point, not its row)."""
-    rows = _read_rows(metrics_path)
+    rows = [r for r in _read_rows(metrics_path) if not r.get("event")]  # rollbacks are not evaluations
 
     def x_of(row) -> Optional[float]:
-        step = _number(row.get("step"))
-        if steps_per_epoch and step is not None:
-            return step / steps_per_epoch
-        return _number(row.get("epoch"))
+        return _x_of(row, steps_per_epoch)
 
     def finite(points) -> List[Tuple[float, float]]:
         return [(x, v) for x, v in points if x is not None and v is not None]
@@ -207,7 +213,9 @@ def plot_curves(
     series = curve_series(metrics_path, steps_path, steps_per_epoch)
     if not series:
         return None
-    evaluations = len(_read_rows(metrics_path))
+    rows = _read_rows(metrics_path)
+    events = [r for r in rows if r.get("event")]  # rollbacks (glowflow/tracking.py's EVENT_COLUMN)
+    evaluations = len(rows) - len(events)
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -216,6 +224,9 @@ def plot_curves(
             ax.plot(line.xs, line.values, line.style, linewidth=1.0, marker=line.marker, label=line.label)
         else:
             ax.plot(line.xs, line.values, line.style, marker=line.marker, markersize=5, label=line.label)
+    rollback_xs = [x for x in (_x_of(r, steps_per_epoch) for r in events) if x is not None]
+    for i, x in enumerate(rollback_xs):
+        ax.axvline(x, color="tab:red", linewidth=0.8, alpha=0.5, label=None if i else "rollback")
     ax.set_xlabel("epochs")
     ax.set_ylabel("bits/dim")
     ax.set_title(f"bits/dim ({evaluations} evaluation{'s' if evaluations != 1 else ''})")

@@ -82,6 +82,13 @@ class StoredCheckpoint:
                 f"{path} is not a readable glowflow checkpoint: corrupt, truncated, or holding "
                 f"objects other than tensors and plain values ({type(err).__name__})"
             ) from None
+        return cls.from_payload(path, payload, model_class)
+
+    @classmethod
+    def from_payload(cls, path: str, payload: Any, model_class: Any = None) -> StoredCheckpoint:
+        """A checkpoint's payload already in memory (read from ``path``, or nested in a checkpoint
+        read from it), checked as :meth:`read` checks a file's: marker, version, configurations and
+        weights; GlowflowError for a foreign or malformed one."""
         if not isinstance(payload, dict) or not (
             isinstance(payload.get("format"), str) and payload["format"] == FORMAT
         ):

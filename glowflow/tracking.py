@@ -1,7 +1,10 @@
 """Experiment tracking: metrics.csv always, wandb unless --no_wandb, TensorBoard with --tensorboard.
 
 metrics.csv has one row per epoch (and one for a run stopped mid-epoch by --max_steps): the
-columns of :data:`METRIC_COLUMNS` (train, validation and test bits/dim among them). Each row
+columns of :data:`METRIC_COLUMNS` (train, validation and test bits/dim among them). A rollback
+(glowflow/training/rollback.py) adds a row of its own between them: its epoch, step and the
+learning rate it left, no bits/dim, and its line in a last column, :data:`EVENT_COLUMN`, which the
+header gains with the first such row (a run without one has the nine columns only). Each row
 is flushed to disk before the run commits the epoch's last.pt; a resumed run first drops the rows
 beyond the checkpoint it resumes from (and a row cut short by a kill), since it writes them again,
 so a run killed anywhere and resumed has each row exactly once.
@@ -39,6 +42,8 @@ METRIC_COLUMNS = (
     "images_per_s",
     "seconds",
 )
+EVENT_COLUMN = "event"
+"""The last column, in files that hold an event row (a rollback): what happened; empty in epoch rows."""
 CURVES_NAME = "training_curves.png"
 
 
@@ -130,16 +135,33 @@ class Tracker:
                 self.tensorboard.add_scalar(key, value, step)
 
     def log_epoch(self, row: Dict[str, Any]) -> None:
-        with open(self.csv_path, "a", newline="") as handle:
-            csv.writer(handle).writerow([row.get(c, "") for c in METRIC_COLUMNS])
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before last.pt, which is written after it
-        folder = os.path.dirname(self.csv_path)
-        plot_curves(self.csv_path, os.path.join(folder, CURVES_NAME), self.steps.path, self.steps_per_epoch)
+        self._append([row.get(c, "") for c in METRIC_COLUMNS])
+        self._plot()
         self.log(
             int(row["step"]),
             {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))},
         )
+
+    def log_event(self, row: Dict[str, Any], event: str) -> None:
+        """A row marking an event between evaluations (a rollback): ``row``'s columns (epoch, step,
+        learning rate), and ``event`` in the last column, which the header gains first if it lacks it."""
+        with open(self.csv_path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        if rows and rows[0] and rows[0][-1] != EVENT_COLUMN:
+            atomic_write_text(self.csv_path, _csv_text([rows[0] + [EVENT_COLUMN], *rows[1:]]))
+        self._append([row.get(c, "") for c in METRIC_COLUMNS] + [event])
+        self._plot()
+        self.log(int(row["step"]), {"train/lr": row["lr"], "train/rollback": 1})
+
+    def _append(self, cells) -> None:
+        with open(self.csv_path, "a", newline="") as handle:
+            csv.writer(handle).writerow(cells)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before last.pt, which is written after it
+
+    def _plot(self) -> None:
+        folder = os.path.dirname(self.csv_path)
+        plot_curves(self.csv_path, os.path.join(folder, CURVES_NAME), self.steps.path, self.steps_per_epoch)
 
     def log_step(self, step: int, epoch: float, train_bpd: float) -> None:
         """A point of the step curve: steps.csv, and ``train/bpd`` for wandb / TensorBoard."""
@@ -161,9 +183,9 @@ class Tracker:
 
 def drop_rows_after(path: str, epoch: int, step: int, partial: bool = False) -> int:
     """Remove the rows of metrics.csv ``path`` that come after ``(epoch, step)`` (a larger step, or
-    the same step and a larger epoch), with ``partial`` the row at ``(epoch, step)`` too, and a last
-    row a kill cut short; the number removed. The file is rewritten atomically, and only if
-    something is removed."""
+    the same step and a larger epoch), with ``partial`` the epoch row at ``(epoch, step)`` too (not
+    an event row), and a last row a kill cut short; the number removed. A row may lack the last
+    column, :data:`EVENT_COLUMN`. The file is rewritten atomically, and only if something is removed."""
     with open(path, newline="") as handle:
         text = handle.read()
     rows = list(csv.reader(io.StringIO(text)))
@@ -171,6 +193,7 @@ def drop_rows_after(path: str, epoch: int, step: int, partial: bool = False) -> 
         atomic_write_text(path, _csv_text([METRIC_COLUMNS]))
         return 0
     header, kept = rows[0], [rows[0]]
+    whole = {len(header), len(header) - 1} if header and header[-1] == EVENT_COLUMN else {len(header)}
     for i, row in enumerate(rows[1:], start=1):
         cut_short = i == len(rows) - 1 and not text.endswith("\n")
         try:
@@ -178,8 +201,9 @@ def drop_rows_after(path: str, epoch: int, step: int, partial: bool = False) -> 
         except (ValueError, IndexError):
             continue
         position, resumed_at = (row_step, row_epoch), (step, epoch)
-        before = position < resumed_at or (position == resumed_at and not partial)
-        if not cut_short and len(row) == len(header) and before:
+        is_event = len(row) == len(header) and header[-1] == EVENT_COLUMN and bool(row[-1])
+        before = position < resumed_at or (position == resumed_at and not (partial and not is_event))
+        if not cut_short and len(row) in whole and before:
             kept.append(row)
     removed = len(rows) - len(kept)
     if removed or not text.endswith("\n"):

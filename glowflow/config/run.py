@@ -117,6 +117,8 @@ class TrainConfig(CommonConfig):
     n_epochs, lr, warmup (epochs of linear LR warm-up), decay (Adamax weight decay).
     y_weight: weight of the classification loss when y_condition.
     max_grad_clip / max_grad_norm: gradient value clip / norm clip, 0 = off.
+    max_nonfinite_steps: non-finite steps in a row that stop the run; max_rollbacks: how many times
+    a non-finite step may put back the last finite state (glowflow/training/rollback.py; 0: skip only).
     sample_and_save_freq: epochs between sample grids.
     val_size: validation images carved from the training split (None: :func:`default_val_size`;
     0: none); ema: Polyak averaging decay (0: off); augment: random shifts and RGB flips;
@@ -142,6 +144,7 @@ class TrainConfig(CommonConfig):
     perturb: float = 0.0
     actnorm_init_images: int = 512
     max_nonfinite_steps: int = 5
+    max_rollbacks: int = 5  # a non-finite step goes back to the last finite state, this many times; 0: only skip it
     # the recipe of the paper (openai/glow), and choosing the checkpoint
     val_size: Optional[int] = None  # None: default_val_size(training images); 0: no validation split
     ema: float = 0.0  # Polyak averaging decay (e.g. 0.999); 0: off
@@ -157,6 +160,7 @@ class TrainConfig(CommonConfig):
         "max_steps": (1, None),
         "actnorm_init_images": (1, None),
         "max_nonfinite_steps": (1, None),
+        "max_rollbacks": (0, 10**6),
         "val_size": (0, None),
     }
     FLOAT_RANGES = {

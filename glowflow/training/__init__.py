@@ -13,6 +13,7 @@ One module per concern:
   clipping, the optimizer and its warm-up;
 * :mod:`.actnorm_init` -- ActNorm's data-dependent initialisation;
 * :mod:`.averaging` -- Polyak averaging of the weights (:class:`WeightAverage`, ``--ema``);
+* :mod:`.rollback` -- going back from a bad step (:class:`Rollback`, ``--max_rollbacks``);
 * :mod:`.evaluation` -- bits/dim of an evaluation split (:func:`evaluate_bpd`);
 * :mod:`.signals` -- stopping on SIGINT / SIGTERM (:class:`StopSignals`);
 * :mod:`.report` -- the cost, the header, each epoch's line and metrics row, the tracker.
@@ -48,9 +49,11 @@ What else keeps a run from losing work or reporting a wrong result:
 * :class:`StopSignals` -- SIGINT (Ctrl-C) and SIGTERM (Slurm) stop a run at the next point where
   its state is whole (between optimizer steps; after the end-of-epoch writes), and ``last.pt`` is
   saved; a second signal stops at once without saving;
-* divergence -- non-finite steps are skipped, and ``--max_nonfinite_steps`` of them in a row (counted
-  across epochs and resumes) or a non-finite test bits/dim stop the run (:class:`NonFiniteLoss`)
-  before a diverged model overwrites a checkpoint;
+* divergence -- a non-finite step is skipped and, with ``--max_rollbacks`` above 0, rolled back to
+  the last finite state kept in memory, at a lowered learning rate for a while (:mod:`.rollback`);
+  a bad step after ``--max_rollbacks`` rollbacks, ``--max_nonfinite_steps`` skipped steps in a row
+  (counted across epochs and resumes) or a non-finite test bits/dim stop the run
+  (:class:`NonFiniteLoss`) before a diverged model overwrites a checkpoint;
 * :func:`check_labels` -- class labels that a class-conditional model cannot take are refused when
   the data is loaded.
 """
@@ -60,6 +63,7 @@ from glowflow.training.actnorm_init import actnorm_images, initialize_actnorm
 from glowflow.training.averaging import WeightAverage
 from glowflow.training.evaluation import SPLIT_WORDS, evaluate_bpd
 from glowflow.training.resuming import LEGACY_RUN_FIELDS, RESUME_OVERRIDES, restore_run, resumed_config
+from glowflow.training.rollback import Rollback
 from glowflow.training.seeding import (
     actnorm_seed,
     augment_draws,
@@ -83,6 +87,7 @@ __all__ = [
     "SPLIT_WORDS",
     "NonFiniteLoss",
     "RunFolder",
+    "Rollback",
     "RunLock",
     "StopSignals",
     "Trainer",

@@ -1,6 +1,6 @@
 """What a training run says and records: its cost (refused before the first step when a pass would
-not fit in memory) and one-line introduction, each epoch's line and metrics.csv row, and the
-tracker (metrics.csv, wandb, TensorBoard) that records them."""
+not fit in memory) and one-line introduction, each epoch's line and metrics.csv row, each
+rollback's line and row, and the tracker (metrics.csv, wandb, TensorBoard) that records them."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from glowflow.model import Glow
 from glowflow.runtime import Distributed
 from glowflow.tracking import Tracker
 from glowflow.training.actnorm_init import actnorm_images
+from glowflow.training.rollback import Rollback
 
 
 def estimate_cost(
@@ -82,11 +83,14 @@ def metrics_row(epoch: int, step: int, loss: RunningLoss, scores: Dict[str, Opti
     }
 
 
-def print_epoch(row: Dict, n_epochs: int, improved: bool, nonfinite_total: int) -> None:
-    """The epoch's line on stdout, after a note on stderr when steps have been skipped:
-    train, validation (the raw weights' too, with --ema) and test bits/dim."""
-    if nonfinite_total:
-        print(f"note: {nonfinite_total} step(s) skipped so far for a non-finite loss or gradient", file=sys.stderr)
+def print_epoch(row: Dict, n_epochs: int, improved: bool, nonfinite_total: int, rollbacks: int = 0) -> None:
+    """The epoch's line on stdout, after a note on stderr when steps have been skipped (and
+    ``rollbacks`` made): train, validation (the raw weights' too, with --ema) and test bits/dim."""
+    if nonfinite_total or rollbacks:
+        rolled = f", {rollbacks} rollback(s)" if rollbacks else ""
+        print(
+            f"note: {nonfinite_total} step(s) skipped so far for a non-finite loss or gradient{rolled}", file=sys.stderr
+        )
     parts = [f"epoch {row['epoch']}/{n_epochs}", f"step {row['step']}", f"train {row['train_bpd']:.4f} bpd"]
     if row["val_bpd"] is not None:
         parts.append(f"val {row['val_bpd']:.4f} bpd{' (best)' if improved else ''}")
@@ -95,6 +99,31 @@ def print_epoch(row: Dict, n_epochs: int, improved: bool, nonfinite_total: int) 
     parts.append(f"test {row['test_bpd']:.4f} bpd")
     parts += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f} s"]
     print("  ".join(parts))
+
+
+def rollback_event(step: int, what: str, restored: int, rollback: Rollback) -> str:
+    """What rollback ``rollback.count``, after the bad step ``step``, did: its printed note and its
+    metrics.csv row's ``event``."""
+    cooldown = rollback.cooldown_until - step
+    return (
+        f"step {step}: non-finite {what}; restored the state of step {restored}, learning rate "
+        f"x{rollback.lr_scale(step):g} for {cooldown} steps (rollback {rollback.count} of {rollback.max_rollbacks})"
+    )
+
+
+def event_row(epoch: int, step: int, lr: float) -> Dict:
+    """The metrics.csv row of an event between two evaluations (a rollback): where it happened
+    (``epoch``: the epochs completed) and the learning rate it left; no bits/dim."""
+    return {"epoch": epoch, "step": step, "lr": lr}
+
+
+def print_note(line: str, bar=None) -> None:
+    """``line`` on stderr, above the progress ``bar`` when it is tqdm's (which would otherwise draw over it)."""
+    write = getattr(bar, "write", None)
+    if write is not None:
+        write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def make_tracker(

@@ -31,7 +31,10 @@ RESUME_OVERRIDES = (
     "grad_checkpoint",
 )
 # What a checkpoint written before a field existed means by its absence (not the new default).
-LEGACY_RUN_FIELDS = {"val_size": 0}  # no validation split: such runs trained on the whole training split
+LEGACY_RUN_FIELDS = {
+    "val_size": 0,  # no validation split: such runs trained on the whole training split
+    "max_rollbacks": 0,  # such runs skipped non-finite steps without going back
+}
 
 
 def restore_run(

@@ -1,7 +1,7 @@
 """One optimizer step's pieces: the batch as the model sees it (augmented, perturbed, dequantised
 with the step's noise), the loss, the check that the step is finite on every process (a
-non-finite step is skipped; too many in a row is :class:`NonFiniteLoss`), gradient clipping, and
-the optimizer with its learning-rate warm-up."""
+non-finite step is skipped, or rolled back (glowflow/training/rollback.py); too many is
+:class:`NonFiniteLoss`), gradient clipping, and the optimizer with its learning-rate warm-up."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from glowflow.training.seeding import augment_draws, perturb_seed, step_noise
 
 
 class NonFiniteLoss(GlowflowError):
-    """The run has diverged: --max_nonfinite_steps skipped steps in a row, or a non-finite
-    validation or test bits/dim."""
+    """The run has diverged: --max_nonfinite_steps skipped steps in a row, a bad step after
+    --max_rollbacks rollbacks, or a non-finite validation or test bits/dim."""
 
 
 def build_optimizer(model: nn.Module, run: RunConfig, steps_per_epoch: int):
@@ -69,23 +69,39 @@ def step_loss(
     return loss, bpd
 
 
-def finite_mean(model: nn.Module, loss: torch.Tensor, bpd: torch.Tensor, dist_ctx: Distributed) -> Optional[float]:
-    """The step's bits/dim averaged over the processes, if the loss and every gradient are
-    finite on every process; else None.
+def check_step(
+    model: nn.Module, loss: torch.Tensor, bpd: torch.Tensor, dist_ctx: Distributed, weights: bool = False
+) -> Tuple[Optional[float], Optional[str]]:
+    """(the step's bits/dim averaged over the processes, None) if the loss and every gradient are
+    finite on every process, and with ``weights`` every weight the step starts from (what the last
+    update left); else (None, what was not finite: "weights", "loss" or "gradient").
 
     A non-finite step is skipped: a finite loss can still overflow in the backward pass, and one
     such update would poison every weight. This is the step's one host-device synchronisation,
     placed after the backward pass is queued, so a GPU has the whole backward pass to run while
-    the host waits; a skipped batch's gradients are dropped by the next step's zero_grad.
+    the host waits; a skipped batch's gradients are dropped by the next step's zero_grad. The
+    weights join the same check, so the check of an update costs no synchronisation of its own.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    finite = torch.isfinite(loss.detach()) & torch.isfinite(max_abs(grads))
-    # (processes with a non-finite step, summed bits/dim): every process skips together, or none does
-    summed = torch.stack([(~finite).double(), bpd.detach().double()])
+    bad = [~torch.isfinite(loss.detach()), ~torch.isfinite(max_abs(grads))]
+    if weights:
+        bad.append(~torch.isfinite(max_abs([p.detach() for p in model.parameters()])))
+    # (processes with a non-finite loss, ... gradient, [... weights], summed bits/dim): every process
+    # skips together, or none does
+    summed = torch.stack([*(b.double().to(bpd.device) for b in bad), bpd.detach().double()])
     if dist_ctx.enabled:
         dist.all_reduce(summed)
-    not_finite, bpd_sum = summed.tolist()
-    return None if not_finite else bpd_sum / dist_ctx.world_size
+    *counts, bpd_sum = summed.tolist()
+    failed = [what for what, count in zip(("loss", "gradient", "weights"), counts) if count]
+    if not failed:
+        return bpd_sum / dist_ctx.world_size, None
+    return None, "weights" if "weights" in failed else failed[0]  # bad weights make the rest bad
+
+
+def weights_finite(model: nn.Module, dist_ctx: Distributed) -> bool:
+    """Whether every weight of ``model`` is finite on every process (one synchronisation)."""
+    bad = ~torch.isfinite(max_abs([p.detach() for p in model.parameters()]))
+    return not dist_ctx.all_sum(bad.double().reshape(1)).item()
 
 
 def max_abs(tensors: List[torch.Tensor]) -> torch.Tensor:

@@ -3,9 +3,9 @@ are its loop (epochs, steps, evaluation, the end-of-epoch writes) and its checkp
 
 The pieces the loop calls live beside it, one concern each: the data (:mod:`.splits`), resuming
 (:mod:`.resuming`), seeds and per-step noise (:mod:`.seeding`), one optimizer step (:mod:`.step`),
-ActNorm's initialisation (:mod:`.actnorm_init`), Polyak averaging (:mod:`.averaging`), bits/dim of
-a split (:mod:`.evaluation`), stop signals (:mod:`.signals`) and what a run prints and records
-(:mod:`.report`).
+ActNorm's initialisation (:mod:`.actnorm_init`), Polyak averaging (:mod:`.averaging`), going back
+from a bad step (:mod:`.rollback`), bits/dim of a split (:mod:`.evaluation`), stop signals
+(:mod:`.signals`) and what a run prints and records (:mod:`.report`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from glowflow.training.actnorm_init import initialize_actnorm
 from glowflow.training.averaging import WeightAverage
 from glowflow.training.evaluation import SPLIT_WORDS, evaluate_bpd
 from glowflow.training.resuming import restore_run
+from glowflow.training.rollback import Rollback, read_stored
 from glowflow.training.seeding import rng_state, run_seed_for_samples, set_rng_state
 from glowflow.training.signals import StopSignals
 from glowflow.training.splits import build_loaders, build_sampler, load_splits
@@ -78,6 +79,7 @@ class Trainer:
         self.device = resolve_device(run.device)
         self.dist = Distributed(self.device)
         self.run, model_config, resumed = restore_run(run, model_config)
+        self.stored_rollback = read_stored(resumed, self.run.max_rollbacks, self.run.ema > 0)  # checked now
         self.output_dir = self.run.resolved_output_dir()
         self.folder = RunFolder(self.output_dir)
         self.folder.check_unused(resuming=resumed is not None, overwrite=self.run.overwrite)  # before any work
@@ -132,6 +134,9 @@ class Trainer:
         self.average = WeightAverage(self.model, self.run.ema) if self.run.ema > 0 else None
         if self.average is not None and resumed is not None and resumed.averaged_weights is not None:
             self.average.model.load_state_dict(resumed.averaged_weights)
+        self.rollback = Rollback(self.run.max_rollbacks, self.model, self.average, self.optimizer, self.scheduler)
+        self.rollback.start(self.stored_rollback, self.step, self.epoch)  # keeps the state the run starts from
+        self.skipped_for: Optional[str] = None  # what was not finite in the last skipped step
         self.step_model = self._wrap_for_training()  # DDP- and/or compile-wrapped self.model, or self.model itself
         splits = (self.train_set, self.val_set, self.test_set)
         self.train_loader, self.val_loader, self.test_loader = build_loaders(
@@ -204,6 +209,7 @@ class Trainer:
             "best_val_bpd": self.best_val_bpd,
             "test_bpd": self.test_at_best,
             "nonfinite_steps": self.nonfinite_total,
+            "rollbacks": self.rollback.count,
             "output_dir": self.output_dir,
         }
         self.dist.barrier()
@@ -223,15 +229,19 @@ class Trainer:
         stopped_early = self._run_steps()
         with self.signals.held("finishing this epoch's evaluation and checkpoints before stopping"):
             epoch = self.epoch + 1 if self.step >= (self.epoch + 1) * self.steps_per_epoch else self.epoch
+            if self.rollback.enabled and not step_parts.weights_finite(self.model, self.dist):
+                self._roll_back("weights")  # the last update's, which no step has checked yet
             scores = self.evaluate()  # collective under torchrun: every process evaluates
             for split, value in scores.items():
                 if value is not None and not math.isfinite(value):
                     raise self._diverged(f"the {SPLIT_WORDS[split]} bits/dim after step {self.step} is {value}")
+            if epoch > self.epoch:
+                self.rollback.keep(self.step, epoch)  # the state the evaluation found finite
             val_bpd, test_bpd = scores["val"], scores["test"]
             improved = val_bpd is None or val_bpd < self.best_val_bpd  # no validation split: the last epoch
             best_val_bpd = (val_bpd if val_bpd is not None else math.inf) if improved else self.best_val_bpd
             test_at_best = test_bpd if improved else self.test_at_best
-            row = report.metrics_row(epoch, self.step, self.loss, scores, self.optimizer.param_groups[0]["lr"])
+            row = report.metrics_row(epoch, self.step, self.loss, scores, self.learning_rate())
             carried = RunningLoss() if epoch > self.epoch else self.loss  # what resuming from here continues
             if self.dist.is_main:
                 rng = rng_state()  # last.pt's, as it was before the sample grid reseeded torch
@@ -249,7 +259,7 @@ class Trainer:
         """The epoch's metrics row, its line, and every sample_and_save_freq epochs its sample grid
         (main process; ``epoch``: the epochs completed, self.epoch still the epoch before)."""
         self.tracker.log_epoch(row)
-        report.print_epoch(row, self.run.n_epochs, improved, self.nonfinite_total)
+        report.print_epoch(row, self.run.n_epochs, improved, self.nonfinite_total, self.rollback.count)
         freq = self.run.sample_and_save_freq
         if epoch > self.epoch and freq > 0 and epoch % freq == 0:
             path = self.save_samples(epoch)
@@ -257,8 +267,9 @@ class Trainer:
 
     def _run_steps(self) -> bool:
         """train_step over the current epoch's remaining batches (all of them unless resumed mid-epoch),
-        with a progress bar and the step curve's points; True if it stopped at --max_steps. Raises
-        NonFiniteLoss after --max_nonfinite_steps skipped steps in a row (counted across epochs)."""
+        with a progress bar and the step curve's points; True if it stopped at --max_steps. A skipped
+        step is rolled back (--max_rollbacks above 0); NonFiniteLoss after --max_nonfinite_steps
+        skipped steps in a row (counted across epochs) or a bad step with no rollback left."""
         run = self.run
         self.sampler.set_epoch(self.epoch, start_batch=self.step - self.epoch * self.steps_per_epoch)
         self.model.train()
@@ -266,16 +277,19 @@ class Trainer:
         bar = progress_bar(self.train_loader, total=len(self.train_loader), desc=desc, unit="step", disable=not show)
         stopped_early, clock = False, time.perf_counter()
         for images, labels in bar:
-            with self.signals.held():  # a stop signal waits for the step to be applied, counted and logged
+            with self.signals.held():  # a stop signal waits for the step to be applied (or undone), counted and logged
                 bpd = self.train_step(images, labels)
                 self._count_step(bpd, images.shape[0] * self.dist.world_size, time.perf_counter() - clock)
+                if bpd is None:
+                    if self.nonfinite_in_a_row >= run.max_nonfinite_steps:
+                        bar.close()
+                        raise self._diverged(
+                            f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row at step {self.step}"
+                        )
+                    if self.rollback.enabled:
+                        self._roll_back(self.skipped_for, bar)
                 clock = time.perf_counter()
             if bpd is None:
-                if self.nonfinite_in_a_row >= run.max_nonfinite_steps:
-                    bar.close()
-                    raise self._diverged(
-                        f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row at step {self.step}"
-                    )
                 continue
             images_per_s = self.loss.epoch_images / max(self.loss.epoch_seconds, 1e-9)
             bar.set_postfix(refresh=False, bpd=f"{self.loss.epoch_mean():.3f}", img_s=f"{images_per_s:.0f}")
@@ -308,20 +322,48 @@ class Trainer:
         if mean is not None and self.tracker is not None:
             self.tracker.log_step(self.step, self.step / self.steps_per_epoch, mean)
 
+    def _roll_back(self, what: str, bar=None) -> None:
+        """After the bad step ``self.step`` (``what`` was not finite): put the kept state back and
+        lower the learning rate for a while, with a line and a metrics.csv row; NonFiniteLoss when
+        no rollback is left."""
+        rollback = self.rollback
+        if what != "weights" and not step_parts.weights_finite(self.model, self.dist):
+            what = "weights"  # what made the loss or gradients non-finite
+        if not rollback.left:
+            raise self._diverged(
+                f"non-finite {what} at step {self.step} after {rollback.count} rollback(s) "
+                f"(--max_rollbacks {rollback.max_rollbacks})"
+            )
+        restored = rollback.roll_back(self.step)
+        if self.dist.is_main:
+            event = report.rollback_event(self.step, what, restored, rollback)
+            report.print_note(f"note: {event}", bar)
+            self.tracker.log_event(report.event_row(self.epoch, self.step, self.learning_rate()), event)
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next step: the schedule's, lowered during a rollback's cool-down."""
+        return self.optimizer.param_groups[0]["lr"] * self.rollback.lr_scale(self.step)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
         """One optimizer step on a batch of raw images: its mean bits/dim (over every process's
-        share), or None when the step was skipped for a non-finite loss or gradient. Counting the
-        step is the caller's job."""
+        share), or None when the step was skipped for a non-finite loss or gradient (or weights,
+        checked when the rollback guard keeps the state; :attr:`skipped_for` says which). Counting
+        the step and rolling it back are the caller's job."""
         x, y = step_parts.model_inputs(images, labels, self.model, self.run, self.step, self.dist, self.device)
         loss, bpd = step_parts.step_loss(self.step_model, self.model, x, y, self.run, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        bpd = step_parts.finite_mean(self.model, loss, bpd, self.dist)
+        keep = self.rollback.keep_due(self.step)  # then the check covers the weights too
+        bpd, self.skipped_for = step_parts.check_step(self.model, loss, bpd, self.dist, weights=keep)
         if bpd is None:
             return None
+        if keep:
+            self.rollback.keep(self.step, self.epoch)  # the state this step starts from, found finite
         step_parts.clip_gradients(self.model, self.run)
+        self.rollback.scale_learning_rate(self.step)
         self.optimizer.step()
         self.scheduler.step()
+        self.rollback.updated()
         if self.average is not None:
             self.average.update(self.model, self.step)
         return bpd
@@ -392,6 +434,7 @@ class Trainer:
             nonfinite_steps=self.nonfinite_total,
             nonfinite_in_a_row=self.nonfinite_in_a_row,
             running_loss=self.loss.to_dict(),
+            rollback=self.rollback.to_checkpoint(),
         )
 
     def _save_on_interrupt(self) -> None:
