@@ -9,7 +9,7 @@ first epoch), instead of running for minutes and failing with an out-of-memory e
 The estimates come from the configuration alone (no forward pass): the activations a flow step
 keeps for the backward pass, per image, are about ``(6 c + 2 hidden) h w`` floats for a step on a
 ``c x h x w`` tensor with ``hidden`` channels in its coupling network (measured on the fast path,
-tests/test_training_runs.py checks it against the tensors autograd saves), ``c h w`` with
+tests/training/test_training_runs.py checks it against the tensors autograd saves), ``c h w`` with
 ``--grad_checkpoint`` plus one step's full set recomputed in the backward pass. Evaluation and
 ActNorm's initialisation (``max(actnorm_init_images, batch_size)`` images in one pass) keep no
 activations, but hold their whole batch and one step's coupling network at once.

@@ -352,7 +352,7 @@ def test_the_progress_bar_is_tqdm_on_a_terminal_only(monkeypatch):
 
 
 def test_every_progress_bar_of_glowflow_goes_through_the_helper():
-    package = pathlib.Path(__file__).resolve().parent.parent / "glowflow"
+    package = pathlib.Path(__file__).resolve().parents[2] / "glowflow"
     users = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

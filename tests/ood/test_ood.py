@@ -677,7 +677,7 @@ def test_an_outlier_file_without_splits_is_scored_whole(tmp_path):
     noise = write_noise_npz(tmp_path / "noise.npz", n=40, size=16)
     # a copy: the command caches its detector beside the checkpoint, and tests/legacy/ stays as committed
     checkpoint = str(tmp_path / "model.pt")
-    shutil.copy(os.path.join(os.path.dirname(__file__), "legacy", "cond_lu_shuffle_additive_5bit.pt"), checkpoint)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "legacy", "cond_lu_shuffle_additive_5bit.pt"), checkpoint)
     out = tmp_path / "ood"
     code = main(
         [

@@ -23,7 +23,7 @@ from tests.helpers import interrupt_training, write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
 TINY = ["--batch_size", "16", *ARCH, "--warmup", "1"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

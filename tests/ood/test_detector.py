@@ -21,7 +21,7 @@ from glowflow.cli import main
 from glowflow.ood.detector import threshold_at_tpr
 from glowflow.ood.reference import load_reference, save_reference
 from tests.helpers import randomised_model, write_noise_npz, write_smooth_npz
-from tests.test_ood import noise_images, smooth_images, train_glow
+from tests.ood.test_ood import noise_images, smooth_images, train_glow
 
 
 @pytest.fixture(autouse=True, scope="module")
