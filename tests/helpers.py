@@ -1,4 +1,5 @@
-"""Shared test utilities: every architecture combination, and randomised float64 models."""
+"""Shared test utilities: every architecture combination, randomised float64 models, the tiny data sets
+and run flags of the command-line tests, and interrupting a training run."""
 
 import itertools
 import subprocess
@@ -82,6 +83,37 @@ def write_noise_npz(path, n=64, size=16, channels=1, seed=1):
     shape = (n, size, size, channels) if channels > 1 else (n, size, size)
     np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8))
     return str(path)
+
+
+# the command-line tests' tiny run (tests/test_cli.py, tests/training/test_train_command.py): two epochs of a
+# K=2, L=2 model with 8 hidden channels, samples saved every epoch; ``TINY[2:]`` drops the epoch count
+TINY_CLI_RUN = [
+    "--n_epochs",
+    "2",
+    "--batch_size",
+    "16",
+    "--hidden_channels",
+    "8",
+    "--K",
+    "2",
+    "--L",
+    "2",
+    "--no_wandb",
+    "--sample_and_save_freq",
+    "1",
+    "--warmup",
+    "1",
+]
+
+
+def write_tiny_datasets(folder):
+    """The command-line tests' data sets in ``folder``: {"in": smooth 16x16, "noise": noise 16x16,
+    "big": smooth 32x32}, each an .npz path."""
+    return {
+        "in": write_smooth_npz(folder / "smooth.npz"),
+        "noise": write_noise_npz(folder / "noise.npz"),
+        "big": write_smooth_npz(folder / "big.npz", n=8, size=32),
+    }
 
 
 def interrupt_training(run, args, sig, timeout=600.0):
