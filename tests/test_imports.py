@@ -18,6 +18,7 @@ RANKS = {
     "invertible": 1,
     "config": 1,
     "preflight": 1,
+    "flags": 2,
     "outputs": 1,
     "progress": 1,
     "runfolder": 2,
