@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from glowflow import data as data_module  # noqa: E402
 from glowflow import ood  # noqa: E402
 from glowflow.checkpoint import Checkpoint  # noqa: E402
-from glowflow.ood.orientation import calibrated, combined_score, fit_orientation, orientation_score  # noqa: E402
+from glowflow.ood.orientation import combined_score, fit_orientation, orientation_score  # noqa: E402
 from glowflow.ood.reference import dos_log_density, fit_latent_gaussians, fit_reference, model_fingerprint  # noqa: E402  # noqa: E402
 from glowflow.ood.statistics import TRANSFORMS  # noqa: E402
 
@@ -128,9 +128,9 @@ def candidates(sets, fit, held, labels_used: bool):
         found[f"margin {t}"] = lambda name, j=ALL.index(t): margins[name][:, j]
 
     def oriented(transforms, tag):
-        orientation = fit_orientation(only(fit_stats, transforms), transforms, dos["pool"][fit])
-        held_or = orientation_score(orientation, only(held_stats, transforms))
-        orientation = calibrated(orientation, dos["held"], held_or)
+        orientation = fit_orientation(
+            only(fit_stats, transforms), transforms, only(held_stats, transforms), dos["held"]
+        )
         found[f"orientation {tag}"] = lambda name: orientation_score(orientation, only(sets[name], transforms))
         found[f"dos_orientation {tag}"] = lambda name: combined_score(
             orientation, dos[name], orientation_score(orientation, only(sets[name], transforms))

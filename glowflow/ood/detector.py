@@ -39,7 +39,6 @@ from glowflow.model import Glow
 from glowflow.ood.cache_path import detector_cache_path_for
 from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
 from glowflow.ood.detector_images import Images, as_indexable, as_loader, with_labels
-from glowflow.ood.orientation import calibrated
 from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, reference_arrays
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
@@ -360,12 +359,10 @@ class OutlierDetector:
         return self._fit_statistics(train_stats, threshold_stats, "")
 
     def _fit_statistics(self, train_stats, threshold_stats, key: str) -> OutlierDetector:
-        reference = fit_reference(train_stats, key=key, seed=self.seed, transforms=self.transforms)
-        if reference.orientation is not None:  # dos_orientation standardised on the held-back images
-            held = outlier_scores(threshold_stats, reference)
-            reference = replace(
-                reference, orientation=calibrated(reference.orientation, held["dos"], held["orientation"])
-            )
+        # dos_orientation is standardised on the held-back images, as the thresholds are set on them
+        reference = fit_reference(
+            train_stats, key=key, seed=self.seed, transforms=self.transforms, calibration_stats=threshold_stats
+        )
         return self._adopt(reference, outlier_scores(threshold_stats, reference))
 
     # ------------------------------------------------------------------ scoring

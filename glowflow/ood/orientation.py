@@ -43,7 +43,7 @@ class Orientation:
     margin_mean, margin_std (T,): mean and standard deviation of each margin
     ``bpd - transform_bpd[:, j]`` over the reference's training images.
     combined_mean, combined_std (2,): mean and standard deviation of (``dos``, ``orientation``)
-    over held-back inlier images (or, before :func:`calibrated`, the training images).
+    over the held-back inlier images given to :func:`fit_orientation` (or the training images).
     """
 
     transforms: Tuple[str, ...]
@@ -70,10 +70,16 @@ def orientation_margins(stats: Mapping[str, np.ndarray], transforms: Sequence[st
     return np.asarray(stats["bpd"], dtype=np.float64)[:, None] - turned
 
 
-def fit_orientation(train_stats: Mapping[str, np.ndarray], transforms: Sequence[str], dos: np.ndarray) -> Orientation:
-    """The margins' training mean and std (a constant margin keeps std 1), and the combination's
-    standardisation on the same images (``dos``: their density-of-states scores), until
-    :func:`calibrated` sets it on held-back images."""
+def fit_orientation(
+    train_stats: Mapping[str, np.ndarray],
+    transforms: Sequence[str],
+    calibration_stats: Mapping[str, np.ndarray],
+    calibration_dos: np.ndarray,
+) -> Orientation:
+    """The margins' mean and std over ``train_stats`` (a constant margin keeps std 1), and the
+    combination's standardisation (:func:`calibrated`) on the images of ``calibration_stats``, whose
+    density-of-states scores are ``calibration_dos``: held-back inliers where there are some, else
+    the training images themselves."""
     margins = orientation_margins(train_stats, transforms)
     finite = np.isfinite(margins).all(1)
     if finite.sum() < 2:
@@ -86,7 +92,7 @@ def fit_orientation(train_stats: Mapping[str, np.ndarray], transforms: Sequence[
         combined_mean=np.zeros(2),
         combined_std=np.ones(2),
     )
-    return calibrated(fitted, dos, orientation_score(fitted, train_stats))
+    return calibrated(fitted, calibration_dos, orientation_score(fitted, calibration_stats))
 
 
 def orientation_score(orientation: Orientation, stats: Mapping[str, np.ndarray]) -> np.ndarray:

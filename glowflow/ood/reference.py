@@ -192,6 +192,7 @@ def fit_reference(
     statistics: Sequence[str] = DOS_STATISTICS,
     latent: Optional[LatentGaussians] = None,
     transforms: Sequence[str] = (),
+    calibration_stats: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
@@ -215,7 +216,9 @@ def fit_reference(
     left out (with a warning).
 
     Orientation: with ``transforms`` (the names the statistics' ``transform_bpd`` columns were
-    computed with), :func:`glowflow.ood.orientation.fit_orientation` on the same images.
+    computed with), :func:`glowflow.ood.orientation.fit_orientation` on the same images, its
+    combination with the density of states standardised on ``calibration_stats`` (statistics of
+    held-back inliers, such as the detector's threshold images; None: the training images).
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
     if latent is None and "top_latent" in train_stats:
@@ -245,7 +248,9 @@ def fit_reference(
         latent=latent,
     )
     if transforms:
-        reference.orientation = fit_orientation(train_stats, transforms, -dos_log_density(reference, train_stats))
+        calibration = train_stats if calibration_stats is None else calibration_stats
+        calibration_dos = -dos_log_density(reference, calibration)
+        reference.orientation = fit_orientation(train_stats, transforms, calibration, calibration_dos)
     return reference
 
 
