@@ -1,13 +1,16 @@
 """Test-session settings.
 
-One intra-op thread for the test process and every process it starts: the tests run many tiny
-operations, where OpenMP's spinning threads only cost time, and on a busy machine oversubscribed
-OpenMP barriers slowed the suite down a hundredfold. Speed is measured in benchmarks/, not here.
+One intra-op thread for the test process and every process it starts, whatever the shell sets:
+the tests run many tiny operations, where OpenMP's spinning threads only cost time, and on a busy
+machine oversubscribed OpenMP barriers slowed the suite down a hundredfold; and a training run in a
+child process must round as the test process does, since the resume tests compare their weights
+bit for bit (with OMP_NUM_THREADS=2 in the shell, the SIGTERM resume test failed). Speed is
+measured in benchmarks/, not here.
 """
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
