@@ -12,6 +12,15 @@ import os
 
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers import write_tiny_datasets  # noqa: E402
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The command-line tests' tiny datasets (tests/helpers.py's write_tiny_datasets), once per module."""
+    return write_tiny_datasets(tmp_path_factory.mktemp("data"))

@@ -146,3 +146,14 @@ def interrupt_training(run, args, sig, timeout=600.0):
                 proc.kill()
                 proc.wait()
     return proc.returncode, err_path.read_text()
+
+
+def checkpoint_weights(path) -> dict:
+    """The ``model`` state dict of a training checkpoint (read with ``weights_only=True``)."""
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_checkpoint_weights(a, b) -> bool:
+    """Whether two training checkpoints hold bit-identical ``model`` weights (same names, equal tensors)."""
+    a, b = checkpoint_weights(a), checkpoint_weights(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

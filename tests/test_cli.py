@@ -13,18 +13,9 @@ from PIL import Image
 
 import glowflow
 from glowflow.cli import main
-from tests.helpers import TINY_CLI_RUN, write_tiny_datasets
+from tests.helpers import TINY_CLI_RUN, checkpoint_weights
 
 TINY = TINY_CLI_RUN
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_datasets(tmp_path_factory.mktemp("data"))
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
@@ -47,7 +38,7 @@ def test_train_resume_sample_end_to_end(tiny, tmp_path, capsys):
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(part), "--max_steps", "4", *TINY]) == 0
     assert torch.load(part / "last.pt", weights_only=True)["step"] == 4
     assert main(["--train", "--dataset", tiny["in"], "--output_dir", str(part), "--resume", *TINY]) == 0
-    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+    a, b = checkpoint_weights(full / "last.pt"), checkpoint_weights(part / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # sampling needs only the checkpoint: no architecture flag repeated

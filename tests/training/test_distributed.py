@@ -7,24 +7,10 @@ import sys
 
 import torch
 
-from tests.helpers import write_smooth_npz
+from tests.helpers import TINY_CLI_RUN, write_smooth_npz
 
 FLAGS = [
-    "--n_epochs",
-    "2",
-    "--batch_size",
-    "16",
-    "--hidden_channels",
-    "8",
-    "--K",
-    "2",
-    "--L",
-    "2",
-    "--no_wandb",
-    "--sample_and_save_freq",
-    "1",
-    "--warmup",
-    "1",
+    *TINY_CLI_RUN,
     "--num_classes",
     "3",
     "--val_size",  # 78 training images: ActNorm's initialisation splits them evenly between 2 processes

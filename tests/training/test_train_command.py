@@ -10,18 +10,9 @@ import pytest
 import torch
 
 from glowflow.cli import main
-from tests.helpers import TINY_CLI_RUN, interrupt_training, write_smooth_npz, write_tiny_datasets
+from tests.helpers import TINY_CLI_RUN, checkpoint_weights, interrupt_training, write_smooth_npz
 
 TINY = TINY_CLI_RUN
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_datasets(tmp_path_factory.mktemp("data"))
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_training_on_a_dataset_with_a_255_character_name(tmp_path, capsys):
@@ -234,6 +225,6 @@ def test_compiled_training_matches_eager_training(tiny, tmp_path):
     ]  # a small graph: compiling is slow
     assert main([*common, "--output_dir", str(eager)]) == 0
     assert main([*common, "--output_dir", str(compiled), "--compile"]) == 0
-    a, b = _weights(eager / "last.pt"), _weights(compiled / "last.pt")
+    a, b = checkpoint_weights(eager / "last.pt"), checkpoint_weights(compiled / "last.pt")
     assert a.keys() == b.keys()
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-4

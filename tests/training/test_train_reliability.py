@@ -19,7 +19,7 @@ from PIL import Image
 from glowflow.cli import main
 from glowflow.curves import curve_series
 from glowflow.tracking import METRIC_COLUMNS, plot_curves
-from tests.helpers import interrupt_training, write_smooth_npz
+from tests.helpers import interrupt_training, same_checkpoint_weights, write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
 TINY = ["--batch_size", "16", *ARCH, "--warmup", "1"]
@@ -29,15 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def smooth(tmp_path_factory):
     return write_smooth_npz(tmp_path_factory.mktemp("data") / "smooth.npz")
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
-
-
-def _same_weights(a, b):
-    a, b = _weights(a), _weights(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _rows(folder):
@@ -128,10 +119,10 @@ def test_a_kill_at_any_point_of_the_epoch_writes_loses_nothing(smooth, uninterru
     assert best["best_val_bpd"] == pytest.approx(reported, abs=5e-5)
     assert best["best_val_bpd"] == torch.load(run / "last.pt", weights_only=True)["best_val_bpd"]
     assert best["best_val_bpd"] == pytest.approx(min(float(r[3]) for r in rows), abs=1e-6)
-    assert _same_weights(run / "Glow_smooth.pt", uninterrupted / "Glow_smooth.pt")
+    assert same_checkpoint_weights(run / "Glow_smooth.pt", uninterrupted / "Glow_smooth.pt")
 
     # and the final weights are the uninterrupted run's, bit for bit; so are the sample grids
-    assert _same_weights(run / "last.pt", uninterrupted / "last.pt")
+    assert same_checkpoint_weights(run / "last.pt", uninterrupted / "last.pt")
     for name in ("samples_epoch001.png", "samples_epoch002.png"):
         assert (run / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
@@ -221,7 +212,7 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes(smooth, tmp_path, cap
     resume = ["--resume", "--max_steps", str(end), "--no_wandb", "--sample_and_save_freq", "0"]
     assert main(["--train", "--dataset", smooth, "--output_dir", str(run), *resume]) == 0
     assert main(["--train", "--dataset", smooth, "--output_dir", str(reference), *flags, "--max_steps", str(end)]) == 0
-    assert _same_weights(run / "last.pt", reference / "last.pt")
+    assert same_checkpoint_weights(run / "last.pt", reference / "last.pt")
     assert [r[:2] for r in _rows(run)] == [r[:2] for r in _rows(reference)]
     assert _temporary_files(run) == []
 

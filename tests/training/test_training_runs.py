@@ -22,7 +22,7 @@ from glowflow.errors import GlowflowError
 from glowflow.progress import PlainProgress, progress_bar
 from glowflow.runfolder import RunLock
 from glowflow.training import Trainer
-from tests.helpers import write_smooth_npz
+from tests.helpers import same_checkpoint_weights, write_smooth_npz
 
 ARCH = ["--hidden_channels", "8", "--K", "2", "--L", "2", "--no_wandb"]
 TINY = ["--batch_size", "16", *ARCH, "--warmup", "1", "--sample_and_save_freq", "0"]
@@ -40,11 +40,6 @@ def _train(smooth, folder, *flags):
 
 def _rows(path):
     return [line.split(",") for line in path.read_text().splitlines()[1:]]
-
-
-def _same_weights(a, b):
-    a, b = (torch.load(p, weights_only=True)["model"] for p in (a, b))
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- a second run into the same folder
@@ -180,7 +175,7 @@ def test_an_interrupted_and_resumed_run_records_what_an_uninterrupted_run_record
         assert [r[:2] for r in _rows(run / "metrics.csv")] == [["1", "9"], ["1", "13"]]
     assert _train(smooth, run, *argv, "--resume") == 0
 
-    assert _same_weights(run / "last.pt", uninterrupted / "last.pt")
+    assert same_checkpoint_weights(run / "last.pt", uninterrupted / "last.pt")
     rows, expected = _rows(run / "metrics.csv"), _rows(uninterrupted / "metrics.csv")
     assert len(expected) == 2 and [r[:7] for r in rows] == [r[:7] for r in expected]  # train_bpd included
     # the epochs' seconds add up the steps of both runs: a positive time, not the resumed part's alone
