@@ -14,6 +14,7 @@ from glowflow.config import (
     FLOW_PERMUTATIONS,
     IMAGE_TRANSFORMS,
     PRESETS,
+    PRIOR_FITS,
     GlowConfig,
     RunConfig,
 )
@@ -141,6 +142,12 @@ def _add_training_flags(group) -> None:
     group.add_argument("--seed", type=int, default=_RUN.seed, help="Random seed")
     group.add_argument("--max_steps", type=int, default=_RUN.max_steps, help="Stop after this many optimizer steps")
     group.add_argument(
+        "--prior_fit_images",
+        type=int,
+        default=_RUN.prior_fit_images,
+        help="Training images the priors' Gaussians are fitted on at the end of every epoch (--prior_fit)",
+    )
+    group.add_argument(
         "--max_rollbacks",
         type=int,
         default=_RUN.max_rollbacks,
@@ -218,6 +225,14 @@ def _add_architecture_flags(group) -> None:
         default=_ARCH.coupling_scale_min,
         help="Lower bound of the affine coupling's scale: s_min + (1 - s_min) * sigmoid(raw + 2) (0: the paper's "
         "sigmoid(raw + 2)); bounds what a reverse coupling can multiply a value by (docs/sampling.md)",
+    )
+    group.add_argument(
+        "--prior_fit",
+        default=_ARCH.prior_fit,
+        choices=PRIOR_FITS,
+        help="Each prior's Gaussian on its standardised latent, fitted in closed form to --prior_fit_images "
+        "training images at the end of every epoch: full (a full covariance, diagonal for latents over "
+        "4096 values), diag, or none (the paper's priors) (docs/training.md)",
     )
     group.add_argument("--learn_top", action="store_true", help="Learn top layer (prior)")
     group.add_argument("--y_condition", action="store_true", help="Class Conditioned Glow")

@@ -51,10 +51,11 @@ class Level:
         self.index, self.layers, self.steps, self.split = index, layers, steps, split
 
     def forward(
-        self, x: torch.Tensor, run_step: RunStep, priors: bool = True
+        self, x: torch.Tensor, run_step: RunStep, priors: bool = True, standardised: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         """x (N, C, H, W) -> (h: what the next level reads, z: the split-off latent (None at the last
-        level), log|det| (N,), log-prior of z (N,) (None at the last level or without ``priors``))."""
+        level), log|det| (N,), log-prior of z (N,) (None at the last level or without ``priors``)).
+        ``standardised``: z standardised by its prior, (z - mean(h)) / std(h), and no log-prior."""
         x = self.layers.squeeze(x)
         logdet = x.new_zeros(x.shape[0])
         for step in self.steps:
@@ -62,6 +63,9 @@ class Level:
             logdet = logdet + step_logdet
         if self.split is None:
             return x, None, logdet, None
+        if standardised:
+            x, e = self.split.standardise(x)
+            return x, e, logdet, None
         if priors:
             x, z, log_prior = self.split(x)
             return x, z, logdet, log_prior
@@ -92,12 +96,13 @@ class FlowLevels:
     def __len__(self) -> int:
         return len(self.levels)
 
-    def forward(self, x: torch.Tensor, run_step: RunStep, priors: bool = True):
+    def forward(self, x: torch.Tensor, run_step: RunStep, priors: bool = True, standardised: bool = False):
         """The forward loop: (latents (the split-off ones, then the top one), per-level log-dets,
-        per-level log-priors of the split latents (empty without ``priors``)), all but the latents (N,)."""
+        per-level log-priors of the split latents (empty without ``priors``)), all but the latents (N,).
+        ``standardised``: the split-off latents standardised by their priors (Level.forward)."""
         latents, logdets, log_priors = [], [], []
         for level in self.levels:
-            x, z, logdet, log_prior = level.forward(x, run_step, priors)
+            x, z, logdet, log_prior = level.forward(x, run_step, priors, standardised)
             logdets.append(logdet)
             if z is not None:
                 latents.append(z)

@@ -347,19 +347,33 @@ class FusedSplitPrior:
     def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.layer.split(x)
 
+    def standardise(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_a, (z - mean(x_a)) / std(x_a)), as ``SplitPrior.standardise``."""
+        x_a, z = x.split([self.layer.keep, x.shape[1] - self.layer.keep], dim=1)
+        mean, log_std = self._mean_log_std(x_a)
+        return x_a, (z - mean) * torch.exp(-log_std)
+
     def __call__(self, x: torch.Tensor):
         return self.forward(x)
 
     def forward(self, x: torch.Tensor):
         x_a, z = x.split([self.layer.keep, x.shape[1] - self.layer.keep], dim=1)
         mean, log_std = self._mean_log_std(x_a)
-        return x_a, z, gaussian_log_density_sum(z, mean, log_std)
+        log_p = gaussian_log_density_sum(z, mean, log_std)
+        gaussian = self.layer.gaussian
+        if gaussian is not None and gaussian.is_fitted:
+            log_p = log_p + gaussian.log_density_change((z - mean) * torch.exp(-log_std))
+        return x_a, z, log_p
 
     def reverse(self, x_a: torch.Tensor, z: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
         if z is None:
             mean, log_std = self._mean_log_std(x_a)
             noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # as randn_like of a strided view
-            z = mean + temperature * torch.exp(log_std) * noise
+            gaussian = self.layer.gaussian
+            if gaussian is None or not gaussian.is_fitted:
+                z = mean + temperature * torch.exp(log_std) * noise  # the paper's prior
+            else:
+                z = mean + torch.exp(log_std) * gaussian.draw(noise.contiguous(), temperature)
         return torch.cat([x_a, z], dim=1).contiguous(memory_format=self.flow.memory_format)
 
 

@@ -15,6 +15,10 @@ glowflow/layers.py gives the tensors of a flow step's ``permute`` layer:
   identity) and its diagonal ``exp(log_s)`` nonzero and finite in that precision: then the matrix
   is invertible by construction.
 
+It also checks the priors' fitted Gaussians (glowflow/latent_fit.py's ``LatentGaussian``, tensors
+``...gaussian.shift`` and ``...gaussian.scale``): the scale must be lower triangular (or a vector)
+with a positive diagonal in the model's precision, so that every log-density and draw is finite.
+
 It is cheap (the matrices are at most a few hundred channels across) and runs on the CPU in
 float64. Both readers call it: glowflow/pretrained.py for model folders, glowflow/reader.py for
 checkpoint files; each turns the problem into its one-line :class:`GlowflowError`.
@@ -27,6 +31,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+_GAUSSIAN = re.compile(r"^(.*gaussian)\.(shift|scale|fitted)$")
 _PERMUTE = re.compile(r"^(.*\.permute)\.(indices|inverse_indices|weight|p|sign_s|lower_mask|eye|lower|upper|log_s)$")
 
 
@@ -38,6 +43,15 @@ def flow_problem(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
         found = _PERMUTE.match(name)
         if found is not None:
             layers.setdefault(found.group(1), {})[found.group(2)] = value
+    gaussians: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, value in weights.items():
+        found = _GAUSSIAN.match(name)
+        if found is not None:
+            gaussians.setdefault(found.group(1), {})[found.group(2)] = value
+    for prefix, parts in gaussians.items():
+        problem = _gaussian_problem(prefix, parts)
+        if problem is not None:
+            return problem
     for prefix, parts in layers.items():
         if "indices" in parts:
             problem = _permutation_problem(prefix, parts)
@@ -118,3 +132,22 @@ def _lu_problem(prefix: str, parts: Mapping[str, torch.Tensor]) -> Optional[str]
     if not bool(torch.isfinite(s).all()) or not bool((s != 0).all()):
         return f"{prefix}.log_s gives a zero or infinite diagonal (the 1x1 convolution is singular)"
     return None  # P L (U + diag(s)): a permutation, a unit lower and an upper triangle with a nonzero diagonal
+
+
+def _gaussian_problem(prefix: str, parts: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Whether a prior's fitted Gaussian has a scale that is not lower triangular (a matrix) or
+    whose diagonal is not positive and finite (with its logarithm) in the model's precision."""
+    if "shift" not in parts or "scale" not in parts:
+        return f"{prefix} lacks its shift or scale"
+    scale = parts["scale"].detach().to("cpu", _computed_in(parts["scale"].dtype))
+    if scale.dim() == 2:
+        if scale.shape[0] != scale.shape[1] or not torch.equal(scale, torch.tril(scale)):
+            return f"{prefix}.scale is not a lower triangular matrix"
+        diagonal = torch.diagonal(scale)
+    else:
+        diagonal = scale
+    if not bool((diagonal > 0).all()) or not bool(torch.isfinite(torch.log(diagonal)).all()):
+        return f"{prefix}.scale has a diagonal entry that is not positive (the prior is not a density)"
+    if not bool(torch.isfinite(parts["shift"]).all()) or not bool(torch.isfinite(scale).all()):
+        return f"{prefix} holds non-finite values"
+    return None

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glowflow.latent_fit import fitted_gaussian
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -322,12 +324,19 @@ class SplitPrior(nn.Module):
     the pair (x_a, z) is a bijection of x.
     reverse: (x_a, z or None, temperature) -> x; a missing z is drawn from the prior with its
     std scaled by ``temperature`` (temperature 0 gives the prior mean).
+
+    The prior: z = mean(x_a) + std(x_a) e, with e ~ N(0, I) (the paper's), or with ``fit``
+    ('full' or 'diag', for a latent of ``latent_hw`` = (H, W)) e ~ ``self.gaussian``, a
+    :class:`glowflow.latent_fit.LatentGaussian` (the identity until fitted).
     """
 
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, fit: str = "none", latent_hw: Optional[Tuple[int, int]] = None):
         super().__init__()
         self.keep = num_channels // 2
         self.prior = ZeroConv2d(self.keep, 2 * (num_channels - self.keep))
+        if fit != "none" and latent_hw is None:
+            raise ValueError("a fitted split prior needs the latent's height and width")
+        self.gaussian = fitted_gaussian((num_channels - self.keep, *(latent_hw or (0, 0))), fit)
 
     def mean_log_std(self, x_a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.prior(x_a)
@@ -337,13 +346,27 @@ class SplitPrior(nn.Module):
         """(x_a, z): the kept half and the latent, without the prior."""
         return x[:, : self.keep], x[:, self.keep :]
 
+    def standardise(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_a, e): the kept half and the latent standardised by the paper's prior,
+        e = (z - mean(x_a)) / std(x_a) (what the fitted Gaussian models)."""
+        x_a, z = self.split(x)
+        mean, log_std = self.mean_log_std(x_a)
+        return x_a, (z - mean) * torch.exp(-log_std)
+
     def forward(self, x: torch.Tensor):
         x_a, z = self.split(x)
         mean, log_std = self.mean_log_std(x_a)
-        return x_a, z, sum_except_batch(gaussian_log_density(z, mean, log_std))
+        log_p = sum_except_batch(gaussian_log_density(z, mean, log_std))
+        if self.gaussian is not None and self.gaussian.is_fitted:
+            log_p = log_p + self.gaussian.log_density_change((z - mean) * torch.exp(-log_std))
+        return x_a, z, log_p
 
     def reverse(self, x_a: torch.Tensor, z: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
         if z is None:
             mean, log_std = self.mean_log_std(x_a)
-            z = mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
+            noise = torch.randn_like(mean)
+            if self.gaussian is None or not self.gaussian.is_fitted:
+                z = mean + temperature * torch.exp(log_std) * noise  # the paper's prior
+            else:
+                z = mean + torch.exp(log_std) * self.gaussian.draw(noise, temperature)
         return torch.cat([x_a, z], dim=1)

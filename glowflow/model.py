@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from glowflow.config import GlowConfig
 from glowflow.flow import FlowLevels, PlainFlow
 from glowflow.fused import FusedFlow
+from glowflow.latent_fit import LatentGaussian, LatentMoments, fitted_gaussian
 from glowflow.layers import ActNorm, FlowStep, SplitPrior, ZeroConv2d, ZeroLinear
 from glowflow.pixels import bits_per_dim, dequantize, postprocess, preprocess
 from glowflow.pretrained import find_folder, save_pretrained
@@ -105,7 +106,7 @@ class Glow(nn.Module):
                 )
             )
             if level < cfg.L - 1:
-                split = SplitPrior(c)
+                split = SplitPrior(c, cfg.prior_fit, (h, w))
                 self.splits.append(split)
                 self.latent_shapes.append((c - split.keep, h, w))
                 c = split.keep
@@ -117,7 +118,9 @@ class Glow(nn.Module):
             self.classifier = ZeroLinear(c, cfg.num_classes)
         else:
             self.y_prior = self.classifier = None
-        self.prior = TopPrior(cfg, self.top_shape, self.top_learned, self.y_prior)  # a view: no new weights
+        self.top_gaussian = fitted_gaussian(self.top_shape, cfg.prior_fit)
+        # a view: no new weights
+        self.prior = TopPrior(cfg, self.top_shape, self.top_learned, self.y_prior, self.top_gaussian)
         self.fast = True
         self.grad_checkpoint = False  # recompute each flow step's activations in the backward pass
         self.plain = PlainFlow(self.levels, self.splits)  # the reference computation
@@ -339,6 +342,50 @@ class Glow(nn.Module):
         self.train()
         self.forward_terms(x, y)
         self.train(was_training)
+
+    # ------------------------------------------------------------------ the priors' fitted Gaussians
+
+    def fitted_gaussians(self) -> List[LatentGaussian]:
+        """The priors' fitted Gaussians, one per latent (split-off ones, then the top); empty with
+        ``prior_fit`` 'none'."""
+        found = [split.gaussian for split in self.splits] + [self.top_gaussian]
+        return [g for g in found if g is not None]
+
+    @torch.no_grad()
+    def standardised_latents(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Every latent of model-space ``x`` (N, C, H, W) standardised by its prior, (z - mean) / std
+        (the split-off latents, then the top one, shapes as :meth:`encode`'s): what each fitted
+        Gaussian models. ``y``: the true classes of a class-conditional model."""
+        latents, _, _ = self._flow().forward(x, self._run_step, priors=False, standardised=True)
+        latents[-1] = self.prior.standardise(latents[-1], y, next(self.parameters()))
+        return latents
+
+    @torch.no_grad()
+    def fit_priors(self, batches: Iterable) -> int:
+        """Fit every prior's Gaussian (``prior_fit`` 'full' or 'diag') by maximum likelihood to the
+        standardised latents of ``batches`` ((x, y) pairs: dequantised model-space images and their
+        classes, or y None), replacing an earlier fit; the flow and the learned priors are
+        unchanged. Returns the images fitted on; 0 when some latent was not finite (then every
+        fit is left as it was)."""
+        gaussians = self.fitted_gaussians()
+        if not gaussians:
+            raise ValueError("this model has no fitted priors (prior_fit 'none')")
+        device = next(self.parameters()).device
+        moments = [LatentMoments(g.shift.numel(), g.full, device) for g in gaussians]
+        was_training = self.training
+        self.eval()
+        try:
+            for x, y in batches:
+                for sums, e in zip(moments, self.standardised_latents(x, y)):
+                    sums.add(e)
+        finally:
+            self.train(was_training)
+        if not all(sums.finite for sums in moments):
+            return 0
+        for gaussian, sums in zip(gaussians, moments):
+            gaussian.fit(sums)
+        self.fused.cache.clear()
+        return int(moments[0].count)
 
     def is_initialized(self) -> bool:
         """True once every ActNorm has been initialised from data."""

@@ -58,7 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from glowflow import __version__
-from glowflow.config import MAX_IMAGE_SIZE, GlowConfig
+from glowflow.config import MAX_IMAGE_SIZE, PRIOR_FIT_BEFORE_ITS_FIELD, GlowConfig
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write, atomic_write_text, folder_update, note_removed, remove_stale_temporaries
 from glowflow.invertible import flow_problem
@@ -334,7 +334,9 @@ class PretrainedFolder:
                 f"{where}: image_size must be null or an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r:.60}"
             )
         try:
-            config = GlowConfig.from_dict({k: v for k, v in values.items() if k not in META_FIELDS})
+            fields = {k: v for k, v in values.items() if k not in META_FIELDS}
+            fields.setdefault("prior_fit", PRIOR_FIT_BEFORE_ITS_FIELD)  # a folder written before priors were fitted
+            config = GlowConfig.from_dict(fields)
         except GlowflowError as err:
             raise GlowflowError(f"{where}: unusable model configuration: {err}") from None
         return cls(path=path, config=config, dataset=dataset, image_size=image_size)

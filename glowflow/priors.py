@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from glowflow.config import GlowConfig
 from glowflow.fused import autocast_off, gaussian_log_density_sum
+from glowflow.latent_fit import LatentGaussian
 from glowflow.layers import gaussian_log_density, sum_except_batch
 
 
@@ -38,9 +39,10 @@ def plain_log_density_sum(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Te
 
 class TopPrior:
     """The prior of the top latent (N, c, h, w), a view over the model's modules (``learned``: the
-    ``learn_top`` ZeroConv2d or None; ``y_prior``: the class embedding ZeroLinear or None), which
-    stay registered on the model under their own names. Every method takes ``like``, a parameter
-    of the model, for the device and floating-point type."""
+    ``learn_top`` ZeroConv2d or None; ``y_prior``: the class embedding ZeroLinear or None;
+    ``gaussian``: the fitted :class:`glowflow.latent_fit.LatentGaussian` of the standardised top
+    latent, or None), which stay registered on the model under their own names. Every method takes
+    ``like``, a parameter of the model, for the device and floating-point type."""
 
     def __init__(
         self,
@@ -48,8 +50,14 @@ class TopPrior:
         shape: Tuple[int, int, int],
         learned: Optional[nn.Module],
         y_prior: Optional[nn.Module],
+        gaussian: Optional[LatentGaussian] = None,
     ):
         self.config, self.shape, self.learned, self.y_prior = config, shape, learned, y_prior
+        self.gaussian = gaussian
+
+    @property
+    def fitted(self) -> bool:
+        return self.gaussian is not None and self.gaussian.is_fitted
 
     def condition(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Class labels (N,) integer, or one-/multi-hot (N, num_classes) -> float (N, num_classes)."""
@@ -73,7 +81,15 @@ class TopPrior:
         uniform mixture over classes (single-label, a normalised density) or the no-label prior
         (multi-label). ``fused``: the fast path's summed density, else the reference one."""
         n = z.shape[0]
-        density = gaussian_log_density_sum if fused else plain_log_density_sum
+        summed = gaussian_log_density_sum if fused else plain_log_density_sum
+        fitted = self.fitted
+
+        def density(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+            log_p = summed(z, mean, log_std)
+            if fitted:
+                log_p = log_p + self.gaussian.log_density_change((z - mean) * torch.exp(-log_std))
+            return log_p
+
         if self.y_prior is None or y is not None:
             return density(z, *self.mean_log_std(n, y, like))
         if self.config.y_multilabel:
@@ -95,4 +111,12 @@ class TopPrior:
             else:
                 y = torch.randint(self.config.num_classes, (n,), device=like.device)
         mean, log_std = self.mean_log_std(n, y, like)
-        return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
+        if not self.fitted:
+            return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
+        return mean + torch.exp(log_std) * self.gaussian.draw(torch.randn_like(mean), temperature)
+
+    def standardise(self, z: torch.Tensor, y: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The top latent standardised by the learned prior, (z - mean) / std (N, c, h, w): what
+        the fitted Gaussian models (``y`` the true classes of a class-conditional prior)."""
+        mean, log_std = self.mean_log_std(z.shape[0], y, like)
+        return (z - mean) * torch.exp(-log_std)

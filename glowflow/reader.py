@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from glowflow.checkpoint_schema import BPD, COUNTER, FORMAT, MAX_COUNTER, VERSION, training_numbers
-from glowflow.config import GlowConfig, RunConfig, check_field_types, is_int, is_number
+from glowflow.config import PRIOR_FIT_BEFORE_ITS_FIELD, GlowConfig, RunConfig, check_field_types, is_int, is_number
 from glowflow.errors import GlowflowError
 from glowflow.invertible import flow_problem
 from glowflow.pretrained import PretrainedFolder, first_difference, first_non_finite, is_model_folder, saved_dtype
@@ -138,6 +138,7 @@ class StoredCheckpoint:
         values = dict(stored)
         if "n_bits" not in values:
             values["n_bits"] = self.run_config.get("n_bits", 8)
+        values.setdefault("prior_fit", PRIOR_FIT_BEFORE_ITS_FIELD)  # written before priors were fitted
         try:
             return GlowConfig.from_dict(values)
         except GlowflowError as err:

@@ -28,6 +28,7 @@ RANKS = {
     "pretrained": 2,
     "checkpoint_schema": 2,
     "training_state": 2,
+    "latent_fit": 2,
     "layers": 3,
     "reader": 3,
     "fused": 4,

@@ -20,11 +20,14 @@ from checkpoints, which may be corrupt or crafted: a bad value is a one-line
 from glowflow.config.architecture import (
     FLOW_COUPLINGS,
     FLOW_PERMUTATIONS,
+    FULL_COVARIANCE_MAX_DIMS,
     MAX_IMAGE_DIMS,
     MAX_IMAGE_SIZE,
     MAX_K,
     MAX_L,
     MAX_PARAMETERS,
+    PRIOR_FIT_BEFORE_ITS_FIELD,
+    PRIOR_FITS,
     GlowConfig,
 )
 from glowflow.config.fields import check_field_types, check_int_range, is_int, is_number
@@ -59,6 +62,9 @@ __all__ = [
     "EVAL_BATCH_SIZE",
     "FLOW_COUPLINGS",
     "FLOW_PERMUTATIONS",
+    "FULL_COVARIANCE_MAX_DIMS",
+    "PRIOR_FITS",
+    "PRIOR_FIT_BEFORE_ITS_FIELD",
     "MAX_IMAGE_DIMS",
     "MAX_IMAGE_SIZE",
     "MAX_K",

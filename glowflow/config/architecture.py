@@ -14,6 +14,12 @@ from glowflow.errors import GlowflowError
 
 FLOW_PERMUTATIONS = ("invconv", "shuffle", "reverse")
 FLOW_COUPLINGS = ("additive", "affine")
+PRIOR_FITS = ("full", "diag", "none")
+FULL_COVARIANCE_MAX_DIMS = 4096
+"""Largest latent (values per image) whose fitted prior has a full covariance (a d x d triangular
+factor: 64 MiB of float32 at this size); larger latents get a diagonal one."""
+PRIOR_FIT_BEFORE_ITS_FIELD = "none"
+"""What a stored configuration without ``prior_fit`` (written before the field existed) means."""
 MAX_PARAMETERS = 2**30
 """Largest model glowflow builds: elements of its state dict (parameters and buffers, 4 GiB of
 float32), estimated from the configuration alone by :meth:`GlowConfig.num_weights`."""
@@ -46,6 +52,10 @@ class GlowConfig:
     coupling_scale_min: lower bound of the affine coupling's scale, which becomes
     s_min + (1 - s_min) * sigmoid(raw + 2); 0 (default) is the paper's sigmoid(raw + 2). A bound
     caps what one reverse coupling can multiply a value by at 1 / s_min (docs/sampling.md).
+    prior_fit: each prior's Gaussian on its standardised latent (glowflow/latent_fit.py), fitted
+    in closed form to the training images at the end of every epoch: 'full' (default; a full
+    covariance for latents of at most 4096 values, diagonal above), 'diag', or 'none' (the paper's
+    priors exactly; what checkpoints written before this field read as).
     """
 
     image_shape: Tuple[int, int, int] = (1, 32, 32)
@@ -62,6 +72,7 @@ class GlowConfig:
     y_multilabel: bool = False
     n_bits: int = 8
     coupling_scale_min: float = 0.0
+    prior_fit: str = "full"
 
     def __post_init__(self):
         check_field_types(self, self.__dict__)
@@ -112,6 +123,8 @@ class GlowConfig:
             )
         if self.flow_coupling not in FLOW_COUPLINGS:
             raise GlowflowError(f"flow_coupling must be one of {', '.join(FLOW_COUPLINGS)}, got {self.flow_coupling!r}")
+        if self.prior_fit not in PRIOR_FITS:
+            raise GlowflowError(f"prior_fit must be one of {', '.join(PRIOR_FITS)}, got {self.prior_fit!r}")
         size = self.num_weights()
         if size > MAX_PARAMETERS:
             raise GlowflowError(
@@ -122,11 +135,11 @@ class GlowConfig:
     def num_weights(self) -> int:
         """Elements of the state dict of ``Glow(self)`` (parameters and buffers), from the
         configuration alone: the size check before a model is built (tests compare it with the model)."""
-        c = self.image_shape[0]
+        c, h, w = self.image_shape
         hidden = self.hidden_channels
         total = 0
         for level in range(self.L):
-            c *= 4
+            c, h, w = c * 4, h // 2, w // 2
             half = c // 2
             out = 2 * (c - half) if self.flow_coupling == "affine" else c - half
             step = 2 * c + 1  # ActNorm: bias, log-scale, "initialised" flag
@@ -140,13 +153,21 @@ class GlowConfig:
             total += self.K * step
             if level < self.L - 1:
                 z = 2 * (c - half)
-                total += 9 * half * z + 2 * z
+                total += 9 * half * z + 2 * z + self._fitted_gaussian_size((c - half) * h * w)
                 c = half
+        total += self._fitted_gaussian_size(c * h * w)
         if self.learn_top:
             total += 9 * (2 * c) ** 2 + 4 * c
         if self.y_condition:
             total += self.num_classes * 2 * c + 4 * c + c * self.num_classes + 2 * self.num_classes
         return total
+
+    def _fitted_gaussian_size(self, d: int) -> int:
+        """Elements of the buffers of a prior's fitted Gaussian over ``d`` latent values."""
+        if self.prior_fit == "none":
+            return 0
+        full = self.prior_fit == "full" and d <= FULL_COVARIANCE_MAX_DIMS
+        return d + (d * d if full else d) + 1
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

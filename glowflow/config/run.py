@@ -143,6 +143,7 @@ class TrainConfig(CommonConfig):
     amp: str = AMP_CHOICES[0]  # "bf16": bfloat16 autocast for the coupling networks (log-dets and priors stay float32)
     perturb: float = 0.0
     actnorm_init_images: int = 512
+    prior_fit_images: int = 10000  # training images the priors' Gaussians are fitted on each epoch (prior_fit)
     max_nonfinite_steps: int = 5
     max_rollbacks: int = 5  # a non-finite step goes back to the last finite state, this many times; 0: only skip it
     # the recipe of the paper (openai/glow), and choosing the checkpoint
@@ -159,6 +160,7 @@ class TrainConfig(CommonConfig):
         "num_classes": (1, 2**20),
         "max_steps": (1, None),
         "actnorm_init_images": (1, None),
+        "prior_fit_images": (2, None),
         "max_nonfinite_steps": (1, None),
         "max_rollbacks": (0, 10**6),
         "val_size": (0, None),

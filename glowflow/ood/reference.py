@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from glowflow.config import PRIOR_FIT_BEFORE_ITS_FIELD
 from glowflow.data.npzfile import open_npz
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
@@ -434,9 +435,14 @@ def load_reference(path: str) -> Reference:
 
 def model_fingerprint(model) -> str:
     """SHA-256 of the model's configuration and every tensor of its state dict (names, dtypes,
-    shapes, bytes): changes whenever the checkpoint's weights or architecture do."""
+    shapes, bytes): changes whenever the checkpoint's weights or architecture do. A model without
+    fitted priors hashes its configuration without ``prior_fit`` (as written before the field), so
+    the detectors cached for such models, the shipped one's included, stay valid."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    config = model.config.to_dict()
+    if config.get("prior_fit") == PRIOR_FIT_BEFORE_ITS_FIELD:
+        del config["prior_fit"]
+    digest.update(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -35,6 +35,7 @@ from glowflow.training import step as step_parts
 from glowflow.training.actnorm_init import initialize_actnorm
 from glowflow.training.averaging import WeightAverage
 from glowflow.training.evaluation import SPLIT_WORDS, evaluate_bpd
+from glowflow.training.prior_fitting import PriorFitting
 from glowflow.training.resuming import restore_run
 from glowflow.training.rollback import Rollback, read_stored
 from glowflow.training.seeding import rng_state, run_seed_for_samples, set_rng_state
@@ -142,6 +143,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.test_loader = build_loaders(
             splits, self.sampler, self.run, self.dist, self.device
         )
+        self.prior_fitting = PriorFitting(self.train_set, self.model, self.run, self.device, self.dist.is_main)
 
     def _restore_training_state(self, resumed: Checkpoint) -> None:
         """Continue where the checkpoint stopped: optimizer, scheduler, counters and RNG states
@@ -231,6 +233,8 @@ class Trainer:
             epoch = self.epoch + 1 if self.step >= (self.epoch + 1) * self.steps_per_epoch else self.epoch
             if self.rollback.enabled and not step_parts.weights_finite(self.model, self.dist):
                 self._roll_back("weights")  # the last update's, which no step has checked yet
+            fitted = [self.model] + ([self.average.model] if self.average is not None else [])
+            earlier_fits = self.prior_fitting.refit(fitted)  # glowflow/training/prior_fitting.py
             scores = self.evaluate()  # collective under torchrun: every process evaluates
             for split, value in scores.items():
                 if value is not None and not math.isfinite(value):
@@ -249,6 +253,8 @@ class Trainer:
                     fields = dict(best_val_bpd=best_val_bpd, test_bpd_at_best=test_at_best)
                     self.save(self.best_name, epoch=epoch, running_loss=carried.to_dict(), **fields)
                 self._record_epoch(epoch, row, improved)
+            if epoch == self.epoch:  # stopped between epoch ends: train on as an uninterrupted run would
+                self.prior_fitting.put_back(fitted, earlier_fits)
             self.epoch, self.best_val_bpd, self.test_at_best = epoch, best_val_bpd, test_at_best
             self.loss = carried
             if self.dist.is_main:
