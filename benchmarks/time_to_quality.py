@@ -153,16 +153,31 @@ def make_recipe(name: str, args, config: GlowConfig):
 
 def run_recipe(name: str, args, config: GlowConfig, test: TestSplit, results: Dict) -> None:
     """Train ``name`` for the largest budget, stopping the clock at every evaluation; appends its
-    rows to ``results``."""
+    rows to ``results``. A recipe that fails (e.g. diverges past glowflow's rollbacks) keeps the
+    rows it made, and the error is recorded; the next recipe runs."""
     recipe = make_recipe(name, args, config)
     print(f"\n== {name}", flush=True)
     start = time.perf_counter()
     recipe.setup()
-    clock = setup_seconds = time.perf_counter() - start
+    setup_seconds = time.perf_counter() - start
     info = {"setup_seconds": round(setup_seconds, 2), **recipe.describe()}
     if name == "reference":
         info["log_prob_check_max_abs_bpd"] = recipe.check_log_prob(preprocess(test.images[:16], N_BITS))
     results["recipes"][name] = info
+    try:
+        train_and_evaluate(recipe, args, test, results, setup_seconds)
+    except Exception as err:  # recorded; the other recipes still run
+        info["stopped"] = f"{type(err).__name__}: {err}"
+        print(f"  {name} stopped: {info['stopped']}", flush=True)
+    for key in ("skipped", "rollbacks", "nonfinite_losses"):
+        if hasattr(recipe, key):
+            info[key] = getattr(recipe, key)
+    recipe.close()
+
+
+def train_and_evaluate(recipe, args, test: TestSplit, results: Dict, clock: float) -> None:
+    """Optimizer steps until each evaluation time (``clock``: seconds spent so far), then, with the
+    clock stopped, the test bits/dim and, at a budget, the samples' Fréchet distances."""
     for minutes in evaluation_times(args.budgets, args.eval_every):
         while clock < minutes * 60:
             start = time.perf_counter()
@@ -172,7 +187,7 @@ def run_recipe(name: str, args, config: GlowConfig, test: TestSplit, results: Di
         start = time.perf_counter()
         bpd = test.bpd(recipe)
         row = {
-            "recipe": name,
+            "recipe": recipe.name,
             "minutes": round(clock / 60, 4),
             "steps": recipe.steps,
             "epochs": round(recipe.epochs, 4),
@@ -181,17 +196,13 @@ def run_recipe(name: str, args, config: GlowConfig, test: TestSplit, results: Di
         row["load_avg"] = round(os.getloadavg()[0], 2)
         results["rows"].append(row)
         print(
-            f"  {name} {row['minutes']:.2f} min, step {row['steps']}, epoch {row['epochs']:.2f}: "
+            f"  {recipe.name} {row['minutes']:.2f} min, step {row['steps']}, epoch {row['epochs']:.2f}: "
             f"test {bpd:.4f} bits/dim (eval {row['eval_seconds']} s, load {row['load_avg']})",
             flush=True,
         )
         if any(abs(minutes - b) < 1e-6 for b in args.budgets) and test.classifier is not None:
             results["samples"].extend(sample_rows(recipe, test, args, minutes))
         torch.set_rng_state(rng)
-    for key in ("skipped", "rollbacks", "nonfinite_losses"):
-        if hasattr(recipe, key):
-            info[key] = getattr(recipe, key)
-    recipe.close()
 
 
 def git_commit(path: str) -> Optional[str]:
