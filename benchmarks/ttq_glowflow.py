@@ -1,9 +1,12 @@
 """glowflow's recipes in benchmarks/time_to_quality.py: glowflow's own :class:`Trainer` (its model,
 optimizer, learning-rate warm-up, ActNorm initialisation, per-step noise and non-finite guard),
 driven one optimizer step at a time (:meth:`Trainer.train_step`, the step ``glowflow --train``
-takes) so that the benchmark can stop the clock between any two steps. The Trainer's own
-per-epoch work (validation and test evaluation, checkpoints, sample grids) is not run: the
-benchmark evaluates every recipe alike, outside the clock.
+takes) so that the benchmark can stop the clock between any two steps. Of the Trainer's own
+per-epoch work only the priors' refit (``--prior_fit``, glowflow/training/prior_fitting.py) runs,
+at every epoch's end inside the clock, as in ``glowflow --train``; before an evaluation between
+epoch ends the priors are refitted inside the clock (what a run stopped there saves) and the
+earlier fit put back afterwards, outside it. Validation and test evaluation, checkpoints and
+sample grids are not run: the benchmark evaluates every recipe alike, outside the clock.
 
 Every recipe trains on the whole training split (``val_size=0``: the benchmark chooses no
 checkpoint, and the reference trains on all 60000 images too); nothing else departs from the
@@ -21,7 +24,7 @@ import torch
 from glowflow.config import GlowConfig, RunConfig
 from glowflow.training.trainer import Trainer
 
-RECIPES: Dict[str, Dict] = {
+RECIPES: Dict[str, Dict] = {  # RunConfig flags; "architecture": GlowConfig fields
     # the seed's (GenerativeZoo's) defaults, which glowflow keeps: lr 2e-4, warm-up over 10 epochs,
     # batch 128, Adamax without weight decay
     "glowflow-seed": {},
@@ -29,6 +32,8 @@ RECIPES: Dict[str, Dict] = {
     "glowflow-cpu": {"lr": 1e-3, "warmup": 1},
     # the same with docs/training.md's headline Polyak averaging (not among the default recipes)
     "glowflow-cpu-ema": {"lr": 1e-3, "warmup": 1, "ema": 0.999},
+    # the CPU flags with the paper's priors (--prior_fit none): what the fitted priors buy
+    "glowflow-cpu-nofit": {"lr": 1e-3, "warmup": 1, "architecture": {"prior_fit": "none"}},
 }
 
 
@@ -36,8 +41,9 @@ class GlowflowRecipe:
     """One glowflow recipe: a Trainer, one optimizer step at a time (:meth:`step`)."""
 
     def __init__(self, name: str, config: GlowConfig, seed: int, data_root: str, workdir: str):
+        self.flags = {k: v for k, v in RECIPES[name].items() if k != "architecture"}
+        config = GlowConfig(**{**config.to_dict(), **RECIPES[name].get("architecture", {})})
         self.name, self.config, self.seed, self.data_root, self.workdir = name, config, seed, data_root, workdir
-        self.flags = RECIPES[name]
         self.skipped, self.rollbacks = 0, 0
 
     def run_config(self, output_dir: str) -> RunConfig:
@@ -62,6 +68,7 @@ class GlowflowRecipe:
         return {
             "what": "glowflow's Trainer.train_step, one optimizer step at a time",
             "flags": self.flags,
+            "prior_fit": self.config.prior_fit,
             "settings": settings,
             "warmup_stepped": "per optimizer step",
         }
@@ -78,7 +85,22 @@ class GlowflowRecipe:
         while True:
             trainer.sampler.set_epoch(trainer.epoch)
             yield from trainer.train_loader
+            trainer.prior_fitting.refit(self._models())  # the epoch's end, as --train does
             trainer.epoch += 1
+
+    def _models(self):
+        trainer = self.trainer
+        return [trainer.model] + ([trainer.average.model] if trainer.average is not None else [])
+
+    def before_evaluation(self):
+        """Inside the clock: the priors refitted (what a run stopped here evaluates and saves);
+        returns what :meth:`after_evaluation` puts back."""
+        return self.trainer.prior_fitting.refit(self._models())  # at an epoch's end: the same fit again
+
+    def after_evaluation(self, earlier) -> None:
+        """Outside the clock: the fit training continues with, as an uninterrupted run."""
+        if earlier is not None:
+            self.trainer.prior_fitting.put_back(self._models(), earlier)
 
     def step(self) -> None:
         """One optimizer step; a non-finite one is rolled back as --train does (--max_rollbacks)."""

@@ -201,6 +201,13 @@ class ReferenceRecipe:
         return self.optimizer.param_groups[0]["lr"]
 
     @torch.no_grad()
+    def before_evaluation(self):
+        """Nothing to prepare (glowflow's recipes refit their priors here)."""
+        return None
+
+    def after_evaluation(self, earlier) -> None:
+        """Nothing to put back."""
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density (nats per image) of dequantised model-space ``x``: the reference's own flow and
         prior (model.py:271-279) without its internal noise, so every recipe sees the same noise."""
