@@ -82,7 +82,11 @@ def model_config_from_args(args: argparse.Namespace, run: RunConfig) -> GlowConf
 
 def _run(args: argparse.Namespace) -> int:
     run = run_config_from_args(args)
-    checkpoints = (("--checkpoint", run.checkpoint), ("--background_checkpoint", run.background_checkpoint))
+    checkpoints = (
+        ("--checkpoint", run.checkpoint),
+        ("--background_checkpoint", run.background_checkpoint),
+        ("--compare_with", getattr(run, "compare_with", None)),
+    )
     check_command_line(args.dataset, run.out_dataset if args.outlier_detection else (), checkpoints)
     if args.train:
         from glowflow.training import train

@@ -282,6 +282,13 @@ def _add_sampling_flags(group) -> None:
         default=_RUN.sample_class,
         help="Sample this class (class-conditional models)",
     )
+    group.add_argument(
+        "--compare_with",
+        default=_RUN.compare_with,
+        metavar="CHECKPOINT",
+        help="Also a sheet (samples_compared.png) of this model's samples beside those of CHECKPOINT (e.g. "
+        "pretrained:fashionmnist) at each temperature, every row labelled with its model",
+    )
     group.add_argument("--reconstruct", action="store_true", help="Reconstruct test images")
     group.add_argument("--interpolate", action="store_true", help="Interpolate between pairs of test images")
     group.add_argument(

@@ -78,6 +78,39 @@ def sample_grids(
     return written
 
 
+def checkpoint_label(path: str, checkpoint: Checkpoint) -> str:
+    """A short name for a row label: the file or folder name (``pretrained:NAME`` as it is), with
+    its completed epochs and test bits/dim when the file records them."""
+    name = path if path.startswith("pretrained:") else os.path.basename(os.path.normpath(path))
+    payload = checkpoint.payload
+    if "epoch" in payload and ("test_bpd_at_best" in payload or "best_test_bpd" in payload):
+        bpd = checkpoint.best_test_bpd
+        return f"{name} ({checkpoint.epoch} ep." + (f", {bpd:.2f} bpd)" if math.isfinite(bpd) else ")")
+    return name
+
+
+@torch.no_grad()
+def compare_samples(models: Sequence[Tuple[str, Glow]], output_dir: str, temperatures: Sequence[float]) -> str:
+    """``samples_compared.png``: for each temperature, two rows of 10 samples of each (label, model),
+    each model's first row labelled with its name and the temperature. The models must see images
+    of one shape and bit depth."""
+    kinds = {(tuple(model.config.image_shape), model.config.n_bits) for _, model in models}
+    if len(kinds) > 1:
+        seen = ", ".join(
+            f"{label}: {'x'.join(map(str, model.config.image_shape))} at {model.config.n_bits} bits"
+            for label, model in models
+        )
+        raise GlowflowError(f"--compare_with: the models see different images ({seen})")
+    rows, labels = [], []
+    for t in temperatures:
+        for label, model in models:
+            x = checked_sample(model, 20, t, what=f"{label}, ")
+            rows += [x[:10], x[10:]]
+            labels += [f"{label}, T={t:g}", ""]
+    n_bits = models[0][1].config.n_bits
+    return save_labelled_rows(rows, labels, n_bits, os.path.join(output_dir, "samples_compared.png"))
+
+
 def save_labelled_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], n_bits: int, path: str) -> str:
     """Save rows of model-space images (each (n, C, H, W), the same n) as one PNG: the grid
     ``save_grid`` would make of them, with ``labels[i]`` written left of row i (black on white,
@@ -368,6 +401,11 @@ def run_sampling(run: RunConfig, dataset: Optional[str] = None) -> List[str]:
         print(f"writing into {output_dir} (--output_dir chooses another folder)")
     torch.manual_seed(run.seed)
     written = sample_grids(model, output_dir, run.n_samples, run.temperature, run.sample_class, device)
+    if run.compare_with is not None:
+        other = Checkpoint.read(run.compare_with)
+        models = [(checkpoint_label(run.checkpoint, checkpoint), model)]
+        models.append((checkpoint_label(run.compare_with, other), other.load_model(device)))
+        written.append(compare_samples(models, output_dir, run.temperature))
     if run.reconstruct or run.interpolate or run.manipulate is not None or run.manipulate_attribute is not None:
         test_set = load_dataset(
             dataset_name, "test", data_root=run.data_root, image_size=image_size, divisor=2**model.config.L

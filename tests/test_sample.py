@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glowflow.checkpoint import save_checkpoint
 from glowflow.cli import main
 from glowflow.data import load_dataset
 from glowflow.errors import GlowflowError
@@ -221,6 +222,23 @@ def test_sample_command_prints_the_check_and_manipulates_an_attribute(tmp_path, 
     assert grid.shape[:2] == (rows * 18 + 2, 3 * 18 + 2)  # a row per image, 3 scales, 16 pixels + 2 padding
     assert main([*sample, "--manipulate_attribute", "3"]) == 2  # the data has classes 0..2
     assert "attribute 3 is outside 0..2" in capsys.readouterr().err
+
+    # --compare_with: 2 rows of 10 samples per model and temperature, each model's first row labelled
+    assert main([*sample, "--compare_with", str(run / "Glow_smooth.pt"), "--temperature", "0.5", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "samples (last.pt (1 ep., 3.46 bpd), T=0.5): 20 samples" in out  # the file's epochs and test bits/dim
+    assert "samples (Glow_smooth.pt (1 ep., 3.46 bpd), T=1): 20 samples" in out
+    sheet = np.asarray(Image.open(run / "s" / "samples_compared.png").convert("RGB"))
+    assert sheet.shape[0] == 2 * 2 * 2 * 18 + 2 and sheet.shape[1] > 10 * 18 + 2
+    other = tmp_path / "other.pt"
+    save_checkpoint(str(other), randomised_model((1, 8, 8), 2, {}).float())
+    assert main([*sample, "--compare_with", str(other)]) == 2
+    assert (
+        "--compare_with: the models see different images (last.pt (1 ep., 3.46 bpd): 1x16x16 at 8 bits, other.pt: 1x8x8"
+        in (capsys.readouterr().err)
+    )
+    assert main([*sample, "--compare_with", str(tmp_path / "missing.pt")]) == 2
+    assert "--compare_with: checkpoint not found" in capsys.readouterr().err
 
 
 def test_the_temperature_sheet_labels_each_row_beside_the_plain_grid(tmp_path):

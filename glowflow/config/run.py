@@ -187,7 +187,8 @@ class TrainConfig(CommonConfig):
 @dataclass
 class SampleConfig(CommonConfig):
     """``--sample``: grids at each temperature (of one class with sample_class), and the sub-modes
-    reconstruct, interpolate, manipulate (class to class) and manipulate_attribute."""
+    reconstruct, interpolate, manipulate (class to class) and manipulate_attribute; compare_with:
+    a sheet of this model's samples beside another checkpoint's, each row labelled."""
 
     n_samples: int = 64
     temperature: Tuple[float, ...] = (0.7,)
@@ -198,6 +199,7 @@ class SampleConfig(CommonConfig):
     manipulate_attribute: Optional[Tuple[int, ...]] = None  # class / finding indices: one attribute
     manipulate_scales: Tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
     n_interpolation_steps: int = 8
+    compare_with: Optional[str] = None  # another checkpoint whose samples go beside this one's
 
     INT_RANGES = {"n_samples": (1, None), "sample_class": (0, None), "n_interpolation_steps": (1, 1024)}
 
