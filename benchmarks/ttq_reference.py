@@ -233,13 +233,26 @@ class ReferenceRecipe:
     @torch.no_grad()
     def sample(self, n: int, temperature: float) -> Tuple[torch.Tensor, Dict]:
         """``n`` model-space samples from the reference's own reverse pass, 32 per call, as they come
-        (non-finite values included); nothing is redrawn."""
+        (non-finite values included). A call that raises (its reverse pass reached a split prior
+        with a non-finite std: ``torch.normal`` refuses it) is counted and drawn again, like
+        glowflow's redraws of failed samples; after 50 such calls the samples are NaN."""
         self.model.eval()
-        parts, drawn = [], 0
+        parts, drawn, failed_calls = [], 0, 0
         while drawn < n:
-            parts.append(self.model(temperature=temperature, reverse=True))
+            try:
+                parts.append(self.model(temperature=temperature, reverse=True).detach())
+            except RuntimeError:
+                failed_calls += 1
+                if failed_calls < 50:
+                    continue
+                parts.append(torch.full((SAMPLES_PER_CALL, *self.config.image_shape), float("nan")))
             drawn += parts[-1].shape[0]
-        return torch.cat(parts)[:n], {"sampler": f"model(temperature=T, reverse=True), {SAMPLES_PER_CALL} a call"}
+        info = {
+            "sampler": f"model(temperature=T, reverse=True), {SAMPLES_PER_CALL} a call",
+            "failed_calls": failed_calls,
+            "failed_calls_meaning": "calls that raised (a non-finite std in a split prior), drawn again",
+        }
+        return torch.cat(parts)[:n], info
 
     def close(self) -> None:
         self.model = self.optimizer = self.loader = self.batches = None
