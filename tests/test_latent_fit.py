@@ -12,7 +12,7 @@ from glowflow import Glow, GlowConfig
 from glowflow.checkpoint import load_checkpoint, save_checkpoint
 from glowflow.errors import GlowflowError
 from glowflow.latent_fit import FIT_RIDGE, LatentGaussian, LatentMoments
-from tests.helpers import randomised_model
+from tests.helpers import importance_sampling_integral, randomised_model
 
 
 def _fitted(shape, full, e):
@@ -108,18 +108,9 @@ def test_fitted_model_density_integrates_to_one():
     model.fit_priors([(0.3 * torch.rand(200, 1, 2, 2, dtype=torch.float64) - 0.1, None)])
     gaussian = model.fitted_gaussians()[0]
     assert gaussian.is_fitted and (torch.diagonal(gaussian.scale) < 0.9).any()
-    with torch.no_grad():
-        located = model.sample(20_000).flatten(1)
-    proposal = torch.distributions.Independent(
-        torch.distributions.StudentT(2.0, located.median(0).values, 1.5 * located.std(0)), 1
-    )
-    x = proposal.sample((400_000,))
-    with torch.no_grad():
-        log_p = torch.cat([model.log_prob(chunk.view(-1, 1, 2, 2)) for chunk in x.split(50_000)])
-    weights = torch.exp(log_p - proposal.log_prob(x))
-    standard_error = weights.std().item() / math.sqrt(len(weights))
+    estimate, standard_error = importance_sampling_integral(model, (1, 2, 2))
     assert standard_error < 0.01, standard_error
-    assert abs(weights.mean().item() - 1.0) < 0.03
+    assert abs(estimate - 1.0) < 0.03, estimate
 
 
 def test_draws_follow_the_fitted_gaussian_and_temperature_zero_is_its_mean():

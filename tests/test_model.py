@@ -11,7 +11,13 @@ from glowflow import Glow, GlowConfig, bits_per_dim, dequantize, preprocess
 from glowflow.layers import squeeze2x
 from glowflow.model import classification_loss
 from glowflow.pixels import dequantization_noise, discretisation_nats, postprocess, quantize
-from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
+from tests.helpers import (
+    architecture_combinations,
+    combo_id,
+    importance_sampling_integral,
+    labels_for,
+    randomised_model,
+)
 
 COMBOS = list(architecture_combinations())
 IDS = [combo_id(c) for c in COMBOS]
@@ -94,19 +100,7 @@ def test_log_prob_integrates_to_one(combo):
     shape = (1, 2, 2)
     model = randomised_model(shape, 1, combo, K=3, hidden=4, scale=0.15)
     torch.manual_seed(123)
-    # Proposal: independent heavy-tailed Student-t (df 2) placed where the model puts its mass
-    # (located and scaled from model samples; its own density is exact whatever the fit).
-    with torch.no_grad():
-        located = model.sample(20_000).flatten(1)
-    proposal = torch.distributions.Independent(
-        torch.distributions.StudentT(2.0, located.median(0).values, 1.5 * located.std(0)), 1
-    )
-    x = proposal.sample((400_000,))
-    with torch.no_grad():
-        log_p = torch.cat([model.log_prob(chunk.view(-1, *shape)) for chunk in x.split(50_000)])
-    weights = torch.exp(log_p - proposal.log_prob(x))
-    estimate = weights.mean().item()
-    standard_error = weights.std().item() / math.sqrt(len(weights))
+    estimate, standard_error = importance_sampling_integral(model, shape)
     assert standard_error < 0.01, standard_error
     assert abs(estimate - 1.0) < 0.03, estimate
 
