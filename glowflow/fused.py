@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glowflow.latent_fit import prior_draw, prior_log_density
 from glowflow.layers import LOG_2PI, ActNorm, Coupling, FlowStep, InvConv1x1, SplitPrior, squeeze2x, unsqueeze2x
 
 Params = Tuple[torch.Tensor, ...]
@@ -359,21 +360,17 @@ class FusedSplitPrior:
     def forward(self, x: torch.Tensor):
         x_a, z = x.split([self.layer.keep, x.shape[1] - self.layer.keep], dim=1)
         mean, log_std = self._mean_log_std(x_a)
-        log_p = gaussian_log_density_sum(z, mean, log_std)
-        gaussian = self.layer.gaussian
-        if gaussian is not None and gaussian.is_fitted:
-            log_p = log_p + gaussian.log_density_change((z - mean) * torch.exp(-log_std))
-        return x_a, z, log_p
+        return (
+            x_a,
+            z,
+            prior_log_density(gaussian_log_density_sum(z, mean, log_std), self.layer.gaussian, z, mean, log_std),
+        )
 
     def reverse(self, x_a: torch.Tensor, z: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
         if z is None:
             mean, log_std = self._mean_log_std(x_a)
             noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # as randn_like of a strided view
-            gaussian = self.layer.gaussian
-            if gaussian is None or not gaussian.is_fitted:
-                z = mean + temperature * torch.exp(log_std) * noise  # the paper's prior
-            else:
-                z = mean + torch.exp(log_std) * gaussian.draw(noise.contiguous(), temperature)
+            z = prior_draw(self.layer.gaussian, mean, log_std, noise, temperature)
         return torch.cat([x_a, z], dim=1).contiguous(memory_format=self.flow.memory_format)
 
 

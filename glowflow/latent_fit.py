@@ -104,6 +104,30 @@ class LatentGaussian(nn.Module):
         self.fitted.zero_()
 
 
+def prior_log_density(
+    log_p: torch.Tensor, gaussian: Optional[LatentGaussian], z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
+    """A prior's log-density (N,) of ``z``: ``log_p``, the paper's Gaussian N(mean, std^2) summed,
+    plus what a fitted ``gaussian`` changes (nothing when it is None or unfitted)."""
+    if gaussian is None or not gaussian.is_fitted:
+        return log_p
+    return log_p + gaussian.log_density_change((z - mean) * torch.exp(-log_std))
+
+
+def prior_draw(
+    gaussian: Optional[LatentGaussian],
+    mean: torch.Tensor,
+    log_std: torch.Tensor,
+    noise: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """A draw of a prior from standard normal ``noise`` (the latent's shape): the paper's
+    mean + temperature std noise, or mean + std e with e the fitted ``gaussian``'s draw."""
+    if gaussian is None or not gaussian.is_fitted:
+        return mean + temperature * torch.exp(log_std) * noise
+    return mean + torch.exp(log_std) * gaussian.draw(noise.contiguous(), temperature)
+
+
 class LatentMoments:
     """Running float64 sums of standardised latents (d values each) for :meth:`LatentGaussian.fit`:
     the count, the sum and the sum of outer products (``full``) or of squares."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glowflow.latent_fit import fitted_gaussian
+from glowflow.latent_fit import fitted_gaussian, prior_draw, prior_log_density
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -357,16 +357,10 @@ class SplitPrior(nn.Module):
         x_a, z = self.split(x)
         mean, log_std = self.mean_log_std(x_a)
         log_p = sum_except_batch(gaussian_log_density(z, mean, log_std))
-        if self.gaussian is not None and self.gaussian.is_fitted:
-            log_p = log_p + self.gaussian.log_density_change((z - mean) * torch.exp(-log_std))
-        return x_a, z, log_p
+        return x_a, z, prior_log_density(log_p, self.gaussian, z, mean, log_std)
 
     def reverse(self, x_a: torch.Tensor, z: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
         if z is None:
             mean, log_std = self.mean_log_std(x_a)
-            noise = torch.randn_like(mean)
-            if self.gaussian is None or not self.gaussian.is_fitted:
-                z = mean + temperature * torch.exp(log_std) * noise  # the paper's prior
-            else:
-                z = mean + torch.exp(log_std) * self.gaussian.draw(noise, temperature)
+            z = prior_draw(self.gaussian, mean, log_std, torch.randn_like(mean), temperature)
         return torch.cat([x_a, z], dim=1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from glowflow.config import GlowConfig
 from glowflow.fused import autocast_off, gaussian_log_density_sum
-from glowflow.latent_fit import LatentGaussian
+from glowflow.latent_fit import LatentGaussian, prior_draw, prior_log_density
 from glowflow.layers import gaussian_log_density, sum_except_batch
 
 
@@ -55,10 +55,6 @@ class TopPrior:
         self.config, self.shape, self.learned, self.y_prior = config, shape, learned, y_prior
         self.gaussian = gaussian
 
-    @property
-    def fitted(self) -> bool:
-        return self.gaussian is not None and self.gaussian.is_fitted
-
     def condition(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Class labels (N,) integer, or one-/multi-hot (N, num_classes) -> float (N, num_classes)."""
         if y.dim() == 1 and not y.is_floating_point():
@@ -82,13 +78,9 @@ class TopPrior:
         (multi-label). ``fused``: the fast path's summed density, else the reference one."""
         n = z.shape[0]
         summed = gaussian_log_density_sum if fused else plain_log_density_sum
-        fitted = self.fitted
 
         def density(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-            log_p = summed(z, mean, log_std)
-            if fitted:
-                log_p = log_p + self.gaussian.log_density_change((z - mean) * torch.exp(-log_std))
-            return log_p
+            return prior_log_density(summed(z, mean, log_std), self.gaussian, z, mean, log_std)
 
         if self.y_prior is None or y is not None:
             return density(z, *self.mean_log_std(n, y, like))
@@ -111,9 +103,7 @@ class TopPrior:
             else:
                 y = torch.randint(self.config.num_classes, (n,), device=like.device)
         mean, log_std = self.mean_log_std(n, y, like)
-        if not self.fitted:
-            return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
-        return mean + torch.exp(log_std) * self.gaussian.draw(torch.randn_like(mean), temperature)
+        return prior_draw(self.gaussian, mean, log_std, torch.randn_like(mean), temperature)
 
     def standardise(self, z: torch.Tensor, y: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """The top latent standardised by the learned prior, (z - mean) / std (N, c, h, w): what
