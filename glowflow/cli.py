@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoints = (
         ("--checkpoint", run.checkpoint),
         ("--background_checkpoint", run.background_checkpoint),
-        ("--compare_with", getattr(run, "compare_with", None)),
+        ("--compare_with", run.compare_with),
     )
     check_command_line(args.dataset, run.out_dataset if args.outlier_detection else (), checkpoints)
     if args.train:

@@ -37,17 +37,10 @@ _PERMUTE = re.compile(r"^(.*\.permute)\.(indices|inverse_indices|weight|p|sign_s
 
 def flow_problem(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
     """What makes a flow step's permutation layer in ``weights`` (a state dict whose names, shapes
-    and finiteness are already checked) not invertible, in a few words naming the tensor; or None."""
-    layers: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, value in weights.items():
-        found = _PERMUTE.match(name)
-        if found is not None:
-            layers.setdefault(found.group(1), {})[found.group(2)] = value
-    gaussians: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, value in weights.items():
-        found = _GAUSSIAN.match(name)
-        if found is not None:
-            gaussians.setdefault(found.group(1), {})[found.group(2)] = value
+    and finiteness are already checked) not invertible, or a prior's fitted Gaussian not a density,
+    in a few words naming the tensor; or None."""
+    layers = _grouped(weights, _PERMUTE)
+    gaussians = _grouped(weights, _GAUSSIAN)
     for prefix, parts in gaussians.items():
         problem = _gaussian_problem(prefix, parts)
         if problem is not None:
@@ -64,6 +57,17 @@ def flow_problem(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
         if problem is not None:
             return problem
     return None
+
+
+def _grouped(weights: Mapping[str, torch.Tensor], pattern: re.Pattern) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{layer prefix: {part: tensor}} of the tensors whose names ``pattern`` matches (its groups:
+    the prefix, the part)."""
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, value in weights.items():
+        found = pattern.match(name)
+        if found is not None:
+            groups.setdefault(found.group(1), {})[found.group(2)] = value
+    return groups
 
 
 def _permutation_problem(prefix: str, parts: Mapping[str, torch.Tensor]) -> Optional[str]:
