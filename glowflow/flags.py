@@ -366,7 +366,8 @@ def _add_outlier_flags(group) -> None:
     group.add_argument(
         "--detector_score",
         default=_RUN.detector_score,
-        help="The score --score and each report decide with (dos_orientation; dos without the orientation score)",
+        help="The score --score and each report decide with (combined: dos_orientation plus the score of a "
+        "classifier trained on the training images' class labels when they have some; else dos_orientation)",
     )
     group.add_argument(
         "--orientation_transforms",
@@ -375,5 +376,5 @@ def _add_outlier_flags(group) -> None:
         default=list(_RUN.orientation_transforms),
         metavar="T",
         help=f"Transforms ({', '.join(IMAGE_TRANSFORMS)}) the orientation score compares each image with, one more "
-        "model pass each; none given: no orientation score, dos decides and scoring is about 3x faster",
+        "model pass each; none given: no orientation score (combined builds on dos) and scoring is about 3x faster",
     )

@@ -150,7 +150,7 @@ def test_help_says_each_default_at_most_once():
         assert text.lower().count("default") <= 1, text
         assert "(default: None)" not in text and "(default: False)" not in text, text
     assert "(default: 128)" in entries["--batch_size"]
-    assert "(default: dos_orientation)" in entries["--detector_score"]
+    assert "(default: combined)" in entries["--detector_score"]
     assert "(default: 0.7)" in entries["--temperature"]
     assert "(default: fashionmnist)" in entries["--out_dataset"]
     assert "default outputs/Glow_<dataset>" in entries["--output_dir"]

@@ -232,14 +232,15 @@ class DetectorConfig(_Section):
 
     fit_images: training images it fits on (a seeded subset); 0 = all.
     tpr: share of held-back inlier images the decision threshold keeps.
-    detector_score: the score it decides with (dos_orientation; "dos" without the orientation score).
+    detector_score: the score it decides with (combined: dos_orientation plus, when the fit images have
+    class labels, the label classifier's score; without labels and transforms it is dos).
     orientation_transforms: the transforms of IMAGE_TRANSFORMS the orientation score compares each
     image with, one more pass of the model each; empty: no orientation score, and "dos" decides.
     """
 
     fit_images: int = 10_000
     tpr: float = 0.95
-    detector_score: str = "dos_orientation"
+    detector_score: str = "combined"
     orientation_transforms: Tuple[str, ...] = ("vflip", "rot90")
 
     INT_RANGES = {"fit_images": (0, None)}

@@ -16,7 +16,7 @@ from glowflow.errors import GlowflowError
 from glowflow.files import check_writable_folder
 from glowflow.ood.cache import detector_cache_path_for, detector_for
 from glowflow.ood.codecs import codec_description
-from glowflow.ood.detector import DEFAULT_SCORE, FIT_IMAGES, OutlierDetector
+from glowflow.ood.detector import FIT_IMAGES, OutlierDetector
 from glowflow.ood.metrics import outlier_metrics
 from glowflow.ood.report import (
     build_report,
@@ -121,7 +121,8 @@ def run_outlier_detection(
         settings.reference_cache_path,
         threshold_images=threshold_loader,
     )
-    scorer = _Scorer(model, background_model, detector, settings.statistics)
+    statistics = replace(settings.statistics, features=detector.settings.features)  # the classifier's, if any
+    scorer = _Scorer(model, background_model, detector, statistics)
     in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
     reference = reference_summary(detector.reference_, settings.reference_cache_path, reused)
     reference.update(n_threshold=detector.n_threshold_, tpr=detector.tpr)
@@ -251,10 +252,7 @@ def command_settings(run: RunConfig, in_name: str, n_bits: int, device, output_d
             transforms=tuple(run.orientation_transforms),
         ),
         fit_images=run.fit_images or None,
-        # without transforms there is no orientation score: the default decides with dos
-        detector_score=run.detector_score
-        if run.orientation_transforms or run.detector_score != DEFAULT_SCORE
-        else "dos",
+        detector_score=run.detector_score,
         tpr=run.tpr,
         batch_size=run.eval_batch_size,
     )

@@ -21,11 +21,10 @@ An image whose score is not finite (NaN) is an outlier.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 from dataclasses import replace
+from functools import partial
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,13 +35,15 @@ from glowflow.data import make_loader
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.model import Glow
-from glowflow.ood.cache_path import detector_cache_path_for
+from glowflow.ood.cache_path import pretrained_detector_path
+from glowflow.ood.classifier import classifier_features, images_features, labels_for_classifier, train_classifier
 from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
 from glowflow.ood.detector_images import Images, as_indexable, as_loader, with_labels
+from glowflow.ood.metrics import check_tpr, threshold_at_tpr
 from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, reference_arrays
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
-from glowflow.pretrained import PretrainedFolder, find_folder, resolve
+from glowflow.pretrained import find_folder
 
 FIT_IMAGES = DetectorConfig.fit_images
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
@@ -74,25 +75,6 @@ REFIT_PARAMETERS = frozenset({"model", "fit_images", "threshold_fraction", "seed
 """Parameters whose change makes a fitted detector unfitted (:meth:`OutlierDetector.set_params`)."""
 
 
-def threshold_at_tpr(scores: np.ndarray, tpr: float) -> float:
-    """The threshold ``t`` that keeps (``score <= t``) the ``ceil(tpr * n)`` lowest of ``n``
-    inlier ``scores`` (higher = more outlying): ``t`` is the ``ceil(tpr * n)``-th smallest, so at
-    least ``tpr`` of these images are kept (more only where scores tie at ``t``). A NaN score
-    counts as the most outlying."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if s.size == 0:
-        raise GlowflowError("setting a threshold needs at least one held-back inlier image")
-    _check_tpr(tpr)
-    s = np.sort(np.where(np.isnan(s), np.inf, s))
-    k = min(s.size, max(1, math.ceil(round(tpr * s.size, 9))))
-    return float(s[k - 1])
-
-
-def _check_tpr(tpr: float) -> None:
-    if not (isinstance(tpr, (int, float)) and not isinstance(tpr, bool) and 0.0 < tpr <= 1.0):
-        raise GlowflowError(f"the true-positive rate must be in (0, 1], got {tpr!r}")
-
-
 class NotFittedError(GlowflowError, AttributeError):
     """A fitted attribute or method of an :class:`OutlierDetector` that is not fitted (yet, or
     any more after :meth:`OutlierDetector.set_params` changed how it fits): a one-line
@@ -110,10 +92,11 @@ class OutlierDetector:
 
     Parameters (:meth:`get_params`, :meth:`set_params`): ``model``: a trained
     :class:`glowflow.Glow`. ``score``: the decision score, any name of
-    :func:`glowflow.ood.outlier_scores` but ``likelihood_ratio`` (default ``"dos_orientation"``,
-    the density of states plus the model's preference for the image's orientation; ``"dos"``
-    without it). ``tpr``: the share of held-back inliers the threshold keeps. ``fit_images``: at
-    most this many fit images are used (a random subset, seeded with ``seed``; None: all).
+    :func:`glowflow.ood.outlier_scores` but ``likelihood_ratio`` (default ``"combined"``: the
+    density of states plus the model's preference for the image's orientation, plus, when the
+    fit images have class labels, the label classifier's score, :mod:`glowflow.ood.classifier`).
+    ``tpr``: the share of held-back inliers the threshold keeps. ``fit_images``: at most this many
+    fit images are used (a random subset, seeded with ``seed``; None: all).
     ``threshold_fraction``: the share of them held back for the threshold when ``fit`` has no
     ``threshold_images``. ``batch_size``, ``device`` (default: the model's), ``seed`` (the
     dequantisation noise and the subsets), ``codec`` (for ``complexity`` and ``dos``; None: no
@@ -169,7 +152,7 @@ class OutlierDetector:
     def _check_params(self) -> None:
         """Check every parameter, in one line each, and store it in its plain form (``score``
         None: the default score given the transforms)."""
-        _check_tpr(self.tpr)
+        check_tpr(self.tpr)
         fit_images = self.fit_images
         if fit_images is not None and (isinstance(fit_images, bool) or int(fit_images) < 1):
             raise GlowflowError(f"fit_images must be at least 1 (or None: all), got {fit_images!r}")
@@ -184,7 +167,7 @@ class OutlierDetector:
         self.seed = int(self.seed)
         self.transforms = check_transforms(self.transforms, self.model.config.image_shape)
         if self.score is None:
-            self.score = DEFAULT_SCORE if self.transforms else "dos"
+            self.score = DEFAULT_SCORE
         self.score = str(self.score)
         self._check_score_name(self.score)
 
@@ -230,17 +213,34 @@ class OutlierDetector:
         names += [f"level_{i + 1}_bpd" for i in range(levels)]
         names += ["hierarchy_ratio"] if levels >= 2 else []
         names += ["top_gaussian", "dos"]
-        return tuple(names + (["orientation", "dos_orientation"] if self.transforms else []))
+        names += ["orientation", "dos_orientation"] if self.transforms else []
+        reference = self.__dict__.get("reference_")
+        return tuple(names + (["classifier"] if reference is not None and reference.classifier else []) + ["combined"])
 
     def _check_score_name(self, name: str) -> None:
-        if name not in self.score_names():
+        if name not in self.score_names() and name != "classifier":
             raise GlowflowError(f"unknown detector score {name!r}; choose from {', '.join(self.score_names())}")
+        if self._fitted() and name not in self.threshold_scores_:
+            self._no_score(name)
+
+    def _no_score(self, name: str) -> None:
+        raise GlowflowError(
+            f"the detector has no {name!r} score: its fit images had no class labels to train "
+            f"the classifier on; choose another score ({', '.join(self.threshold_scores_)})"
+        )
 
     @property
     def settings(self) -> StatisticsSettings:
         """How the detector reads images (:func:`glowflow.ood.compute_statistics`'s settings)."""
+        reference = self.__dict__.get("reference_")
+        classifier = None if reference is None else reference.classifier
         return StatisticsSettings(
-            device=self.device, seed=self.seed, codec=self.codec, progress=self.progress, transforms=self.transforms
+            device=self.device,
+            seed=self.seed,
+            codec=self.codec,
+            progress=self.progress,
+            transforms=self.transforms,
+            features=None if classifier is None else partial(classifier_features, classifier.net),
         )
 
     # ------------------------------------------------------------------ fitted state
@@ -261,6 +261,8 @@ class OutlierDetector:
 
     def _adopt(self, reference: Reference, threshold_scores: Mapping[str, np.ndarray]) -> OutlierDetector:
         """Make ``reference`` and the held-back ``threshold_scores`` (every score) the fit."""
+        if reference.classifier is not None:
+            reference.classifier.net.to(self._device())
         self.reference_ = reference
         self.threshold_scores_ = dict(threshold_scores)
         self._set_threshold()
@@ -268,6 +270,8 @@ class OutlierDetector:
 
     def _set_threshold(self) -> None:
         """Every fitted attribute that depends on ``score`` and ``tpr``, computed once."""
+        if self.score not in self.threshold_scores_:
+            self._no_score(self.score)
         self.thresholds_ = {name: threshold_at_tpr(s, self.tpr) for name, s in self.threshold_scores_.items()}
         self.threshold_ = self.thresholds_[self.score]
         self.offset_ = -self.threshold_
@@ -284,9 +288,13 @@ class OutlierDetector:
 
     # ------------------------------------------------------------------ reading images
 
-    def statistics(self, images: Images, desc: str = "images", max_images: Optional[int] = None):
-        """:func:`glowflow.ood.compute_statistics` of ``images`` with the detector's settings."""
-        settings = self.settings if max_images is None else replace(self.settings, max_images=max_images)
+    def statistics(
+        self, images: Images, desc: str = "images", max_images: Optional[int] = None, keep_images: bool = False
+    ):
+        """:func:`glowflow.ood.compute_statistics` of ``images`` with the detector's settings (with
+        the label classifier's features once it has one; with the images themselves when
+        ``keep_images``, as fitting needs them)."""
+        settings = replace(self.settings, max_images=max_images, keep_images=keep_images)
         return settings.compute(self.model, as_loader(images, self.batch_size), desc)
 
     # ------------------------------------------------------------------ fitting
@@ -346,24 +354,45 @@ class OutlierDetector:
             keep = np.random.default_rng(self.seed).choice(len(dataset), limit, replace=False)
             batch = images.batch_size if isinstance(images, DataLoader) and images.batch_size else self.batch_size
             subset = Subset(dataset, np.sort(keep).tolist())
-            return self.settings.compute(self.model, make_loader(subset, batch, shuffle=False), desc)
-        return self.statistics(images, desc, max_images=limit)
+            settings = replace(self.settings, keep_images=True)
+            return settings.compute(self.model, make_loader(subset, batch, shuffle=False), desc)
+        return self.statistics(images, desc, max_images=limit, keep_images=True)
 
     def fit_statistics(
         self, train_stats: Mapping[str, np.ndarray], threshold_stats: Mapping[str, np.ndarray]
     ) -> OutlierDetector:
         """Fit from already computed statistics (:func:`glowflow.ood.compute_statistics` with the
         detector's codec and transforms): the reference (:func:`fit_reference`, seeded with
-        ``seed``) on ``train_stats``, then every score of ``threshold_stats`` kept for the thresholds."""
+        ``seed``) on ``train_stats``, then every score of ``threshold_stats`` kept for the thresholds.
+        When both hold the ``images`` (``compute_statistics(..., keep_images=True)``) and every
+        training image a class label, a label classifier is trained on them first
+        (:mod:`glowflow.ood.classifier`: the ``classifier`` and ``combined`` scores)."""
         self._check_params()
         return self._fit_statistics(train_stats, threshold_stats, "")
 
     def _fit_statistics(self, train_stats, threshold_stats, key: str) -> OutlierDetector:
-        # dos_orientation is standardised on the held-back images, as the thresholds are set on them
+        classifier = None
+        labels = labels_for_classifier(train_stats.get("labels"))
+        if labels is not None and "images" in train_stats and "images" in threshold_stats:
+            classifier = train_classifier(train_stats["images"], labels, self.seed, self._device())
+            train_stats, threshold_stats = (
+                {**stats, "classifier_features": images_features(classifier.net, stats["images"])}
+                for stats in (train_stats, threshold_stats)
+            )
+        # the combinations are standardised on the held-back images, as the thresholds are set on them
         reference = fit_reference(
-            train_stats, key=key, seed=self.seed, transforms=self.transforms, calibration_stats=threshold_stats
+            train_stats,
+            key=key,
+            seed=self.seed,
+            transforms=self.transforms,
+            calibration_stats=threshold_stats,
+            classifier=classifier,
         )
         return self._adopt(reference, outlier_scores(threshold_stats, reference))
+
+    def _device(self):
+        """Where the detector computes: ``device``, else where the model's parameters are."""
+        return next(self.model.parameters()).device if self.device is None else self.device
 
     # ------------------------------------------------------------------ scoring
 
@@ -433,9 +462,10 @@ class OutlierDetector:
         orientation = stored.reference.orientation
         transforms = () if orientation is None else orientation.transforms
         detector = cls(model, device=device, progress=progress, transforms=transforms, **stored.settings)
-        if set(stored.names) != set(detector.score_names()):
+        expected = detector.score_names() + (("classifier",) if stored.reference.classifier is not None else ())
+        if set(stored.names) != set(expected):
             raise GlowflowError(
-                f"the outlier detector {path} has scores {list(stored.names)}, the model gives {detector.score_names()}"
+                f"the outlier detector {path} has scores {list(stored.names)}, the model gives {expected}"
             )
         held = {n: stored.held[:, i] for i, n in enumerate(stored.names)}
         broken = {
@@ -460,19 +490,7 @@ class OutlierDetector:
         ones (no refit). GlowflowError when the folder holds no fitted detector."""
         folder = find_folder(name)
         model = Glow.from_pretrained(folder, device)
-        dataset = PretrainedFolder.open(folder).dataset
-        n_bits = int(model.config.n_bits)
-        path = detector_cache_path_for(folder, dataset, n_bits) if dataset else None
-        if path is None or not os.path.isfile(path):
-            found = sorted(glob.glob(os.path.join(glob.escape(resolve(folder)), f"ood_detector_*_{n_bits}bit.npz")))
-            if len(found) != 1:
-                raise GlowflowError(
-                    f"{name} holds {'no' if not found else 'more than one'} fitted outlier detector "
-                    f"(ood_detector_<dataset>_{n_bits}bit.npz): run glowflow --score IMAGES --checkpoint {name} "
-                    f"once to fit and cache it there, or fit one with OutlierDetector(model).fit(images)"
-                )
-            path = found[0]
-        detector = cls.load(path, model, device=device)
+        detector = cls.load(pretrained_detector_path(folder, name, int(model.config.n_bits)), model, device=device)
         changes = dict(score=score, tpr=tpr)
         return detector.set_params(**{k: v for k, v in changes.items() if v is not None})
 

@@ -1,5 +1,6 @@
 """Metrics of an outlier score (higher = more outlying, outliers the positives): AUROC,
-AUPR-in, AUPR-out and the false-positive rate at 95% true-positive rate."""
+AUPR-in, AUPR-out and the false-positive rate at 95% true-positive rate; and the threshold that
+keeps a chosen share of inliers (the detector's decision rule)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,22 @@ def outlier_metrics(scores_in: Sequence[float], scores_out: Sequence[float]) -> 
         "aupr_out": float(average_precision_score(is_out, scores)),
         "fpr95": fpr_at_tpr(s_in, s_out, 0.95),
     }
+
+
+def threshold_at_tpr(scores: np.ndarray, tpr: float) -> float:
+    """The threshold ``t`` that keeps (``score <= t``) the ``ceil(tpr * n)`` lowest of ``n``
+    inlier ``scores`` (higher = more outlying): ``t`` is the ``ceil(tpr * n)``-th smallest, so at
+    least ``tpr`` of these images are kept (more only where scores tie at ``t``). A NaN score
+    counts as the most outlying."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise GlowflowError("setting a threshold needs at least one held-back inlier image")
+    check_tpr(tpr)
+    s = np.sort(np.where(np.isnan(s), np.inf, s))
+    k = min(s.size, max(1, math.ceil(round(tpr * s.size, 9))))
+    return float(s[k - 1])
+
+
+def check_tpr(tpr: float) -> None:
+    if not (isinstance(tpr, (int, float)) and not isinstance(tpr, bool) and 0.0 < tpr <= 1.0):
+        raise GlowflowError(f"the true-positive rate must be in (0, 1], got {tpr!r}")

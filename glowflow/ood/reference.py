@@ -1,5 +1,6 @@
 """The training-set reference of the scores: the typicality mean, the class-conditional Gaussians
-of the top latent, the density-of-states mixture fitted on the training images' statistics, its
+of the top latent, the density-of-states mixture fitted on the training images' statistics, the
+label classifier's class Gaussians (when the images have labels), its
 plain-array .npz form (no pickle) and the cache key (the cache itself is the saved detector,
 :mod:`glowflow.ood.detector`)."""
 
@@ -21,10 +22,28 @@ from glowflow.data.npzfile import open_npz
 from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.ood import checks
-from glowflow.ood.orientation import Orientation, fit_orientation, orientation_arrays, orientation_from_arrays
-from glowflow.ood.statistics import NO_LABEL, TRANSFORMS, statistic_columns
+from glowflow.ood.class_gaussians import (  # noqa: F401  (re-exported: the reference's parts)
+    CLASSIFIER_SHRINKAGE,
+    LATENT_SHRINKAGE,
+    MIN_CLASS_IMAGES,
+    LatentGaussians,
+    fit_latent_gaussians,
+    latent_arrays,
+    latent_from_arrays,
+    top_gaussian_nll,
+)
+from glowflow.ood.classifier import Classifier, calibrated, classifier_arrays, classifier_from_arrays
+from glowflow.ood.orientation import (
+    Orientation,
+    combined_score,
+    fit_orientation,
+    orientation_arrays,
+    orientation_from_arrays,
+    orientation_score,
+)
+from glowflow.ood.statistics import TRANSFORMS, statistic_columns
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v7"
+REFERENCE_FORMAT = "glowflow-ood-reference-v8"
 
 DOS_STATISTICS = ("level_bpd", "codec_bpd", "top_gaussian")
 """The statistics the density of states uses by default (groups of :func:`statistic_columns`,
@@ -32,11 +51,6 @@ and ``top_gaussian``)."""
 STATISTIC_GROUPS = ("level_bpd", "logdet", "latent_rms", "codec_bpd", "bpd", "top_gaussian")
 """Every group of :func:`statistic_columns` and ``top_gaussian`` (:func:`top_gaussian_nll`), in
 the order :func:`dos_features` takes them."""
-LATENT_SHRINKAGE = 0.1
-"""Each class covariance of the top latent is ``S + LATENT_SHRINKAGE * mean(diag S) * I``
-(S the sample covariance): invertible with fewer images than features, and less overfitted."""
-MIN_CLASS_IMAGES = 2
-"""Classes with fewer fit images than this get no Gaussian of their own."""
 DOS_COMPONENTS = 4
 """Components of the density-of-states Gaussian mixture by default."""
 
@@ -92,6 +106,8 @@ class Reference:
     orientation: what the ``orientation`` and ``dos_orientation`` scores need
     (:class:`glowflow.ood.orientation.Orientation`), or None when the training statistics had no
     ``transform_bpd``.
+    classifier, classifier_gaussians: the label classifier (:mod:`glowflow.ood.classifier`) and the
+    class Gaussians of its features, fitted like ``latent``; None when the fit images had no labels.
     """
 
     key: str
@@ -107,81 +123,8 @@ class Reference:
     dos_precision_cholesky: np.ndarray
     latent: Optional[LatentGaussians] = None
     orientation: Optional[Orientation] = None
-
-
-@dataclass
-class LatentGaussians:
-    """One Gaussian per class of the top latent's features (F = features, c = classes; one
-    class, label :data:`NO_LABEL`, when the fit images had no labels): ``classes`` (c,) int64,
-    ``means`` (c, F), ``precision_cholesky`` (c, F, F) float32 with ``precision = P P^T`` of the
-    shrunk covariance (:data:`LATENT_SHRINKAGE`)."""
-
-    classes: np.ndarray
-    means: np.ndarray
-    precision_cholesky: np.ndarray
-
-
-def fit_latent_gaussians(
-    top_latent: np.ndarray, labels: Optional[np.ndarray], shrinkage: float = LATENT_SHRINKAGE
-) -> LatentGaussians:
-    """Class-conditional Gaussians of the (N, F) top-latent features (Lee et al., 2018, with a
-    covariance per class rather than one shared, as in quadratic discriminant analysis).
-
-    ``labels`` (N,): each image's class, :data:`NO_LABEL` where unknown. Every class with at least
-    :data:`MIN_CLASS_IMAGES` images gets a mean and the covariance ``S + shrinkage * mean(diag S)
-    * I``; with no labels (any image unlabelled, or fewer than two such classes) one Gaussian is
-    fitted on all images. Stored in float32 (what is saved is what scores).
-    """
-    features = np.asarray(top_latent, dtype=np.float64)
-    labels = np.full(len(features), NO_LABEL) if labels is None else np.asarray(labels).reshape(-1)
-    classes, counts = np.unique(labels, return_counts=True)
-    kept = classes[counts >= MIN_CLASS_IMAGES]
-    if (labels == NO_LABEL).any() or kept.size < 2:
-        kept, labels = np.array([NO_LABEL]), np.full(len(features), NO_LABEL)
-    means, choleskies = [], []
-    for label in kept:
-        members = features[labels == label]
-        mean = members.mean(0)
-        centred = members - mean
-        covariance = centred.T @ centred / len(members)
-        covariance += shrinkage * max(float(np.mean(np.diag(covariance))), 1e-12) * np.eye(features.shape[1])
-        means.append(mean)
-        choleskies.append(_precision_cholesky(covariance))
-    return LatentGaussians(
-        classes=kept.astype(np.int64),
-        means=np.stack(means).astype(np.float32),
-        precision_cholesky=np.stack(choleskies).astype(np.float32),
-    )
-
-
-def _precision_cholesky(covariance: np.ndarray) -> np.ndarray:
-    """Upper-triangular P with ``P P^T`` = the inverse of the (F, F) ``covariance`` (as
-    scikit-learn's ``precisions_cholesky_``)."""
-    from scipy.linalg import solve_triangular
-
-    lower = np.linalg.cholesky(covariance)
-    return solve_triangular(lower, np.eye(len(covariance)), lower=True).T
-
-
-def top_gaussian_nll(latent: LatentGaussians, top_latent: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """(N,) ``-max_c log N(f; mean_c, cov_c) / F`` of the (N, F) top-latent features: the negative
-    log-density, in nats per feature, under the nearest class Gaussian (higher = more
-    outlying)."""
-    features = np.asarray(top_latent, dtype=np.float64)
-    if features.ndim != 2 or features.shape[1] != latent.means.shape[1]:
-        raise GlowflowError(
-            f"the top-latent features have shape {features.shape[1:]}, the reference's Gaussians "
-            f"{latent.means.shape[1]} (a model with another architecture?)"
-        )
-    f = features.shape[1]
-    best = np.full(len(features), -np.inf)
-    for mean, chol in zip(latent.means.astype(np.float64), latent.precision_cholesky.astype(np.float64)):
-        log_norm = np.log(np.diagonal(chol)).sum() - 0.5 * f * math.log(2 * math.pi)
-        for start in range(0, len(features), batch):
-            y = (features[start : start + batch] - mean) @ chol
-            density = log_norm - 0.5 * np.einsum("nf,nf->n", y, y)
-            best[start : start + batch] = np.maximum(best[start : start + batch], density)
-    return -best / f
+    classifier: Optional[Classifier] = None
+    classifier_gaussians: Optional[LatentGaussians] = None
 
 
 def fit_reference(
@@ -194,6 +137,7 @@ def fit_reference(
     latent: Optional[LatentGaussians] = None,
     transforms: Sequence[str] = (),
     calibration_stats: Optional[Mapping[str, np.ndarray]] = None,
+    classifier: Optional[Classifier] = None,
 ) -> Reference:
     """Fit the training-set reference from :func:`compute_statistics` of the training images.
 
@@ -220,6 +164,10 @@ def fit_reference(
     computed with), :func:`glowflow.ood.orientation.fit_orientation` on the same images, its
     combination with the density of states standardised on ``calibration_stats`` (statistics of
     held-back inliers, such as the detector's threshold images; None: the training images).
+
+    Classifier: with ``classifier`` (trained on these images' labels), the class Gaussians of the
+    statistics' ``classifier_features`` (:func:`fit_latent_gaussians`), and the ``combined``
+    score's standardisation on ``calibration_stats`` (:func:`glowflow.ood.classifier.calibrated`).
     """
     bpd = np.asarray(train_stats["bpd"], dtype=np.float64)
     if latent is None and "top_latent" in train_stats:
@@ -252,7 +200,32 @@ def fit_reference(
         calibration = train_stats if calibration_stats is None else calibration_stats
         calibration_dos = -dos_log_density(reference, calibration)
         reference.orientation = fit_orientation(train_stats, transforms, calibration, calibration_dos)
+    if classifier is not None:
+        _fit_classifier_part(
+            reference, classifier, train_stats, train_stats if calibration_stats is None else calibration_stats
+        )
     return reference
+
+
+def _fit_classifier_part(
+    reference: Reference,
+    classifier: Classifier,
+    train_stats: Mapping[str, np.ndarray],
+    calibration: Mapping[str, np.ndarray],
+) -> None:
+    """The classifier's class Gaussians on ``train_stats`` and its standardisation against the
+    label-free score (``dos_orientation``, else ``dos``) on ``calibration``, set on ``reference``."""
+    if "classifier_features" not in train_stats or "classifier_features" not in calibration:
+        raise GlowflowError("fitting the classifier score needs the statistics' classifier_features")
+    features = np.asarray(train_stats["classifier_features"])
+    labels = np.asarray(train_stats["labels"])
+    rows = np.isfinite(features).all(1)
+    reference.classifier_gaussians = fit_latent_gaussians(features[rows], labels[rows], CLASSIFIER_SHRINKAGE, tied=True)
+    base = -dos_log_density(reference, calibration)
+    if reference.orientation is not None:
+        base = combined_score(reference.orientation, base, orientation_score(reference.orientation, calibration))
+    score = top_gaussian_nll(reference.classifier_gaussians, calibration["classifier_features"])
+    reference.classifier = calibrated(classifier, base, score)
 
 
 def _finite_rows(matrix: np.ndarray, bpd: np.ndarray) -> np.ndarray:
@@ -342,32 +315,11 @@ def reference_arrays(reference: Reference) -> Dict[str, np.ndarray]:
         dos_log_weights=reference.dos_log_weights,
         dos_means=reference.dos_means,
         dos_precision_cholesky=reference.dos_precision_cholesky,
-        **_latent_arrays(reference.latent),
+        **latent_arrays(reference.latent),
         **({} if reference.orientation is None else orientation_arrays(reference.orientation)),
+        **classifier_arrays(reference.classifier),
+        **latent_arrays(reference.classifier_gaussians, "classifier_gaussian"),
     )
-
-
-def _latent_arrays(latent: Optional[LatentGaussians]) -> Dict[str, np.ndarray]:
-    """The class Gaussians as arrays (none when there are none)."""
-    if latent is None:
-        return {}
-    return dict(
-        latent_classes=latent.classes,
-        latent_means=latent.means,
-        latent_precision_cholesky=latent.precision_cholesky,
-    )
-
-
-def _latent_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Optional[LatentGaussians]:
-    """The class Gaussians stored by :func:`_latent_arrays` (None when absent), every array
-    checked (:mod:`glowflow.ood.checks`)."""
-    if "latent_means" not in data:
-        return None
-    means = checks.array(data, "latent_means", path, (None, None), np.float32)
-    c, f = means.shape
-    classes = checks.array(data, "latent_classes", path, (c,), np.int64)
-    chol = checks.cholesky(data, "latent_precision_cholesky", path, (c, f, f), np.float32)
-    return LatentGaussians(classes=classes, means=means, precision_cholesky=chol)
 
 
 _STATISTIC_NAME = re.compile(r"(level_\d+_bpd|latent_rms_\d+|logdet|bpd|codec_bpd|top_gaussian)")
@@ -395,9 +347,15 @@ def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Referenc
     for key, value in counts.items():
         if value < 1:
             raise checks.bad(path, f"{key} must be at least 1, got {value}")
-    latent = _latent_from_arrays(data, path)
+    latent = latent_from_arrays(data, path)
     if "top_gaussian" in features and latent is None:
         raise checks.bad(path, "dos_features uses top_gaussian, but the file has no top-latent Gaussians")
+    classifier = classifier_from_arrays(data, path)
+    classifier_gaussians = latent_from_arrays(data, path, "classifier_gaussian")
+    if (classifier is None) != (classifier_gaussians is None):
+        raise checks.bad(path, "it holds a label classifier without its class Gaussians, or the other way round")
+    if classifier is not None and classifier_gaussians.means.shape[1] != classifier.net.hidden.out_features:
+        raise checks.bad(path, "the classifier's class Gaussians do not match its features")
     return Reference(
         key=checks.text(data, "key", path),
         num_levels=counts["num_levels"],
@@ -412,6 +370,8 @@ def reference_from_arrays(data: Mapping[str, np.ndarray], path: str) -> Referenc
         dos_precision_cholesky=checks.cholesky(data, "dos_precision_cholesky", path, (k, d, d)),
         latent=latent,
         orientation=orientation_from_arrays(data, path, tuple(TRANSFORMS)),
+        classifier=classifier,
+        classifier_gaussians=classifier_gaussians,
     )
 
 

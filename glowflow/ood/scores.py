@@ -11,6 +11,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from glowflow.errors import GlowflowError
+from glowflow.ood.classifier import combined_score as classifier_combined
 from glowflow.ood.orientation import combined_score, orientation_score
 from glowflow.ood.reference import Reference, dos_log_density, top_gaussian_nll
 
@@ -23,7 +24,9 @@ SCORE_DEFINITIONS: Dict[str, str] = {
     "top_gaussian": "-log density of the top latent under its nearest training class Gaussian (Lee et al., 2018)",
     "dos": "-log density of the image's statistics under their training density (Morningstar et al., 2021)",
     "orientation": "how much likelier the image is turned over or on its side than as it is, against training images",
-    "dos_orientation": "dos plus orientation, each standardised on held-back inliers (the default)",
+    "dos_orientation": "dos plus orientation, each standardised on held-back inliers",
+    "classifier": "-log density of a label classifier's features under the nearest class (Lee et al., 2018)",
+    "combined": "dos_orientation plus half the classifier score, standardised (the default; needs labels)",
     "likelihood_ratio": "bits/dim minus a background model's bits/dim (Ren et al., 2019)",
 }
 
@@ -51,6 +54,12 @@ def outlier_scores(
       ``stats`` has ``transform_bpd``): :func:`glowflow.ood.orientation.orientation_score` and
       :func:`glowflow.ood.orientation.combined_score` (the model's preference for the image as
       it is over its transforms, alone and added to ``dos``).
+    * ``classifier`` (when the reference has a label classifier, :mod:`glowflow.ood.classifier`;
+      ``stats`` must then have its ``classifier_features``): :func:`top_gaussian_nll` of the features
+      under the classifier's class Gaussians.
+    * ``combined``: :func:`glowflow.ood.classifier.combined_score`: ``dos_orientation`` (``dos``
+      without the orientation part) plus ``classifier``, each standardised; without a classifier,
+      ``dos_orientation`` (or ``dos``) itself.
     * ``likelihood_ratio`` (when ``background_stats`` is given): ``bpd - background bpd``
       = ``-(log p_model(x) - log p_background(x)) / (D ln 2)`` (Ren et al., 2019); both models
       must see the same n_bits and image size, so the discretisation constants cancel.
@@ -73,6 +82,15 @@ def outlier_scores(
     if reference.orientation is not None:
         scores["orientation"] = orientation_score(reference.orientation, stats)
         scores["dos_orientation"] = combined_score(reference.orientation, scores["dos"], scores["orientation"])
+    base = scores.get("dos_orientation", scores["dos"])
+    if reference.classifier is not None:
+        if "classifier_features" not in stats:
+            raise GlowflowError(
+                "the outlier reference has a label classifier: compute the statistics with its features "
+                "(OutlierDetector.statistics, or StatisticsSettings(features=...))"
+            )
+        scores["classifier"] = top_gaussian_nll(reference.classifier_gaussians, stats["classifier_features"])
+    scores["combined"] = classifier_combined(reference.classifier, base, scores.get("classifier"))
     if background_stats is not None:
         bg = np.asarray(background_stats["bpd"], dtype=np.float64)
         if bg.shape != bpd.shape:

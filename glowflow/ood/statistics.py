@@ -6,7 +6,7 @@ computed from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ def compute_statistics(
     desc: str = "statistics",
     progress: bool = True,
     transforms: Sequence[str] = (),
+    features: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
+    keep_images: bool = False,
 ) -> Dict[str, np.ndarray]:
     """One pass over ``loader`` computing every per-image statistic the scores need.
 
@@ -99,6 +101,10 @@ def compute_statistics(
             if transforms:
                 batch["transform_bpd"] = _transform_bits_per_dim(model, x, n_bits, transforms)
             batch["labels"] = labels
+            if features is not None:
+                batch["classifier_features"] = features(images.to(device))
+            if keep_images:
+                batch["images"] = (images * 255.0).round().to(torch.uint8).cpu().numpy()
             if codec is not None:
                 batch["codec_bpd"] = codec_bits_per_dim(images, n_bits, codec)
             batches.append(batch)
@@ -285,7 +291,8 @@ class StatisticsSettings:
     """How :func:`compute_statistics` reads every loader of one outlier-detection run: the
     device, the dequantisation noise seed, the cap on images per loader, the codec (None: no
     ``codec_bpd``), whether to show a progress bar, and the transforms whose bits/dim the
-    ``orientation`` score compares (empty: none, and no ``orientation`` score)."""
+    ``orientation`` score compares (empty: none, and no ``orientation`` score), the label
+    classifier's ``features`` (None: no ``classifier_features``) and whether to keep the images."""
 
     device: Optional[Union[str, torch.device]] = None
     seed: int = 0
@@ -293,6 +300,8 @@ class StatisticsSettings:
     codec: Optional[str] = "png"
     progress: bool = True
     transforms: Tuple[str, ...] = ORIENTATION_TRANSFORMS
+    features: Optional[Callable[[torch.Tensor], np.ndarray]] = None
+    keep_images: bool = False
 
     def compute(self, model, loader: Iterable, desc: str) -> Dict[str, np.ndarray]:
         """:func:`compute_statistics` of ``model`` over ``loader`` with these settings, at the
@@ -307,4 +316,6 @@ class StatisticsSettings:
             desc=desc,
             progress=self.progress,
             transforms=self.transforms,
+            features=self.features,
+            keep_images=self.keep_images,
         )

@@ -59,7 +59,7 @@ def test_fit_score_predict_and_their_signs(trained):
     assert detector.fit(data["train"]) is detector
     # a fifth held back for the threshold, the rest for the reference
     assert detector.n_threshold_ == 205 and detector.reference_.n_train == 819
-    assert set(detector.thresholds_) == set(detector.score_names()) and detector.score == "dos_orientation"
+    assert set(detector.thresholds_) == set(detector.score_names()) and detector.score == "combined"
     # unlabelled images: one Gaussian of the top latent, part of the density of states
     assert detector.reference_.latent.classes.tolist() == [-1]
     assert detector.reference_.dos_features[-1] == "top_gaussian"
@@ -129,7 +129,7 @@ def test_the_detector_is_an_estimator(trained):
     model, data = trained
     detector = glowflow.OutlierDetector(model, fit_images=300)
     params = detector.get_params()
-    assert list(params) == list(ood.detector.PARAMETERS) and params["score"] == "dos_orientation"
+    assert list(params) == list(ood.detector.PARAMETERS) and params["score"] == "combined"
     assert glowflow.OutlierDetector(**params).get_params() == params
     with pytest.raises(GlowflowError, match="not fitted") as caught:
         _ = detector.threshold_
@@ -139,7 +139,7 @@ def test_the_detector_is_an_estimator(trained):
     assert detector.reference_.latent.classes.tolist() == [0, 1]
     assert predicted.shape == (len(data["train"]),) and set(np.unique(predicted)) <= {-1, 1}
     assert detector.n_threshold_ == 60 and detector.decision_scores_.shape == (60,)
-    np.testing.assert_array_equal(detector.decision_scores_, detector.threshold_scores_["dos_orientation"])
+    np.testing.assert_array_equal(detector.decision_scores_, detector.threshold_scores_["combined"])
     np.testing.assert_array_equal(detector.labels_, (detector.decision_scores_ > detector.threshold_).astype(int))
     reference = detector.reference_
     assert detector.set_params(score="nll", tpr=0.5) is detector and detector.reference_ is reference
@@ -263,6 +263,8 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
         "dos",
         "orientation",
         "dos_orientation",
+        "classifier",
+        "combined",
         "outlier",
         "decision",
         "unreadable",
@@ -270,7 +272,7 @@ def test_score_an_npz_and_a_folder(checkpoint, tmp_path, capsys):
     flagged = sum(int(r["outlier"]) for r in rows)
     assert flagged >= 36  # noise against smooth gradients
     assert all((float(r["decision"]) < 0) == (r["outlier"] == "1") for r in rows)
-    assert f"scored 40 images of {noise} with dos_orientation: {flagged} flagged" in printed
+    assert f"scored 40 images of {noise} with combined: {flagged} flagged" in printed
     with Image.open(out / "scores_noise_sheet.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
 

@@ -279,8 +279,10 @@ def test_scores_definitions_on_given_statistics():
         "level_3_bpd",
         "hierarchy_ratio",
         "dos",
+        "combined",
         "likelihood_ratio",
     ]
+    np.testing.assert_array_equal(s["combined"], s["dos"])  # no orientation part, no classifier
     np.testing.assert_array_equal(s["nll"], [3.0, 5.0])
     np.testing.assert_array_equal(s["complexity"], [-1.0, 0.5])
     np.testing.assert_allclose(s["typicality"], typical, rtol=1e-12)
@@ -304,7 +306,13 @@ def test_scores_definitions_on_given_statistics():
     # one level: no hierarchy ratio; no codec or background: no complexity or likelihood ratio
     one = {k: (v[:, :1] if v.ndim == 2 else v) for k, v in stats.items() if k != "codec_bpd"}
     one_train = {k: (v[:, :1] if np.ndim(v) == 2 else v) for k, v in train.items()}
-    assert list(ood.outlier_scores(one, ood.fit_reference(one_train))) == ["nll", "typicality", "level_1_bpd", "dos"]
+    assert list(ood.outlier_scores(one, ood.fit_reference(one_train))) == [
+        "nll",
+        "typicality",
+        "level_1_bpd",
+        "dos",
+        "combined",
+    ]
     with pytest.raises(GlowflowError, match="levels"):
         ood.outlier_scores(one, ref)
     # a reference fitted with the codec's bits has them as its last statistic, and then needs them
@@ -449,6 +457,7 @@ def test_every_score_separates_noise_from_smooth_images_in_the_right_direction(t
         "hierarchy_ratio",
         "top_gaussian",
         "dos",
+        "combined",
         "likelihood_ratio",
     ]
     for name in names:
@@ -491,6 +500,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         "dos",
         "orientation",
         "dos_orientation",
+        "combined",
         "likelihood_ratio",
     }
     for out_name, stem in (("noise", "ood_smooth_vs_noise"), ("more/noise2", "ood_smooth_vs_noise2")):
@@ -512,7 +522,7 @@ def test_run_outlier_detection_writes_reports_figures_and_reuses_the_cache(train
         assert report["reference"]["n_train"] == 819 and report["reference"]["reused_cache"] is False
         assert report["reference"]["n_threshold"] == 205
         decisions = report["detector"]
-        assert decisions["score"] == "dos_orientation" and decisions["tpr_target"] == 0.95
+        assert decisions["score"] == "combined" and decisions["tpr_target"] == 0.95
         assert 0.85 < decisions["in_kept"] <= 1.0 and decisions["out_flagged"] > 0.9
         for kind in ("histograms", "roc"):
             png = os.path.join(out_dir, f"{stem}_{kind}.png")
@@ -769,9 +779,9 @@ def test_orientation_transforms_reach_the_detector_of_both_commands(trained):
     model = trained[0]
     assert tuple(TRANSFORMS) == IMAGE_TRANSFORMS
     default = command_settings(RunConfig(checkpoint="/runs/a.pt"), "smooth", 8, "cpu", "/tmp/out").detector(model)
-    assert default.settings.transforms == ORIENTATION_TRANSFORMS and default.score == "dos_orientation"
+    assert default.settings.transforms == ORIENTATION_TRANSFORMS and default.score == "combined"
     off = command_settings(RunConfig(checkpoint="/runs/a.pt", orientation_transforms=()), "smooth", 8, "cpu", "/o")
-    assert off.statistics.transforms == () and off.detector(model).score == "dos"
+    assert off.statistics.transforms == () and off.detector(model).score == "combined"
     assert "orientation" not in off.detector(model).score_names()
     turned = RunConfig(checkpoint="/runs/a.pt", orientation_transforms=("rot180",))
     assert command_settings(turned, "smooth", 8, "cpu", "/o").detector(model).settings.transforms == ("rot180",)

@@ -357,7 +357,7 @@ def test_fitting_on_nan_images_is_a_one_line_error(checkpoint):
 
 def test_the_shipped_detector_loads_in_one_call():
     detector = glowflow.OutlierDetector.from_pretrained("fashionmnist", tpr=0.9)
-    assert isinstance(detector.model, glowflow.Glow) and detector.tpr == 0.9 and detector.score == "dos_orientation"
+    assert isinstance(detector.model, glowflow.Glow) and detector.tpr == 0.9 and detector.score == "combined"
     shipped = detector_cache_path_for("pretrained:fashionmnist", "fashionmnist", 8)
     by_hand = glowflow.OutlierDetector.load(shipped, detector.model).set_params(tpr=0.9)
     assert by_hand.threshold_ == detector.threshold_ and np.isfinite(detector.threshold_)
