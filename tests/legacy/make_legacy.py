@@ -129,11 +129,12 @@ def ood_values(stats_train, stats_in, stats_out):
     fitted on ``stats_train``."""
     values = {}
     # The density of states of 0484b49 (its default statistics), and only its scores: the
-    # top-latent Gaussian statistic and score came later (pinned and left out here since then).
+    # top-latent Gaussian statistic and score came later (pinned and left out here since then), as
+    # did `combined` (here, with no orientation part and no classifier, `dos` itself).
     reference = ood.fit_reference(stats_train, components=2, statistics=("level_bpd", "codec_bpd"))
     for part, stats in (("in", stats_in), ("out", stats_out)):
         for key, v in ood.outlier_scores(stats, reference).items():
-            if key == "top_gaussian":
+            if key in ("top_gaussian", "combined"):
                 continue
             values[f"ood_{part}_{key}"] = np.asarray(v, dtype=np.float64).tolist()
         values[f"ood_{part}_codec_bpd"] = stats["codec_bpd"].tolist()
