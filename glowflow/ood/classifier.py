@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from glowflow.errors import GlowflowError
 from glowflow.ood import checks
+from glowflow.ood.orientation import pair_standardisation
 from glowflow.ood.statistics import NO_LABEL
 
 CLASSIFIER_EPOCHS = 4
@@ -127,6 +128,22 @@ def train_classifier(
     return Classifier(net, classes.astype(np.int64), np.zeros(2), np.ones(2))
 
 
+def classifier_for(train_stats: Mapping, threshold_stats: Mapping, seed: int = 0, device=None):
+    """``(classifier, train_stats, threshold_stats)``: a classifier trained on the training images'
+    labels, and both statistics with its ``classifier_features`` added, when both hold the
+    ``images`` and every training image is labelled (:func:`labels_for_classifier`); else
+    ``(None, train_stats, threshold_stats)`` unchanged."""
+    labels = labels_for_classifier(train_stats.get("labels"))
+    if labels is None or "images" not in train_stats or "images" not in threshold_stats:
+        return None, train_stats, threshold_stats
+    classifier = train_classifier(train_stats["images"], labels, seed, device)
+    train_stats, threshold_stats = (
+        {**stats, "classifier_features": images_features(classifier.net, stats["images"])}
+        for stats in (train_stats, threshold_stats)
+    )
+    return classifier, train_stats, threshold_stats
+
+
 @torch.inference_mode()
 def classifier_features(net: LabelClassifier, images: torch.Tensor) -> np.ndarray:
     """(N, :data:`CLASSIFIER_FEATURES`) float32 features of ``images`` (N, C, H, W) in [0, 1]
@@ -149,12 +166,8 @@ def calibrated(classifier: Classifier, base: np.ndarray, score: np.ndarray) -> C
     """``classifier`` with :func:`combined_score`'s standardisation fitted on held-back inliers
     whose label-free scores are ``base`` and ``classifier`` scores ``score`` (non-finite ones left
     out; a constant score keeps std 1)."""
-    pair = np.column_stack([np.asarray(base, dtype=np.float64), np.asarray(score, dtype=np.float64)])
-    pair = pair[np.isfinite(pair).all(1)]
-    if len(pair) < 2:
-        raise GlowflowError("standardising the combined score needs at least 2 images with finite scores")
-    std = pair.std(0)
-    return replace(classifier, combined_mean=pair.mean(0), combined_std=np.where(std > 1e-12, std, 1.0))
+    mean, std = pair_standardisation(base, score, "combined")
+    return replace(classifier, combined_mean=mean, combined_std=std)
 
 
 def combined_score(classifier: Optional[Classifier], base: np.ndarray, score: Optional[np.ndarray]) -> np.ndarray:

@@ -36,7 +36,7 @@ from glowflow.errors import GlowflowError
 from glowflow.files import atomic_write
 from glowflow.model import Glow
 from glowflow.ood.cache_path import pretrained_detector_path
-from glowflow.ood.classifier import classifier_features, images_features, labels_for_classifier, train_classifier
+from glowflow.ood.classifier import classifier_features, classifier_for
 from glowflow.ood.detector_file import DETECTOR_FORMAT, read_detector_file
 from glowflow.ood.detector_images import Images, as_indexable, as_loader, with_labels
 from glowflow.ood.metrics import check_tpr, threshold_at_tpr
@@ -232,8 +232,7 @@ class OutlierDetector:
     @property
     def settings(self) -> StatisticsSettings:
         """How the detector reads images (:func:`glowflow.ood.compute_statistics`'s settings)."""
-        reference = self.__dict__.get("reference_")
-        classifier = None if reference is None else reference.classifier
+        classifier = getattr(self.__dict__.get("reference_"), "classifier", None)
         return StatisticsSettings(
             device=self.device,
             seed=self.seed,
@@ -371,14 +370,8 @@ class OutlierDetector:
         return self._fit_statistics(train_stats, threshold_stats, "")
 
     def _fit_statistics(self, train_stats, threshold_stats, key: str) -> OutlierDetector:
-        classifier = None
-        labels = labels_for_classifier(train_stats.get("labels"))
-        if labels is not None and "images" in train_stats and "images" in threshold_stats:
-            classifier = train_classifier(train_stats["images"], labels, self.seed, self._device())
-            train_stats, threshold_stats = (
-                {**stats, "classifier_features": images_features(classifier.net, stats["images"])}
-                for stats in (train_stats, threshold_stats)
-            )
+        device = self._device()
+        classifier, train_stats, threshold_stats = classifier_for(train_stats, threshold_stats, self.seed, device)
         # the combinations are standardised on the held-back images, as the thresholds are set on them
         reference = fit_reference(
             train_stats,
@@ -491,8 +484,7 @@ class OutlierDetector:
         folder = find_folder(name)
         model = Glow.from_pretrained(folder, device)
         detector = cls.load(pretrained_detector_path(folder, name, int(model.config.n_bits)), model, device=device)
-        changes = dict(score=score, tpr=tpr)
-        return detector.set_params(**{k: v for k, v in changes.items() if v is not None})
+        return detector.set_params(**{k: v for k, v in dict(score=score, tpr=tpr).items() if v is not None})
 
 
 def _equal(a, b) -> bool:

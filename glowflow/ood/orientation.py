@@ -104,12 +104,19 @@ def orientation_score(orientation: Orientation, stats: Mapping[str, np.ndarray])
 def calibrated(orientation: Orientation, dos: np.ndarray, orient: np.ndarray) -> Orientation:
     """``orientation`` with the combination standardised on images whose ``dos`` and ``orient``
     scores are given (non-finite scores left out; a constant score keeps std 1)."""
-    pair = np.column_stack([np.asarray(dos, dtype=np.float64), np.asarray(orient, dtype=np.float64)])
+    mean, std = pair_standardisation(dos, orient, "dos_orientation")
+    return replace(orientation, combined_mean=mean, combined_std=std)
+
+
+def pair_standardisation(first: np.ndarray, second: np.ndarray, what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (2,) of two scores over the same images (rows where either is
+    not finite left out; a constant score keeps std 1), for a combination named ``what``."""
+    pair = np.column_stack([np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)])
     pair = pair[np.isfinite(pair).all(1)]
     if len(pair) < 2:
-        raise GlowflowError("standardising the dos_orientation score needs at least 2 images with finite scores")
+        raise GlowflowError(f"standardising the {what} score needs at least 2 images with finite scores")
     std = pair.std(0)
-    return replace(orientation, combined_mean=pair.mean(0), combined_std=np.where(std > 1e-12, std, 1.0))
+    return pair.mean(0), np.where(std > 1e-12, std, 1.0)
 
 
 def combined_score(orientation: Orientation, dos: np.ndarray, orient: np.ndarray) -> np.ndarray:

@@ -15,27 +15,12 @@ from glowflow import GlowflowError, ood
 from glowflow.ood.classifier import CLASSIFIER_WEIGHT, labels_for_classifier, train_classifier
 from glowflow.ood.reference import fit_latent_gaussians, top_gaussian_nll
 from glowflow.ood.statistics import NO_LABEL
-from tests.ood.test_ood import noise_images, smooth_images, train_glow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.ood.test_ood import smooth_images
 
 
 def bright_labels(images):
     """A learnable class: 1 where the image is brighter than mid-grey on average."""
     return (images.mean((1, 2, 3)) > 0.5).long()
-
-
-@pytest.fixture(scope="module")
-def trained():
-    g = torch.Generator().manual_seed(0)
-    data = dict(train=smooth_images(1024, g), test=smooth_images(400, g), noise=noise_images(100, g))
-    return train_glow(data["train"]), data
 
 
 def test_labels_for_classifier_needs_two_labelled_classes():

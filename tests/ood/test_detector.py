@@ -21,22 +21,7 @@ from glowflow.cli import main
 from glowflow.ood.detector import threshold_at_tpr
 from glowflow.ood.reference import load_reference, save_reference
 from tests.helpers import randomised_model, write_noise_npz, write_smooth_npz
-from tests.ood.test_ood import noise_images, smooth_images, train_glow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    g = torch.Generator().manual_seed(0)
-    data = dict(train=smooth_images(1024, g), test=smooth_images(600, g), noise=noise_images(200, g))
-    return train_glow(data["train"]), data
+from tests.ood.test_ood import train_glow
 
 
 def test_threshold_at_tpr_by_hand():

@@ -25,16 +25,6 @@ from glowflow.ood.report import file_slugs, format_summary
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings
 from tests.helpers import randomised_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- metrics by hand
 
 

@@ -29,14 +29,6 @@ from glowflow.ood.cache import detector_cache_path_for
 from tests.helpers import write_noise_npz, write_smooth_npz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def no_blocking():
     """A FIFO opened for reading blocks until a writer comes: fail instead of hanging."""
