@@ -196,14 +196,12 @@ def fit_reference(
         dos_precision_cholesky=mixture.precisions_cholesky_,
         latent=latent,
     )
+    calibration = train_stats if calibration_stats is None else calibration_stats
     if transforms:
-        calibration = train_stats if calibration_stats is None else calibration_stats
         calibration_dos = -dos_log_density(reference, calibration)
         reference.orientation = fit_orientation(train_stats, transforms, calibration, calibration_dos)
     if classifier is not None:
-        _fit_classifier_part(
-            reference, classifier, train_stats, train_stats if calibration_stats is None else calibration_stats
-        )
+        _fit_classifier_part(reference, classifier, train_stats, calibration)
     return reference
 
 
@@ -213,8 +211,8 @@ def _fit_classifier_part(
     train_stats: Mapping[str, np.ndarray],
     calibration: Mapping[str, np.ndarray],
 ) -> None:
-    """The classifier's class Gaussians on ``train_stats`` and its standardisation against the
-    label-free score (``dos_orientation``, else ``dos``) on ``calibration``, set on ``reference``."""
+    """The classifier's class Gaussians on ``train_stats`` and its standardisation against the score
+    it is added to (``dos_orientation``, else ``dos``) on ``calibration``, set on ``reference``."""
     if "classifier_features" not in train_stats or "classifier_features" not in calibration:
         raise GlowflowError("fitting the classifier score needs the statistics' classifier_features")
     features = np.asarray(train_stats["classifier_features"])
