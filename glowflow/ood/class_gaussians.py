@@ -53,13 +53,13 @@ def fit_latent_gaussians(
     kept = classes[counts >= MIN_CLASS_IMAGES]
     if (labels == NO_LABEL).any() or kept.size < 2:
         kept, labels = np.array([NO_LABEL]), np.full(len(features), NO_LABEL)
-    means, covariances = [], []
+    means, covariances, counts = [], [], []
     for label in kept:
         members = features[labels == label]
         means.append(members.mean(0))
         centred = members - means[-1]
         covariances.append(centred.T @ centred)
-    counts = [int((labels == label).sum()) for label in kept]
+        counts.append(len(members))
     if tied:
         covariances = [sum(covariances) / sum(counts)] * len(kept)
     else:

@@ -25,9 +25,8 @@ from glowflow.ood.orientation import pair_standardisation
 from glowflow.ood.statistics import NO_LABEL
 
 CLASSIFIER_EPOCHS = 4
-"""Passes over the reference's fit images when training the classifier (about 5 s for 8000
-32x32 grey images on 2 CPU cores; docs/outlier_detection.md measures 1 to 3 passes over other
-amounts of images)."""
+"""Passes over the reference's fit images when training the classifier (17 s for 8000 32x32 grey
+images on 2 CPU cores; docs/outlier_detection.md, "Near outliers with labels", has the cost)."""
 CLASSIFIER_FEATURES = 128
 """Size of the penultimate features the class Gaussians are fitted on."""
 CLASSIFIER_BATCH = 128

@@ -197,11 +197,11 @@ def fit_reference(
         latent=latent,
     )
     calibration = train_stats if calibration_stats is None else calibration_stats
+    calibration_dos = -dos_log_density(reference, calibration) if transforms or classifier is not None else None
     if transforms:
-        calibration_dos = -dos_log_density(reference, calibration)
         reference.orientation = fit_orientation(train_stats, transforms, calibration, calibration_dos)
     if classifier is not None:
-        _fit_classifier_part(reference, classifier, train_stats, calibration)
+        _fit_classifier_part(reference, classifier, train_stats, calibration, calibration_dos)
     return reference
 
 
@@ -210,16 +210,18 @@ def _fit_classifier_part(
     classifier: Classifier,
     train_stats: Mapping[str, np.ndarray],
     calibration: Mapping[str, np.ndarray],
+    calibration_dos: np.ndarray,
 ) -> None:
     """The classifier's class Gaussians on ``train_stats`` and its standardisation against the score
-    it is added to (``dos_orientation``, else ``dos``) on ``calibration``, set on ``reference``."""
+    it is added to (``dos_orientation``, else ``dos``) on ``calibration`` (whose ``dos`` scores are
+    ``calibration_dos``), set on ``reference``."""
     if "classifier_features" not in train_stats or "classifier_features" not in calibration:
         raise GlowflowError("fitting the classifier score needs the statistics' classifier_features")
     features = np.asarray(train_stats["classifier_features"])
     labels = np.asarray(train_stats["labels"])
     rows = np.isfinite(features).all(1)
     reference.classifier_gaussians = fit_latent_gaussians(features[rows], labels[rows], CLASSIFIER_SHRINKAGE, tied=True)
-    base = -dos_log_density(reference, calibration)
+    base = calibration_dos
     if reference.orientation is not None:
         base = combined_score(reference.orientation, base, orientation_score(reference.orientation, calibration))
     score = top_gaussian_nll(reference.classifier_gaussians, calibration["classifier_features"])
