@@ -13,6 +13,7 @@ from glowflow.config import (
     FLOW_COUPLINGS,
     FLOW_PERMUTATIONS,
     IMAGE_TRANSFORMS,
+    OOD_PRECISIONS,
     PRESETS,
     PRIOR_FITS,
     GlowConfig,
@@ -377,4 +378,11 @@ def _add_outlier_flags(group) -> None:
         metavar="T",
         help=f"Transforms ({', '.join(IMAGE_TRANSFORMS)}) the orientation score compares each image with, one more "
         "model pass each; none given: no orientation score (combined builds on dos) and scoring is about 3x faster",
+    )
+    group.add_argument(
+        "--ood_precision",
+        choices=OOD_PRECISIONS,
+        default=_RUN.ood_precision,
+        help="The detector's model passes: float32, bf16 (autocast of the coupling networks), or auto: bf16 where "
+        "this CPU/GPU computes it natively (2.5-3x faster with AMX, the same AUROCs), else float32",
     )

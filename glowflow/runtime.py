@@ -8,7 +8,8 @@ torch.compile, and the switch to the plain (reference) computation.
 * :func:`compile_model` -- ``torch.compile`` with the checks it needs, for ``--compile``;
 * :func:`autocast_context` -- bf16 autocast for ``--amp bf16``: on the fast path the coupling
   networks run in bf16 while the flow's own activations, every log-determinant and every prior
-  stay float32.
+  stay float32;
+* :func:`resolve_precision` -- ``--ood_precision auto``: bf16 where the device computes it natively.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from glowflow.config import AMP_CHOICES
+from glowflow.config import AMP_CHOICES, OOD_PRECISIONS
 from glowflow.errors import GlowflowError
 
 
@@ -151,3 +152,27 @@ def autocast_context(device: Union[str, torch.device], amp: Optional[str] = "non
     elif device_type != "cpu":
         raise GlowflowError(f"--amp bf16 is supported on cuda and cpu, not {device_type}")
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def native_bf16(device: Union[str, torch.device]) -> bool:
+    """Whether ``device`` runs bf16 convolutions natively, where bf16 autocast is faster than
+    float32: a CUDA GPU with bf16 support, or a CPU on which oneDNN runs bf16 (AVX-512 BF16, AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the probe: float32
+        return False
+
+
+def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
+    """``--ood_precision`` on ``device``: 'float32' or 'bf16' as given, 'auto' -> 'bf16' where
+    :func:`native_bf16`, else 'float32'."""
+    if precision not in OOD_PRECISIONS:
+        raise GlowflowError(f"ood_precision must be one of {', '.join(OOD_PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "float32"
+    return precision

@@ -38,6 +38,7 @@ from glowflow.config.run import (
     AMP_CHOICES,
     EVAL_BATCH_SIZE,
     IMAGE_TRANSFORMS,
+    OOD_PRECISIONS,
     SEED_LIMIT,
     SEED_STRIDE,
     CommonConfig,
@@ -58,6 +59,7 @@ from glowflow.config.splits import (
 
 __all__ = [
     "AMP_CHOICES",
+    "OOD_PRECISIONS",
     "AUGMENT_SHIFT_FRACTION",
     "EVAL_BATCH_SIZE",
     "FLOW_COUPLINGS",

@@ -28,7 +28,7 @@ from glowflow.ood.report import (
 )
 from glowflow.ood.scores import ScoredSet, outlier_scores
 from glowflow.ood.statistics import StatisticsSettings
-from glowflow.runtime import resolve_device
+from glowflow.runtime import resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class OutlierDetectionSettings:
             codec=self.statistics.codec,
             progress=self.statistics.progress,
             transforms=self.statistics.transforms,
+            precision=self.statistics.precision,
         )
 
 
@@ -126,6 +127,8 @@ def run_outlier_detection(
     in_set = scorer.score(in_test_loader, settings.in_name, f"{settings.in_name} test")
     reference = reference_summary(detector.reference_, settings.reference_cache_path, reused)
     reference.update(n_threshold=detector.n_threshold_, tpr=detector.tpr)
+    precision = resolve_precision(settings.statistics.precision, next(model.parameters()).device)
+    print(f"model passes in {precision}" + (" (autocast of the coupling networks)" if precision == "bf16" else ""))
     header = dict(n_bits=model.config.n_bits, codec=description, reference=reference)
     in_slug, out_slugs = file_slugs(settings.in_name, list(out_loaders))
     reports: Dict[str, dict] = {}
@@ -135,6 +138,7 @@ def run_outlier_detection(
         files = report_files(settings.output_dir, in_slug, out_slugs[out_name])
         reports[out_name] = build_report(in_set, out_set, metrics, files=files, **header)
         reports[out_name]["detector"] = _decisions(detector, in_set, out_set)
+        reports[out_name]["model_precision"] = precision
         write_report(reports[out_name], in_set, out_set, metrics)
     if len(reports) > 1:
         write_summary(reports, settings.output_dir, settings.in_name, in_slug)
@@ -250,6 +254,7 @@ def command_settings(run: RunConfig, in_name: str, n_bits: int, device, output_d
             seed=run.eval_seed,
             max_images=run.max_eval_images,
             transforms=tuple(run.orientation_transforms),
+            precision=run.ood_precision,
         ),
         fit_images=run.fit_images or None,
         detector_score=run.detector_score,

@@ -44,6 +44,7 @@ from glowflow.ood.reference import Reference, fit_reference, model_fingerprint, 
 from glowflow.ood.scores import outlier_scores
 from glowflow.ood.statistics import ORIENTATION_TRANSFORMS, StatisticsSettings, check_transforms
 from glowflow.pretrained import find_folder
+from glowflow.runtime import resolve_precision
 
 FIT_IMAGES = DetectorConfig.fit_images
 """Inlier images a detector fits on by default (a seeded random subset when there are more): 8000
@@ -57,19 +58,8 @@ DEFAULT_TPR = DetectorConfig.tpr
 """Share of held-back inlier images the threshold keeps (classifies as inliers)."""
 DEFAULT_SCORE = DetectorConfig.detector_score
 """The score a detector decides with by default (glowflow.ood.orientation; docs/outlier_detection.md)."""
-PARAMETERS = (
-    "model",
-    "score",
-    "tpr",
-    "fit_images",
-    "threshold_fraction",
-    "batch_size",
-    "device",
-    "seed",
-    "codec",
-    "progress",
-    "transforms",
-)
+PARAMETERS = ("model", "score", "tpr", "fit_images", "threshold_fraction", "batch_size", "device", "seed", "codec")
+PARAMETERS += ("progress", "transforms", "precision")
 """The constructor's parameters (:meth:`OutlierDetector.get_params`)."""
 REFIT_PARAMETERS = frozenset({"model", "fit_images", "threshold_fraction", "seed", "codec", "transforms"})
 """Parameters whose change makes a fitted detector unfitted (:meth:`OutlierDetector.set_params`)."""
@@ -103,6 +93,8 @@ class OutlierDetector:
     codec) and ``progress`` (a progress bar) set how images are read. ``transforms``: the image
     transforms the ``orientation`` score compares every image with (one more pass of the model
     each; empty: no ``orientation`` or ``dos_orientation`` score, and ``dos`` is the default).
+    ``precision``: the model passes' (:data:`glowflow.config.OOD_PRECISIONS`; "auto": bf16 autocast
+    where the device computes bf16 natively, else float32; no refit when it changes).
     Every parameter is checked here, again by :meth:`set_params` and again by :meth:`fit`.
 
     Images (``X``) are a tensor or array (N, C, H, W) in [0, 1] on the 8-bit grid, a Dataset
@@ -133,6 +125,7 @@ class OutlierDetector:
         codec: Optional[str] = "png",
         progress: bool = False,
         transforms: Sequence[str] = ORIENTATION_TRANSFORMS,
+        precision: str = DetectorConfig.ood_precision,
     ):
         self.model = model
         self.score = score
@@ -145,6 +138,7 @@ class OutlierDetector:
         self.codec = codec
         self.progress = progress
         self.transforms = transforms
+        self.precision = precision
         self._check_params()
 
     # ------------------------------------------------------------------ parameters
@@ -166,6 +160,7 @@ class OutlierDetector:
         self.batch_size = int(self.batch_size)
         self.seed = int(self.seed)
         self.transforms = check_transforms(self.transforms, self.model.config.image_shape)
+        resolve_precision(self.precision, "cpu")  # checks the name
         if self.score is None:
             self.score = DEFAULT_SCORE
         self.score = str(self.score)
@@ -179,7 +174,7 @@ class OutlierDetector:
     def set_params(self, **params) -> OutlierDetector:
         """Change parameters of the constructor, each checked (nothing changes when one is
         refused). ``score`` and ``tpr`` keep the fit (every score's held-back scores are kept:
-        the threshold moves, no refit), as do ``batch_size``, ``device`` and ``progress``. A
+        the threshold moves, no refit), as do ``batch_size``, ``device``, ``progress`` and ``precision``. A
         change of ``model``, ``fit_images``, ``threshold_fraction``, ``seed``, ``codec`` or
         ``transforms`` (:data:`REFIT_PARAMETERS`) makes the detector unfitted: call :meth:`fit`
         again."""
@@ -239,6 +234,7 @@ class OutlierDetector:
             codec=self.codec,
             progress=self.progress,
             transforms=self.transforms,
+            precision=self.precision,
             features=None if classifier is None else partial(classifier_features, classifier.net),
         )
 

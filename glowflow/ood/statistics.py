@@ -11,10 +11,12 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import numpy as np
 import torch
 
+from glowflow.config import DetectorConfig
 from glowflow.errors import GlowflowError
 from glowflow.ood.codecs import check_codec, codec_bits_per_dim
 from glowflow.pixels import bits_per_dim, dequantize, preprocess
 from glowflow.progress import progress_bar
+from glowflow.runtime import autocast_context, resolve_precision
 
 MAX_LATENT_FEATURES = 1024
 """Largest size of the ``top_latent`` feature vector: a larger top latent is average-pooled over
@@ -49,6 +51,7 @@ def compute_statistics(
     transforms: Sequence[str] = (),
     features: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
     keep_images: bool = False,
+    precision: str = "float32",
 ) -> Dict[str, np.ndarray]:
     """One pass over ``loader`` computing every per-image statistic the scores need.
 
@@ -83,12 +86,18 @@ def compute_statistics(
       the bits/dim of each image after each transform, column ``j`` for ``transforms[j]``, with
       the same dequantisation noise transformed alike (so ``bpd - transform_bpd[:, j]`` compares
       the same values in two orientations). Each transform costs one more pass of the model.
+
+    ``precision`` (``--ood_precision``): "float32", "bf16" (the model passes under bf16 autocast:
+    the coupling networks in bf16, every log-determinant and prior in float32; bits/dim then moves
+    by about 0.01 per image, which changes no AUROC by more than 0.001 on the development sets,
+    docs/outlier_detection.md) or "auto" (bf16 where the device computes it natively).
     """
     n_bits = _model_n_bits(model, n_bits)
     _check_ready(model, codec)
     transforms = check_transforms(transforms, model.config.image_shape)
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
+    amp = "bf16" if resolve_precision(precision, device) == "bf16" else "none"
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batches: List[Dict[str, np.ndarray]] = []
     bar = _progress_bar(loader, max_images, desc, progress)
@@ -97,9 +106,10 @@ def compute_statistics(
     try:
         for images, labels in _checked_images(loader, tuple(model.config.image_shape), max_images, desc):
             x = dequantize(preprocess(images, n_bits), n_bits, generator).to(device=device, dtype=param.dtype)
-            batch = _batch_statistics(model, x, n_bits)
-            if transforms:
-                batch["transform_bpd"] = _transform_bits_per_dim(model, x, n_bits, transforms)
+            with autocast_context(device, amp):
+                batch = _batch_statistics(model, x, n_bits)
+                if transforms:
+                    batch["transform_bpd"] = _transform_bits_per_dim(model, x, n_bits, transforms)
             batch["labels"] = labels
             if features is not None:
                 batch["classifier_features"] = features(images.to(device))
@@ -292,7 +302,8 @@ class StatisticsSettings:
     device, the dequantisation noise seed, the cap on images per loader, the codec (None: no
     ``codec_bpd``), whether to show a progress bar, and the transforms whose bits/dim the
     ``orientation`` score compares (empty: none, and no ``orientation`` score), the label
-    classifier's ``features`` (None: no ``classifier_features``) and whether to keep the images."""
+    classifier's ``features`` (None: no ``classifier_features``), whether to keep the images, and
+    the ``precision`` of the model passes (:data:`glowflow.config.OOD_PRECISIONS`)."""
 
     device: Optional[Union[str, torch.device]] = None
     seed: int = 0
@@ -302,6 +313,7 @@ class StatisticsSettings:
     transforms: Tuple[str, ...] = ORIENTATION_TRANSFORMS
     features: Optional[Callable[[torch.Tensor], np.ndarray]] = None
     keep_images: bool = False
+    precision: str = DetectorConfig.ood_precision
 
     def compute(self, model, loader: Iterable, desc: str) -> Dict[str, np.ndarray]:
         """:func:`compute_statistics` of ``model`` over ``loader`` with these settings, at the
@@ -318,4 +330,5 @@ class StatisticsSettings:
             transforms=self.transforms,
             features=self.features,
             keep_images=self.keep_images,
+            precision=self.precision,
         )
