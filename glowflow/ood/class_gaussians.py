@@ -27,7 +27,8 @@ class LatentGaussians:
     """One Gaussian per class of the top latent's features (F = features, c = classes; one
     class, label :data:`NO_LABEL`, when the fit images had no labels): ``classes`` (c,) int64,
     ``means`` (c, F), ``precision_cholesky`` (c, F, F) float32 with ``precision = P P^T`` of the
-    shrunk covariance (:data:`LATENT_SHRINKAGE`)."""
+    shrunk covariance (:data:`LATENT_SHRINKAGE`), or (1, F, F): one covariance shared by every
+    class (``tied``)."""
 
     classes: np.ndarray
     means: np.ndarray
@@ -45,7 +46,8 @@ def fit_latent_gaussians(
     * I``; with no labels (any image unlabelled, or fewer than two such classes) one Gaussian is
     fitted on all images. ``tied``: one covariance for all classes, the pooled within-class one
     (linear discriminant analysis, as Lee et al. fit it), so the nearest class is the one at the
-    smallest Mahalanobis distance. Stored in float32 (what is saved is what scores).
+    smallest Mahalanobis distance; its one precision Cholesky factor is stored once, (1, F, F).
+    Stored in float32 (what is saved is what scores).
     """
     features = np.asarray(top_latent, dtype=np.float64)
     labels = np.full(len(features), NO_LABEL) if labels is None else np.asarray(labels).reshape(-1)
@@ -61,7 +63,7 @@ def fit_latent_gaussians(
         covariances.append(centred.T @ centred)
         counts.append(len(members))
     if tied:
-        covariances = [sum(covariances) / sum(counts)] * len(kept)
+        covariances = [sum(covariances) / sum(counts)]
     else:
         covariances = [c / n for c, n in zip(covariances, counts)]
     choleskies = []
@@ -95,11 +97,18 @@ def top_gaussian_nll(latent: LatentGaussians, top_latent: np.ndarray, batch: int
             f"{latent.means.shape[1]} (a model with another architecture?)"
         )
     f = features.shape[1]
+    means, chols = latent.means.astype(np.float64), latent.precision_cholesky.astype(np.float64)
+    log_norms = np.log(np.diagonal(chols, axis1=1, axis2=2)).sum(1) - 0.5 * f * math.log(2 * math.pi)
     best = np.full(len(features), -np.inf)
-    for mean, chol in zip(latent.means.astype(np.float64), latent.precision_cholesky.astype(np.float64)):
-        log_norm = np.log(np.diagonal(chol)).sum() - 0.5 * f * math.log(2 * math.pi)
-        for start in range(0, len(features), batch):
-            y = (features[start : start + batch] - mean) @ chol
+    for start in range(0, len(features), batch):
+        rows = features[start : start + batch]
+        if len(chols) == 1:  # one shared covariance: whiten once, then the distance to each whitened mean
+            y, centres = rows @ chols[0], means @ chols[0]
+            squares = ((y[:, None, :] - centres[None, :, :]) ** 2).sum(2)
+            best[start : start + batch] = log_norms[0] - 0.5 * squares.min(1)
+            continue
+        for mean, chol, log_norm in zip(means, chols, log_norms):
+            y = (rows - mean) @ chol
             density = log_norm - 0.5 * np.einsum("nf,nf->n", y, y)
             best[start : start + batch] = np.maximum(best[start : start + batch], density)
     return -best / f
@@ -124,5 +133,7 @@ def latent_from_arrays(data: Mapping[str, np.ndarray], path: str, prefix: str = 
     means = checks.array(data, f"{prefix}_means", path, (None, None), np.float32)
     c, f = means.shape
     classes = checks.array(data, f"{prefix}_classes", path, (c,), np.int64)
-    chol = checks.cholesky(data, f"{prefix}_precision_cholesky", path, (c, f, f), np.float32)
+    chol = checks.cholesky(data, f"{prefix}_precision_cholesky", path, (None, f, f), np.float32)
+    if len(chol) not in (1, c):
+        raise checks.bad(path, f"{prefix}_precision_cholesky holds {len(chol)} factors, not 1 (shared) or {c}")
     return LatentGaussians(classes=classes, means=means, precision_cholesky=chol)

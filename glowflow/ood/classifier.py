@@ -42,16 +42,16 @@ have this many images."""
 
 class LabelClassifier(nn.Module):
     """Images (N, C, H, W) in [0, 1] -> class logits (N, n_classes); :meth:`features` gives the
-    (N, :data:`CLASSIFIER_FEATURES`) penultimate activations. Three 3x3 convolutions (32, 64, 64
+    (N, :data:`CLASSIFIER_FEATURES`) penultimate activations. Three 3x3 convolutions (16, 32, 64
     channels, ReLU, 2x2 max-pooling after the first two), average-pooled to 4x4, then a hidden
     layer of :data:`CLASSIFIER_FEATURES` and the linear head: any image size of at least 4x4."""
 
     def __init__(self, in_channels: int, n_classes: int):
         super().__init__()
         self.in_channels, self.n_classes = int(in_channels), int(n_classes)
-        self.conv1 = nn.Conv2d(self.in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.conv1 = nn.Conv2d(self.in_channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
         self.hidden = nn.Linear(64 * 4 * 4, CLASSIFIER_FEATURES)
         self.head = nn.Linear(CLASSIFIER_FEATURES, self.n_classes)
 

@@ -43,7 +43,7 @@ from glowflow.ood.orientation import (
 )
 from glowflow.ood.statistics import TRANSFORMS, statistic_columns
 
-REFERENCE_FORMAT = "glowflow-ood-reference-v8"
+REFERENCE_FORMAT = "glowflow-ood-reference-v9"
 
 DOS_STATISTICS = ("level_bpd", "codec_bpd", "top_gaussian")
 """The statistics the density of states uses by default (groups of :func:`statistic_columns`,

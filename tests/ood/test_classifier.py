@@ -12,8 +12,8 @@ from torch.utils.data import TensorDataset
 
 import glowflow
 from glowflow import GlowflowError, ood
+from glowflow.ood.class_gaussians import fit_latent_gaussians, latent_arrays, latent_from_arrays, top_gaussian_nll
 from glowflow.ood.classifier import CLASSIFIER_WEIGHT, labels_for_classifier, train_classifier
-from glowflow.ood.reference import fit_latent_gaussians, top_gaussian_nll
 from glowflow.ood.statistics import NO_LABEL
 from tests.ood.test_ood import smooth_images
 
@@ -37,9 +37,9 @@ def test_the_classifier_is_seeded_leaves_the_global_state_and_learns():
     labels = bright_labels(images).numpy() * 5 + 2  # classes 2 and 7: outputs map back to them
     pixels = (images * 255).round().to(torch.uint8).numpy()
     state = torch.get_rng_state()
-    first = train_classifier(pixels[:400], labels[:400], seed=3, epochs=3)
+    first = train_classifier(pixels[:400], labels[:400], seed=3, epochs=6)
     assert torch.equal(torch.get_rng_state(), state)
-    again = train_classifier(pixels[:400], labels[:400], seed=3, epochs=3)
+    again = train_classifier(pixels[:400], labels[:400], seed=3, epochs=6)
     for (name, a), b in zip(first.net.state_dict().items(), again.net.state_dict().values()):
         assert torch.equal(a, b), name
     np.testing.assert_array_equal(first.classes, [2, 7])
@@ -61,6 +61,7 @@ def test_tied_class_gaussians_are_the_pooled_covariance_and_score_the_nearest_cl
     class_means = np.stack([features[labels == c].mean(0) for c in (4, 5, 9)])
     centred = features - class_means[np.searchsorted([4, 5, 9], labels)]
     pooled = centred.T @ centred / len(features)
+    assert fitted.precision_cholesky.shape == (1, 3, 3)  # one factor, shared by the classes, stored once
     for chol in fitted.precision_cholesky.astype(np.float64):
         precision = chol @ chol.T
         np.testing.assert_allclose(precision @ pooled, np.eye(3), atol=1e-4)  # float32 storage
@@ -70,6 +71,13 @@ def test_tied_class_gaussians_are_the_pooled_covariance_and_score_the_nearest_cl
     queries = rng.normal(size=(50, 3)) * 3
     brute = -np.max([multivariate_normal(m, pooled).logpdf(queries) for m in class_means], axis=0) / 3
     np.testing.assert_allclose(top_gaussian_nll(fitted, queries), brute, rtol=1e-4, atol=1e-4)
+    # stored and read back as plain arrays; a factor count that is neither 1 nor the class count is refused
+    arrays = latent_arrays(fitted, "classifier_latent")
+    back = latent_from_arrays(arrays, "d.npz", "classifier_latent")
+    np.testing.assert_array_equal(top_gaussian_nll(back, queries), top_gaussian_nll(fitted, queries))
+    two = dict(arrays, classifier_latent_precision_cholesky=np.concatenate([fitted.precision_cholesky] * 2))
+    with pytest.raises(GlowflowError, match="holds 2 factors, not 1"):
+        latent_from_arrays(two, "d.npz", "classifier_latent")
 
 
 def test_with_labels_the_detector_trains_a_classifier_and_combines_it(trained, tmp_path):
