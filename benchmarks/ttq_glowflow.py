@@ -32,6 +32,9 @@ RECIPES: Dict[str, Dict] = {  # RunConfig flags; "architecture": GlowConfig fiel
     "glowflow-cpu": {"lr": 1e-3, "warmup": 1},
     # the same with docs/training.md's headline Polyak averaging (not among the default recipes)
     "glowflow-cpu-ema": {"lr": 1e-3, "warmup": 1, "ema": 0.999},
+    # the CPU flags with bf16 autocast of the coupling networks (--amp bf16): for a CPU that computes
+    # bf16 natively (AVX-512 BF16, AMX); evaluated in float32 like every recipe
+    "glowflow-cpu-bf16": {"lr": 1e-3, "warmup": 1, "amp": "bf16"},
     # the CPU flags with the paper's priors (--prior_fit none): what the fitted priors buy
     "glowflow-cpu-nofit": {"lr": 1e-3, "warmup": 1, "architecture": {"prior_fit": "none"}},
 }
@@ -62,7 +65,7 @@ class GlowflowRecipe:
 
     def describe(self) -> Dict:
         run = self.run_config("-")
-        keys = ("lr", "warmup", "batch_size", "decay", "ema", "augment", "max_grad_clip", "max_grad_norm")
+        keys = ("lr", "warmup", "batch_size", "decay", "ema", "augment", "max_grad_clip", "max_grad_norm", "amp")
         settings = {key: getattr(run, key) for key in keys}
         settings.update(actnorm_init_images=run.actnorm_init_images, max_rollbacks=run.max_rollbacks, val_size=0)
         return {
