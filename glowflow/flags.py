@@ -261,7 +261,8 @@ def _add_output_flags(group) -> None:
         "--amp",
         default=_RUN.amp,
         choices=AMP_CHOICES,
-        help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32)",
+        help="Mixed precision: bf16 autocast for the coupling networks (log-dets and priors stay float32); auto: bf16 "
+        "where this CPU/GPU computes it natively (AMX, AVX-512 BF16, CUDA 8.0+), else none",
     )
 
 

@@ -131,16 +131,19 @@ def compile_model(model: nn.Module, mode: Optional[str] = None, dynamic: bool = 
 def autocast_context(device: Union[str, torch.device], amp: Optional[str] = "none"):
     """The context manager to run the training/evaluation forward pass under, for ``--amp``.
 
-    ``amp`` 'none' (or None): a no-op context. 'bf16': ``torch.autocast(device_type, torch.bfloat16)``
-    on CUDA (needs a GPU with bf16 support) or CPU. Keep ``loss.backward()`` and the optimizer step
-    outside the context. bf16 needs no gradient scaler. On the fast path the convolutions of the
-    coupling networks run in bf16; the flow's activations, the 1x1 convolutions, every
-    log-determinant and every prior stay float32; bits/dim then differs from float32 by more than
-    the fast path's 1e-5 contract (measured in benchmarks/README.md).
+    ``amp`` 'none' (or None): a no-op context; 'auto': 'bf16' where :func:`native_bf16`, else
+    'none'. 'bf16': ``torch.autocast(device_type, torch.bfloat16)`` on CUDA (needs a GPU with bf16
+    support) or CPU. Keep ``loss.backward()`` and the optimizer step outside the context. bf16
+    needs no gradient scaler. On the fast path the convolutions of the coupling networks run in
+    bf16; the flow's activations, the 1x1 convolutions, every log-determinant and every prior stay
+    float32; bits/dim then differs from float32 by more than the fast path's 1e-5 contract
+    (measured in benchmarks/README.md).
     """
     amp = "none" if amp is None else str(amp).lower()
     if amp not in AMP_CHOICES:
         raise GlowflowError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "none"
     device_type = torch.device(device).type
     if amp == "none":
         return contextlib.nullcontext()

@@ -12,7 +12,7 @@ PY=${VENV:-.venv}/bin/python
 OUT=${OUT:-outputs/Glow_fashionmnist}
 EPOCHS=${EPOCHS:-1}
 CKPT="$OUT/Glow_fashionmnist.pt"
-$PY -m glowflow --train --dataset fashionmnist --n_epochs "$EPOCHS" --lr 1e-3 --warmup 1 --no_wandb --output_dir "$OUT"
+$PY -m glowflow --train --dataset fashionmnist --n_epochs "$EPOCHS" --lr 1e-3 --warmup 1 --amp auto --no_wandb --output_dir "$OUT"
 $PY -m glowflow --sample --checkpoint "$CKPT" --output_dir "$OUT" --temperature 0.5 0.7 1.0 --reconstruct --interpolate \
     --compare_with pretrained:fashionmnist
 $PY -m glowflow --outlier_detection --checkpoint "$CKPT" --output_dir "$OUT" --dataset fashionmnist \

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glowflow import Glow, GlowConfig, GlowflowError, bits_per_dim, dequantize
-from glowflow.runtime import autocast_context, eager
+from glowflow.runtime import autocast_context, eager, native_bf16
 from tests.helpers import architecture_combinations, combo_id, labels_for, randomised_model
 
 COMBOS = list(architecture_combinations())
@@ -228,6 +228,10 @@ def test_bf16_autocast_keeps_log_densities_in_float32():
     assert low.dtype == torch.float32 and _max_diff(low, reference) < 5e-2
     with autocast_context("cpu", "none"):
         pass
+    # "auto": bf16 exactly where the CPU computes it natively, else float32
+    with torch.no_grad(), autocast_context("cpu", "auto"):
+        auto = model.bits_per_dim(x)
+    assert torch.equal(auto, low) if native_bf16("cpu") else torch.equal(auto, reference)
     with pytest.raises(GlowflowError, match="amp"):
         autocast_context("cpu", "fp8")
 

@@ -30,7 +30,9 @@ from glowflow.config.recipe import PRESETS
 from glowflow.errors import GlowflowError
 from glowflow.names import shipped_name
 
-AMP_CHOICES = ("none", "bf16")
+AMP_CHOICES = ("none", "bf16", "auto")
+"""``--amp``: float32, bf16 autocast of the coupling networks, or "auto": bf16 where the device computes it
+natively (glowflow.runtime.native_bf16), else float32 (docs/time_to_quality.md: the CPU recipe uses it)."""
 OOD_PRECISIONS = ("auto", "float32", "bf16")
 """``--ood_precision``: the outlier detector's model passes in float32, under bf16 autocast, or "auto":
 bf16 where the device computes it natively (glowflow.runtime.resolve_precision), else float32."""
@@ -143,7 +145,7 @@ class TrainConfig(CommonConfig):
     overwrite: bool = False  # a new run may replace the run its --output_dir holds
     tensorboard: bool = False
     compile: bool = False  # torch.compile the training step (pays off on CUDA)
-    amp: str = AMP_CHOICES[0]  # "bf16": bfloat16 autocast for the coupling networks (log-dets and priors stay float32)
+    amp: str = AMP_CHOICES[0]  # "bf16"/"auto": bfloat16 autocast for the coupling networks (log-dets, priors float32)
     perturb: float = 0.0
     actnorm_init_images: int = 512
     prior_fit_images: int = 10000  # training images the priors' Gaussians are fitted on each epoch (prior_fit)
