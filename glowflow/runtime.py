@@ -178,4 +178,6 @@ def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
         raise GlowflowError(f"ood_precision must be one of {', '.join(OOD_PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return "bf16" if native_bf16(device) else "float32"
+    if precision == "bf16" and torch.device(device).type not in ("cpu", "cuda"):
+        raise GlowflowError(f"--ood_precision bf16 runs on cpu and cuda, not {torch.device(device).type}")
     return precision

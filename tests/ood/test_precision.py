@@ -22,6 +22,9 @@ def test_precision_names_resolve_and_bad_ones_are_refused():
     assert native_bf16("meta") is False
     with pytest.raises(GlowflowError, match="ood_precision must be one of"):
         resolve_precision("half", "cpu")
+    with pytest.raises(GlowflowError, match="ood_precision bf16 runs on cpu and cuda, not mps"):
+        resolve_precision("bf16", "mps")
+    assert resolve_precision("auto", "mps") == "float32"
     with pytest.raises(GlowflowError, match="ood_precision"):
         RunConfig(ood_precision="half").validate()
 
