@@ -98,15 +98,11 @@ def top_gaussian_nll(latent: LatentGaussians, top_latent: np.ndarray, batch: int
         )
     f = features.shape[1]
     means, chols = latent.means.astype(np.float64), latent.precision_cholesky.astype(np.float64)
+    chols = np.broadcast_to(chols, (len(means),) + chols.shape[1:])  # tied: the one factor for every class
     log_norms = np.log(np.diagonal(chols, axis1=1, axis2=2)).sum(1) - 0.5 * f * math.log(2 * math.pi)
     best = np.full(len(features), -np.inf)
     for start in range(0, len(features), batch):
         rows = features[start : start + batch]
-        if len(chols) == 1:  # one shared covariance: whiten once, then the distance to each whitened mean
-            y, centres = rows @ chols[0], means @ chols[0]
-            squares = ((y[:, None, :] - centres[None, :, :]) ** 2).sum(2)
-            best[start : start + batch] = log_norms[0] - 0.5 * squares.min(1)
-            continue
         for mean, chol, log_norm in zip(means, chols, log_norms):
             y = (rows - mean) @ chol
             density = log_norm - 0.5 * np.einsum("nf,nf->n", y, y)
